@@ -48,8 +48,10 @@ class ModelConfig:
     freeze_vision: bool = True
     gradient_checkpointing: bool = True
     dummy_vision: bool = True                       # run the vision tower on text-only batches (ZeRO-3)
-    min_pixels: int = 28 * 28 * 256
-    max_pixels: int = 28 * 28 * 1024
+    # Image resolution bounds; None = the checkpoint's own preprocessor_config.json (tiny models:
+    # digit-sized). The paper's setting (256..1024 visual tokens) is 200704 / 802816.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
