@@ -1,0 +1,277 @@
+"""Retrieval evaluation of an embedding model on ``mmeb``-kind samples.
+
+    from pipeline import Embedder
+    from pipeline.evaluate import evaluate, format_table
+    emb = Embedder.from_pretrained("runs/demo/export")
+    results = evaluate(samples, lambda items: emb.encode(items, batch_size=32))
+    print(format_table(results))
+
+The evaluator is written against a plain ``encode(items) -> Tensor [n, D]`` callable (items are
+dicts with ``"text"`` and/or ``"image"``), so it works with :class:`pipeline.Embedder`, any other
+model, or a deterministic fake encoder in the tests.
+
+Protocol
+--------
+* Every query is scored against a candidate list by cosine similarity.
+* **Candidate mode**, decided per query and reported per task:
+  ``own``  = the sample's own positive + its negatives (MMEB's protocol, used when the sample
+  has negatives); ``pool`` = every distinct positive of the query's task (used when the sample
+  has no negatives; e.g. a classification task whose positives are the class names).
+* Metrics per task, then the unweighted mean over tasks ("overall", as MMEB averages datasets):
+  Precision@1 (MMEB's metric: the correct candidate ranks first; with one relevant candidate it
+  equals Recall@1), Recall@5/10 (the positive ranks in the top k) and MRR (mean of 1/rank).
+* **Ties count against the positive** (rank = 1 + number of other candidates scoring >= it), so a
+  collapsed model that embeds everything identically scores 0, not 1.  MMEB's reference code
+  takes ``argmax`` with the positive listed first, i.e. resolves ties in the positive's favour;
+  :mod:`pipeline.mmeb` follows MMEB exactly (``ties="first"``).
+
+Identical inputs (same text, same image pixels) are embedded once, whichever side they are on.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+Encode = Callable[[list], torch.Tensor]
+DEFAULT_KS = (1, 5, 10)
+
+
+# ------------------------------------------------------------------------------ input tables
+def image_fingerprint(image) -> Optional[str]:
+    """A content hash of a PIL image (mode, size and pixels) or of a path string; None for None."""
+    if image is None:
+        return None
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        return "path:" + str(image)
+    h = hashlib.sha1()
+    h.update(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def side_item(side: dict) -> dict:
+    """A sample side ``{"text", "image"}`` → an encoder item with only the present keys."""
+    item = {}
+    if side.get("text") is not None:
+        item["text"] = side["text"]
+    if side.get("image") is not None:
+        item["image"] = side["image"]
+    if not item:
+        raise ValueError("a sample side has neither text nor image")
+    return item
+
+
+class ItemTable:
+    """Deduplicates encoder inputs: ``add(item) -> row``; identical inputs share a row."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+        self._rows: dict[tuple, int] = {}
+
+    def add(self, item: dict) -> int:
+        key = (item.get("text"), image_fingerprint(item.get("image")))
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = len(self.items)
+            self.items.append(item)
+        return row
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class QuerySpec:
+    """One query: its row in the item table, the rows of its candidates, where the positive is."""
+
+    task: str
+    key: str
+    query_row: int
+    candidate_rows: list[int] = field(default_factory=list)
+    positive_at: int = 0
+    mode: str = "own"  # "own" | "pool"
+
+
+def build_queries(samples: Iterable[dict]) -> tuple[ItemTable, list[QuerySpec]]:
+    """Decoded ``mmeb`` samples (see pipeline/data.py) → (item table, one QuerySpec per sample).
+
+    Own mode when the sample has at least one negative, pool mode otherwise (see module doc).
+    A negative identical to the sample's positive is dropped: it would compete with itself.
+    """
+    table = ItemTable()
+    specs: list[QuerySpec] = []
+    pool: dict[str, list[int]] = defaultdict(list)   # task -> distinct positive rows, first-seen order
+    pool_seen: dict[str, set] = defaultdict(set)
+    for s in samples:
+        if s.get("kind", "mmeb") != "mmeb":
+            raise ValueError(f"sample {s.get('__key__')!r} is of kind {s.get('kind')!r}; evaluation "
+                             "needs 'mmeb' samples (query / positive / negatives)")
+        task = s.get("task") or "default"
+        key = s.get("__key__", str(len(specs)))
+        q = table.add(side_item(s["query"]))
+        p = table.add(side_item(s["positive"]))
+        if p not in pool_seen[task]:
+            pool_seen[task].add(p)
+            pool[task].append(p)
+        negs = [r for r in (table.add(side_item(n)) for n in (s.get("negatives") or [])) if r != p]
+        if negs:
+            specs.append(QuerySpec(task, key, q, [p] + list(dict.fromkeys(negs)), 0, "own"))
+        else:
+            specs.append(QuerySpec(task, key, q, [p], 0, "pool"))
+    for spec in specs:
+        if spec.mode == "pool":
+            p = spec.candidate_rows[0]
+            spec.candidate_rows = pool[spec.task]
+            spec.positive_at = spec.candidate_rows.index(p)
+    return table, specs
+
+
+# ------------------------------------------------------------------------------------ maths
+@torch.no_grad()
+def embed_items(encode: Encode, items: Sequence[dict], batch_size: int = 32,
+                desc: str = "embedding", progress: bool = True) -> torch.Tensor:
+    """Encode ``items`` in chunks of ``batch_size`` with a tqdm bar.
+
+    Returns float32 [len(items), D], L2-normalised (cosine similarity = dot product) whatever
+    the encoder returns.
+    """
+    if len(items) == 0:
+        raise ValueError("nothing to embed")
+    out = []
+    bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, dynamic_ncols=True)
+    for i in range(0, len(items), batch_size):
+        chunk = list(items[i:i + batch_size])
+        e = torch.as_tensor(encode(chunk))
+        if e.ndim != 2 or e.shape[0] != len(chunk):
+            raise ValueError(f"encode() returned shape {tuple(e.shape)} for {len(chunk)} items; "
+                             "expected [n, D]")
+        out.append(e.detach().float().cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def rank_of_positive(scores: torch.Tensor, positive_at: int, ties: str = "pessimistic") -> int:
+    """0-based rank of ``scores[positive_at]`` among ``scores`` [M] (higher = better).
+
+    ``ties="pessimistic"``: every other candidate scoring >= the positive ranks above it.
+    ``ties="first"``: only strictly higher scores rank above it (= ``argmax`` with the positive
+    first in the list, MMEB's reference behaviour).
+    """
+    s = scores[positive_at]
+    others = torch.cat([scores[:positive_at], scores[positive_at + 1:]])
+    if ties == "pessimistic":
+        return int((others >= s).sum())
+    if ties == "first":
+        return int((others > s).sum())
+    raise ValueError(f"ties must be 'pessimistic' or 'first', got {ties!r}")
+
+
+def retrieval_metrics(ranks: Sequence[int], ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """0-based ranks of the positive → {"n", "precision@1", "recall@k"…, "mrr"} (fractions)."""
+    n = len(ranks)
+    if n == 0:
+        raise ValueError("no queries to score")
+    r = torch.as_tensor(list(ranks), dtype=torch.float64)
+    out = {"n": n, "precision@1": float((r == 0).double().mean())}
+    for k in ks:
+        out[f"recall@{k}"] = float((r < k).double().mean())
+    out["mrr"] = float((1.0 / (r + 1.0)).mean())
+    return out
+
+
+def score_queries(emb: torch.Tensor, specs: Sequence[QuerySpec], ties: str = "pessimistic"
+                  ) -> tuple[list[int], list[int]]:
+    """Score every query against its candidates.
+
+    ``emb``: float32 [rows, D], L2-normalised embeddings of the item table.
+    Returns (0-based rank of the positive, candidate index of the top-scoring candidate) per query.
+    """
+    ranks, preds = [], []
+    for spec in specs:
+        cand = emb[torch.as_tensor(spec.candidate_rows)]      # [M, D]
+        scores = cand @ emb[spec.query_row]                   # [M]
+        ranks.append(rank_of_positive(scores, spec.positive_at, ties))
+        preds.append(int(torch.argmax(scores)))
+    return ranks, preds
+
+
+def summarize(specs: Sequence[QuerySpec], ranks: Sequence[int], ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """Per-task metrics + candidate mode, and the unweighted mean over tasks as ``overall``."""
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, spec in enumerate(specs):
+        by_task[spec.task].append(i)
+    tasks = {}
+    for task in sorted(by_task):
+        idx = by_task[task]
+        m = retrieval_metrics([ranks[i] for i in idx], ks)
+        n_own = sum(specs[i].mode == "own" for i in idx)
+        n_pool = len(idx) - n_own
+        m["candidate_mode"] = "own" if n_pool == 0 else "pool" if n_own == 0 else "mixed"
+        m["queries_own_candidates"] = n_own
+        m["queries_pool_candidates"] = n_pool
+        m["mean_candidates"] = sum(len(specs[i].candidate_rows) for i in idx) / len(idx)
+        tasks[task] = m
+    metric_keys = ["precision@1"] + [f"recall@{k}" for k in ks] + ["mrr"]
+    overall = {"tasks": len(tasks), "n": len(specs)}
+    for k in metric_keys:
+        overall[k] = sum(t[k] for t in tasks.values()) / len(tasks)
+    return {"tasks": tasks, "overall": overall}
+
+
+CANDIDATE_NOTE = ("candidates per query: 'own' = the sample's positive + its negatives; 'pool' = every "
+                  "distinct positive of the query's task (used when a sample has no negatives)")
+
+
+def evaluate(samples: Iterable[dict], encode: Encode, batch_size: int = 32,
+             ks: Sequence[int] = DEFAULT_KS, ties: str = "pessimistic", progress: bool = True) -> dict:
+    """Embed and score decoded ``mmeb`` samples.  Returns a JSON-ready dict::
+
+        {"tasks": {task: {"n", "precision@1", "recall@1", "recall@5", "recall@10", "mrr",
+                          "candidate_mode", "mean_candidates", …}},
+         "overall": {...mean over tasks...}, "candidates": CANDIDATE_NOTE, "ties": ties,
+         "predictions": [{"key", "task", "rank", "pred"}]}
+
+    All metrics are fractions in [0, 1]; ``rank`` is 0-based; ``pred`` indexes the candidate list.
+    """
+    table, specs = build_queries(samples)
+    if not specs:
+        raise ValueError("no samples to evaluate")
+    emb = embed_items(encode, table.items, batch_size, desc="embedding queries+candidates", progress=progress)
+    ranks, preds = score_queries(emb, specs, ties)
+    out = summarize(specs, ranks, ks)
+    out["candidates"] = CANDIDATE_NOTE
+    out["ties"] = ties
+    out["distinct_inputs_embedded"] = len(table)
+    out["predictions"] = [{"key": s.key, "task": s.task, "rank": r, "pred": p}
+                          for s, r, p in zip(specs, ranks, preds)]
+    return out
+
+
+# ----------------------------------------------------------------------------------- display
+def format_table(results: dict, ks: Sequence[int] = DEFAULT_KS) -> str:
+    """A fixed-width table (percentages) of per-task and overall metrics, with the candidate mode."""
+    cols = ["P@1"] + [f"R@{k}" for k in ks] + ["MRR"]
+    keys = ["precision@1"] + [f"recall@{k}" for k in ks] + ["mrr"]
+    tasks = results["tasks"]
+    w = max([len("overall (mean of tasks)")] + [len(t) for t in tasks]) + 2
+    head = f"{'task':<{w}}{'n':>6}  {'cands':<12}" + "".join(f"{c:>8}" for c in cols)
+    lines = [head, "-" * len(head)]
+
+    def row(name, m, mode):
+        vals = "".join(f"{100 * m[k]:>8.1f}" if not math.isnan(m[k]) else f"{'nan':>8}" for k in keys)
+        return f"{name:<{w}}{m['n']:>6}  {mode:<12}{vals}"
+
+    for t, m in tasks.items():
+        mode = f"{m['candidate_mode']}({m['mean_candidates']:.0f})"
+        lines.append(row(t, m, mode))
+    lines.append("-" * len(head))
+    lines.append(row("overall (mean of tasks)", results["overall"], ""))
+    return "\n".join(lines)
