@@ -51,17 +51,16 @@ def read_metrics(path: str) -> list[dict]:
 
 def loss_series(rows: Sequence[dict]) -> dict[str, tuple[list[float], list[float]]]:
     """``{loss key: (steps, values)}`` for every numeric key whose name starts with ``loss``
-    (``loss``, ``loss/train``, ``loss/eval``, …); rows without a step use their position."""
-    out: dict[str, tuple[list[float], list[float]]] = {}
+    (``loss``, ``loss/train``, ``loss/eval``, …), sorted by step.  A step logged twice (a resumed
+    run appends to the same file) keeps its last value; rows without a step use their position."""
+    acc: dict[str, dict[float, float]] = {}
     for i, r in enumerate(rows):
         step = next((r[k] for k in STEP_KEYS if isinstance(r.get(k), (int, float))), i)
         for k, v in r.items():
             if k.split("/")[0] == "loss" and isinstance(v, (int, float)) and not isinstance(v, bool) \
                     and math.isfinite(v):
-                xs, ys = out.setdefault(k, ([], []))
-                xs.append(step)
-                ys.append(float(v))
-    return out
+                acc.setdefault(k, {})[step] = float(v)
+    return {k: ([s for s in sorted(d)], [d[s] for s in sorted(d)]) for k, d in acc.items()}
 
 
 def _stage_label(run_dir: str) -> str:

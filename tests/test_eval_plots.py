@@ -12,6 +12,7 @@ def write_metrics(run, n=5, torn=True):
     lines = [json.dumps({"step": s, "loss/train": 3.0 - 0.5 * s, "lr": 1e-4, "throughput/samples_per_s": 9.0})
              for s in range(1, n + 1)]
     lines.insert(2, json.dumps({"step": 2, "loss/eval": 2.5, "loss/nan": float("nan")}))
+    lines.insert(0, json.dumps({"step": 3, "loss/train": 99.0}))  # superseded by the resumed run's row
     (run / "metrics.jsonl").write_text("\n".join(lines) + ("\n{\"step\": 9, \"lo" if torn else "\n"))
     (run / "config.yaml").write_text("train:\n  stage: 2\n")
 
@@ -19,7 +20,7 @@ def write_metrics(run, n=5, torn=True):
 def test_loss_series_and_torn_line(tmp_path):
     write_metrics(tmp_path / "run")
     rows = read_metrics(str(tmp_path / "run"))
-    assert len(rows) == 6  # the torn last line of a killed job is ignored
+    assert len(rows) == 7  # the torn last line of a killed job is ignored
     s = loss_series(rows)
     assert s["loss/train"] == ([1, 2, 3, 4, 5], [2.5, 2.0, 1.5, 1.0, 0.5])
     assert s["loss/eval"] == ([2], [2.5])
