@@ -30,7 +30,10 @@ Identical inputs (same text, same image pixels) are embedded once, whichever sid
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
@@ -253,6 +256,101 @@ def evaluate(samples: Iterable[dict], encode: Encode, batch_size: int = 32,
     out["predictions"] = [{"key": s.key, "task": s.task, "rank": r, "pred": p}
                           for s, r, p in zip(specs, ranks, preds)]
     return out
+
+
+# ------------------------------------------------------------------------------ I/O helpers
+def shard_urls(spec: str) -> list[str]:
+    """A brace pattern (``eval-{000000..000003}.tar``), a single .tar, a ``::``-separated list, or a
+    shard folder (its ``manifest.json`` pattern, else every ``*.tar`` in it) → existing shard paths."""
+    import webdataset as wds
+
+    if os.path.isdir(spec):
+        man = os.path.join(spec, "manifest.json")
+        pattern = None
+        if os.path.isfile(man):
+            with open(man, encoding="utf-8") as f:
+                pattern = json.load(f).get("pattern")
+        if pattern:
+            urls = [os.path.join(spec, u) for u in wds.shardlists.expand_urls(pattern)]
+        else:
+            urls = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith(".tar"))
+    else:
+        urls = [u for part in spec.split("::") for u in wds.shardlists.expand_urls(part)]
+    if not urls:
+        raise FileNotFoundError(f"no shards found for {spec!r}")
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist, e.g. {missing[0]}; "
+                                "check the pattern (brace ranges are inclusive) or run data_prep/shard.py")
+    return urls
+
+
+def _decode_side(sample: dict, side: dict, where: str) -> dict:
+    from PIL import Image
+
+    name = side.get("image")
+    image = None
+    if name:
+        if name not in sample:
+            raise ValueError(f"{where}: json names image '{name}' but the shard has no such file")
+        try:
+            image = Image.open(io.BytesIO(sample[name])).convert("RGB")
+        except Exception as e:  # PIL raises several types for bad bytes
+            raise ValueError(f"{where}: image '{name}' does not decode ({e})") from None
+    return {"text": side.get("text"), "image": image}
+
+
+def read_mmeb_shards(spec: str, max_samples: Optional[int] = None) -> list[dict]:
+    """Every ``mmeb`` sample of the shards, in shard order, decoded as pipeline/data.py decodes them
+    (``{"__key__", "kind", "task", "query", "positive", "negatives", "meta"}``, images RGB PIL).
+
+    Evaluation reads each sample exactly once in one process, with no shuffling and no node or
+    worker splitting, so this is a plain ordered read rather than the training loader.
+    """
+    import webdataset as wds
+
+    urls = shard_urls(spec)
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    out = []
+    for raw in ds:
+        where = f"{raw.get('__url__', '?')} sample {raw.get('__key__')!r}"
+        if "json" not in raw:
+            raise ValueError(f"{where}: no .json member; mmeb shards are written by data_prep/shard.py --kind mmeb")
+        meta = json.loads(raw["json"])
+        if meta.get("kind") != "mmeb":
+            raise ValueError(f"{where}: kind {meta.get('kind')!r}, evaluation needs 'mmeb' shards "
+                             "(data_prep/shard.py --kind mmeb)")
+        out.append({"__key__": raw["__key__"], "kind": "mmeb", "task": meta.get("task") or "default",
+                    "query": _decode_side(raw, meta["query"], where),
+                    "positive": _decode_side(raw, meta["positive"], where),
+                    "negatives": [_decode_side(raw, n, where) for n in meta.get("negatives") or []],
+                    "meta": meta.get("meta") or {}})
+        if max_samples and len(out) >= max_samples:
+            break
+    if not out:
+        raise ValueError(f"the shards of {spec!r} hold no samples")
+    return out
+
+
+def load_encoder(model_dir: str, device: Optional[str] = None, batch_size: int = 32) -> Encode:
+    """``encode(items) -> float32 [n, D]`` backed by :class:`pipeline.Embedder` on an exported model."""
+    from pipeline.export import Embedder
+
+    emb = Embedder.from_pretrained(model_dir, **({"device": device} if device else {}))
+
+    def encode(items: list) -> torch.Tensor:
+        return emb.encode(items, batch_size=batch_size)
+
+    return encode
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (a killed job never leaves a truncated scores file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- display

@@ -128,3 +128,49 @@ def test_item_table_dedups_by_content():
     assert t.add({"text": "a", "image": Image.new("RGB", (2, 2))}) == 1
     assert t.add({"text": "a", "image": Image.new("RGB", (2, 2), (1, 1, 1))}) == 2
     assert len(t) == 3
+
+
+def write_mmeb_shard(path, n_bad_kind=False):
+    """A shard in data_prep/shard.py's mmeb layout: KEY.query.png, KEY.positive.png, KEY.neg0.png, KEY.json."""
+    import io
+    import json
+
+    import webdataset as wds
+
+    def png(rgb):
+        b = io.BytesIO()
+        Image.new("RGB", (6, 6), rgb).save(b, format="PNG")
+        return b.getvalue()
+
+    with wds.TarWriter(str(path)) as w:
+        # t2i: query text, image candidates
+        w.write({"__key__": "s0", "positive.png": png((255, 0, 0)), "neg0.png": png((0, 255, 0)),
+                 "json": json.dumps({"key": "s0", "kind": "mmeb", "task": "t2i", "query": {"text": "p1", "image": None},
+                                     "positive": {"text": None, "image": "positive.png"},
+                                     "negatives": [{"text": None, "image": "neg0.png"}], "meta": {}}).encode()})
+        # classification-like: image query, text positive, no negatives -> pool
+        w.write({"__key__": "s1", "query.png": png((0, 255, 0)),
+                 "json": json.dumps({"key": "s1", "kind": "qa" if n_bad_kind else "mmeb", "task": "cls",
+                                     "query": {"text": "<image> which class?", "image": "query.png"},
+                                     "positive": {"text": "n1", "image": None}, "meta": {"y": 1}}).encode()})
+
+
+def test_read_mmeb_shards_and_evaluate(tmp_path):
+    from pipeline.evaluate import read_mmeb_shards, shard_urls
+
+    write_mmeb_shard(tmp_path / "eval-000000.tar")
+    write_mmeb_shard(tmp_path / "eval-000001.tar")
+    samples = read_mmeb_shards(str(tmp_path / "eval-{000000..000001}.tar"))
+    assert [s["__key__"] for s in samples] == ["s0", "s1", "s0", "s1"]
+    s0, s1 = samples[:2]
+    assert s0["positive"]["image"].getpixel((0, 0)) == (255, 0, 0) and s0["query"]["image"] is None
+    assert s1["query"]["text"] == "<image> which class?" and s1["meta"] == {"y": 1} and s1["negatives"] == []
+    assert len(read_mmeb_shards(str(tmp_path), max_samples=3)) == 3  # a folder of shards works too
+    res = evaluate(samples, FakeEncoder(), progress=False)
+    assert res["tasks"]["t2i"]["candidate_mode"] == "own" and res["tasks"]["cls"]["candidate_mode"] == "pool"
+    assert res["tasks"]["t2i"]["precision@1"] == 1.0  # p1=[1,0] matches red, not green
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        shard_urls(str(tmp_path / "eval-{000000..000002}.tar"))
+    write_mmeb_shard(tmp_path / "bad.tar", n_bad_kind=True)
+    with pytest.raises(ValueError, match="kind 'qa'"):
+        read_mmeb_shards(str(tmp_path / "bad.tar"))
