@@ -1,0 +1,304 @@
+"""Shared plumbing of the ``data_prep/from_*.py`` converters.
+
+Every converter reads a public format, writes a manifest that ``data_prep/shard.py`` reads
+(JSON Lines, one record per line, see ``issues show 2``) and then either prints the
+``shard.py`` command to run next or, with ``--shard DIR``, runs it.  What they share lives here:
+
+* :class:`ConversionLog` -- rows that cannot be converted are skipped, counted by reason and
+  listed with their source location (``file:line`` / ``file:row``), exactly like ``shard.py``
+  does for manifest lines; ``--strict`` turns the first one into exit status 1.
+* :class:`ManifestWriter` -- atomic manifest writing (temporary name, ``os.replace`` once
+  complete, so an interrupted conversion never leaves a half manifest that looks finished)
+  and unique WebDataset keys.
+* :func:`finish` -- the summary table, the skipped-rows list beside the manifest
+  (``<manifest>.skipped.jsonl``), the ``shard.py`` command and ``--shard``.
+* :func:`run_cli` -- an unusable invocation exits 2 with one line naming what to fix.
+
+Image paths go into the manifest as absolute paths: the manifest then stays valid wherever
+it is moved, and ``shard.py`` never has to guess which root a relative path meant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+SHARD_SCRIPT = REPO / "data_prep" / "shard.py"
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# WebDataset splits a member name at its first dot into key and extension, so keys must not
+# contain dots; the shard layout restricts them further to [A-Za-z0-9_-].
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class UsageError(Exception):
+    """The invocation cannot work at all (no such input, unknown column or subset): exit 2."""
+
+
+class StrictSkip(Exception):
+    """``--strict`` and a row had to be skipped: exit 1 with the row's location and reason."""
+
+
+def make_key(*parts: Any) -> str:
+    """A WebDataset-safe key (``[A-Za-z0-9_-]+``) built from source identifiers."""
+    raw = "-".join(str(p) for p in parts if p is not None and str(p) != "")
+    key = _UNSAFE_KEY.sub("_", raw).strip("_")
+    return key or "sample"
+
+
+class ConversionLog:
+    """Counts rows read / written / skipped per group (a subset, a shard, an input file) and
+    keeps every skipped row with its location so the user can find and fix it."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.read: Counter = Counter()
+        self.written: Counter = Counter()
+        self.skipped_by_group: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.notes: Counter = Counter()
+        self.note_examples: dict[str, str] = {}
+        self.skipped: list[dict] = []
+
+    def saw(self, group: str, n: int = 1) -> None:
+        self.read[group] += n
+
+    def wrote(self, group: str) -> None:
+        self.written[group] += 1
+
+    def skip(self, group: str, location: str, reason: str, key: Optional[str] = None,
+             detail: Optional[str] = None) -> None:
+        """Record a row that is left out.  ``reason`` is a short stable category (it is what
+        gets counted); ``detail`` says what exactly was wrong with this row."""
+        self.skipped_by_group[group] += 1
+        self.reasons[reason] += 1
+        entry = {"location": location, "key": key, "reason": reason}
+        if detail:
+            entry["detail"] = detail
+        self.skipped.append(entry)
+        if self.strict:
+            raise StrictSkip(f"{location}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def note(self, what: str, location: str, n: int = 1) -> None:
+        """Something changed in a row that was still written (e.g. a marker with no image
+        was removed, a duplicate key renamed), or rows left out on purpose (a cap): counted,
+        first location kept."""
+        self.notes[what] += n
+        self.note_examples.setdefault(what, location)
+
+    @property
+    def total_written(self) -> int:
+        return sum(self.written.values())
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped_by_group.values())
+
+    def table(self) -> str:
+        """The end-of-run summary: one row per group, then the skip reasons and notes."""
+        groups = sorted(set(self.read) | set(self.written) | set(self.skipped_by_group))
+        width = max([len("source"), len("total")] + [len(g) for g in groups])
+        lines = [f"{'source':<{width}}  {'read':>9}  {'written':>9}  {'skipped':>9}"]
+        lines.append("-" * len(lines[0]))
+        for g in groups:
+            lines.append(f"{g:<{width}}  {self.read[g]:>9}  {self.written[g]:>9}  {self.skipped_by_group[g]:>9}")
+        lines.append("-" * len(lines[0]))
+        lines.append(f"{'total':<{width}}  {sum(self.read.values()):>9}  {self.total_written:>9}  "
+                     f"{self.total_skipped:>9}")
+        if self.reasons:
+            first = {}
+            for s in self.skipped:
+                first.setdefault(s["reason"], s["location"])
+            lines.append("")
+            lines.append("skipped rows by reason (first occurrence):")
+            for reason, n in self.reasons.most_common():
+                lines.append(f"  {n:>9}  {reason}   e.g. {first[reason]}")
+        if self.notes:
+            lines.append("")
+            lines.append("notes (rows kept but changed, rows left out on purpose):")
+            for what, n in self.notes.most_common():
+                lines.append(f"  {n:>9}  {what}   e.g. {self.note_examples[what]}")
+        return "\n".join(lines)
+
+
+class ManifestWriter:
+    """Writes manifest records to ``path`` atomically and keeps keys unique.
+
+    Records are written to ``path.tmp`` and renamed over ``path`` by :meth:`commit`; an
+    exception inside the ``with`` block removes the temporary file and leaves any previous
+    manifest untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike, log: ConversionLog):
+        self.path = Path(path)
+        self.log = log
+        self.keys: set[str] = set()
+        self.per_task: Counter = Counter()
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._fh = None
+
+    def __enter__(self) -> "ManifestWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self._tmp, "w", encoding="utf-8")
+        return self
+
+    def write(self, record: dict, group: str, location: str) -> str:
+        """Write one record; returns the key it got (``record['key']`` made unique)."""
+        key = record.get("key") or make_key(group, self.log.written[group])
+        if key in self.keys:
+            # Public data has duplicate ids (and distinct ids can sanitise to the same key);
+            # WebDataset needs unique keys, so the later row gets a suffix instead of being lost.
+            n = 1
+            while f"{key}_dup{n}" in self.keys:
+                n += 1
+            key = f"{key}_dup{n}"
+            self.log.note("duplicate key renamed", location)
+        self.keys.add(key)
+        record["key"] = key
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.log.wrote(group)
+        if "task" in record:
+            self.per_task[record["task"]] += 1
+        return key
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._fh.close()
+        if exc_type is None:
+            os.replace(self._tmp, self.path)
+        else:
+            self._tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------- input helpers
+def resolve_image(path: Any, root: Path) -> Optional[Path]:
+    """``path`` (absolute, or relative to ``root``) as an absolute path, or None if empty."""
+    if path is None:
+        return None
+    path = str(path).strip()
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    return Path(os.path.abspath(p if p.is_absolute() else root / p))
+
+
+def read_json_records(path: Path) -> Iterable[tuple[str, Any]]:
+    """Yield ``(location, record)`` from a JSON list file or a JSON Lines file.
+
+    A JSON Lines line that does not parse is yielded as ``(location, JSONError)`` so the caller
+    can skip and count it; a ``.json`` file that does not parse at all is a usage error (there
+    is no row to skip, the whole input is unusable).
+    """
+    name = path.name
+    with open(path, "r", encoding="utf-8") as fh:
+        head = fh.read(4096).lstrip()
+    if path.suffix == ".json" or head.startswith("["):
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                             "expected a JSON list of records or a .jsonl file with one record per line")
+        if isinstance(data, dict):
+            # A few releases wrap the list: {"data": [...]} / {"annotations": [...]}.
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise UsageError(f"{path}: expected a JSON list of records, found an object with keys "
+                                 f"{sorted(data)[:8]}")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise UsageError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
+        for i, rec in enumerate(data, 1):
+            yield f"{name}:record {i}", rec
+        return
+    with open(path, "r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{name}:line {lineno}", JSONError(e.msg)
+                continue
+            yield f"{name}:line {lineno}", rec
+
+
+class JSONError:
+    """A JSON Lines line that did not parse (yielded instead of raising)."""
+
+    def __init__(self, msg: str):
+        self.msg = msg
+
+
+# ------------------------------------------------------------------------------------- CLI
+def add_common_args(p: argparse.ArgumentParser, kind_default: Optional[str] = None) -> None:
+    p.add_argument("--output", required=True, metavar="MANIFEST",
+                   help="manifest to write (JSON Lines), the --input of data_prep/shard.py")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with exit status 1 at the first row that cannot be converted")
+    p.add_argument("--shard", metavar="DIR", default=None,
+                   help="run data_prep/shard.py on the manifest right away, writing shards to DIR")
+    p.add_argument("--shard-args", default="", metavar="'ARGS'",
+                   help="extra shard.py arguments, one quoted string, e.g. "
+                        "\"--samples-per-shard 2000 --workers 16\"")
+
+
+def shard_command(manifest: Path, out_dir: str, kind: str, extra: str = "") -> list[str]:
+    return [sys.executable, str(SHARD_SCRIPT), "--input", str(manifest), "--output", str(out_dir),
+            "--kind", kind] + shlex.split(extra)
+
+
+def finish(args: argparse.Namespace, log: ConversionLog, writer: ManifestWriter, kind: str,
+           title: str) -> int:
+    """Print the summary, write the skipped-rows list, print / run the shard.py command."""
+    manifest = writer.path
+    skipped_path = manifest.with_name(manifest.name + ".skipped.jsonl")
+    tmp = skipped_path.with_name(skipped_path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for s in log.skipped:
+            fh.write(json.dumps(s, ensure_ascii=False) + "\n")
+    os.replace(tmp, skipped_path)
+
+    print(f"\n{title}: {log.total_written} {kind} records -> {manifest}")
+    print(log.table())
+    if writer.per_task and len(writer.per_task) > 1:
+        print("\nrecords per task: " + ", ".join(f"{t}={n}" for t, n in sorted(writer.per_task.items())))
+    if log.skipped:
+        print(f"\n{log.total_skipped} skipped rows listed in {skipped_path}")
+    if log.total_written == 0:
+        print(f"error: no record could be converted from {args.input}; see the reasons above", file=sys.stderr)
+        return 1
+
+    out_dir = args.shard or "SHARD_DIR"
+    cmd = shard_command(manifest, out_dir, kind, args.shard_args)
+    shown = ["python", os.path.relpath(SHARD_SCRIPT)] + cmd[2:]
+    if not args.shard:
+        print("\nnext, write the shards:\n  " + shlex.join(shown))
+        return 0
+    print("\nrunning: " + shlex.join(shown), flush=True)
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        print(f"error: shard.py exited with status {rc}; the manifest {manifest} is complete, "
+              f"rerun the command above to resume (finished shards are kept)", file=sys.stderr)
+    return rc
+
+
+def run_cli(main: Callable[[Optional[list[str]]], int], argv: Optional[list[str]] = None) -> int:
+    """Call ``main`` and map the converters' two failure kinds to exit statuses 2 and 1."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StrictSkip as e:
+        print(f"error (--strict): {e}", file=sys.stderr)
+        return 1
+

@@ -1,0 +1,170 @@
+"""A folder of images with sidecar files or a CSV -> a ``pair`` or ``qa`` manifest (the simplest on-ramp).
+
+    # pair, sidecar captions: photos/a.jpg + photos/a.txt (sub-folders are walked)
+    python data_prep/from_folder.py --input photos --output data/mine/pairs.jsonl
+    # pair, CSV with columns image,text (or image,caption); image paths relative to --input
+    python data_prep/from_folder.py --input photos --csv captions.csv --output data/mine/pairs.jsonl
+    # qa, CSV with columns image,question,answer: rows of one image become one multi-turn record
+    python data_prep/from_folder.py --input photos --kind qa --csv qa.csv --output data/mine/qa.jsonl
+    # qa, sidecar JSON: photos/a.json = [{"question": ..., "answer": ...}, ...]
+    python data_prep/from_folder.py --input photos --kind qa --output data/mine/qa.jsonl
+
+Images without a sidecar, sidecars that are empty or malformed, CSV rows with an empty cell or
+a missing image are skipped, counted and listed with their location (``file:line N``).
+Texts go through the placeholder contract (pipeline/prompts.py): a caption is about the whole
+image, so an image marker in it is removed; the same holds for questions and answers.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_prep.convert_common import (  # noqa: E402
+    IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key,
+    resolve_image, run_cli,
+)
+from pipeline.prompts import has_placeholder, normalize_placeholders, strip_placeholders  # noqa: E402
+
+
+def clean(text: Optional[str], log: ConversionLog, loc: str) -> str:
+    text = (text or "").strip()
+    if has_placeholder(normalize_placeholders(text)):
+        log.note("image marker removed from a caption/turn", loc)
+        text = strip_placeholders(text)
+    return text
+
+
+def walk_images(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in IMAGE_EXTS)
+    return out
+
+
+def qa_turns(data, log: ConversionLog, loc: str) -> tuple[Optional[list], Optional[str]]:
+    """Sidecar JSON -> conversations, or a reason why not."""
+    if isinstance(data, dict):
+        data = data.get("conversations")
+    if not isinstance(data, list) or not data:
+        return None, "expected a non-empty list of {question, answer}"
+    turns = []
+    for i, t in enumerate(data, 1):
+        if not isinstance(t, dict) or not isinstance(t.get("question"), str) or not isinstance(t.get("answer"), str):
+            return None, f"turn {i} is not {{'question': str, 'answer': str}}"
+        q, a = clean(t["question"], log, loc), clean(t["answer"], log, loc)
+        if not q or not a:
+            return None, f"turn {i} has an empty question or answer"
+        turns.append({"question": q, "answer": a})
+    return turns, None
+
+
+def from_sidecars(root: Path, kind: str, log: ConversionLog, writer: ManifestWriter) -> None:
+    group = root.name or str(root)
+    side_ext = ".txt" if kind == "pair" else ".json"
+    for img in walk_images(root):
+        rel = img.relative_to(root)
+        loc = rel.as_posix()
+        key = make_key(rel.with_suffix("").as_posix())
+        log.saw(group)
+        side = img.with_suffix(side_ext)
+        if not side.is_file():
+            log.skip(group, loc, f"no {side_ext} sidecar", key, f"expected {side.relative_to(root).as_posix()}")
+            continue
+        rec = {"key": key, "image": str(Path(os.path.abspath(img))), "meta": {"source": loc}}
+        if kind == "pair":
+            text = clean(side.read_text(encoding="utf-8", errors="replace"), log, loc)
+            if not text:
+                log.skip(group, loc, "empty caption", key, side.name)
+                continue
+            rec["text"] = text
+        else:
+            try:
+                data = json.loads(side.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                log.skip(group, side.relative_to(root).as_posix(), "invalid JSON sidecar", key, str(e))
+                continue
+            turns, why = qa_turns(data, log, loc)
+            if turns is None:
+                log.skip(group, side.relative_to(root).as_posix(), "schema violation", key, why)
+                continue
+            rec["conversations"] = turns
+        writer.write(rec, group, loc)
+
+
+def from_csv(root: Path, csv_path: Path, kind: str, log: ConversionLog, writer: ManifestWriter) -> None:
+    group = csv_path.name
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        text_col = next((c for c in ("text", "caption") if c in cols), None)
+        need = ["image", "question", "answer"] if kind == "qa" else ["image", text_col or "text"]
+        missing = [c for c in need if c not in cols]
+        if missing:
+            alt = " (or 'caption')" if kind == "pair" and missing[-1] == "text" else ""
+            raise UsageError(f"{csv_path}: no column {missing[0]!r}{alt}; found {cols}; a {kind} CSV needs "
+                             f"the header {','.join(need)}")
+        groups: dict[str, dict] = {}  # qa: one record per image, in first-appearance order
+        for row in reader:
+            loc = f"{csv_path.name}:line {reader.line_num}"
+            log.saw(group)
+            image = (row.get("image") or "").strip()
+            path = resolve_image(image, root)
+            key = make_key(Path(image).with_suffix("").as_posix()) if image else None
+            if path is None:
+                log.skip(group, loc, "empty image cell", key)
+                continue
+            if not path.is_file():
+                log.skip(group, loc, "missing image", key, str(path))
+                continue
+            if kind == "pair":
+                text = clean(row.get(text_col), log, loc)
+                if not text:
+                    log.skip(group, loc, "empty caption", key)
+                    continue
+                writer.write({"key": key, "image": str(path), "text": text, "meta": {"source": loc}}, group, loc)
+                continue
+            q, a = clean(row.get("question"), log, loc), clean(row.get("answer"), log, loc)
+            if not q or not a:
+                log.skip(group, loc, "empty question or answer", key)
+                continue
+            rec = groups.setdefault(str(path), {"key": key, "image": str(path), "conversations": [],
+                                                "meta": {"source": loc}})
+            rec["conversations"].append({"question": q, "answer": a})
+        for rec in groups.values():
+            writer.write(rec, group, rec["meta"]["source"])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, metavar="DIR", help="the image folder (CSV image paths are relative to it)")
+    p.add_argument("--kind", choices=["pair", "qa"], default="pair")
+    p.add_argument("--csv", default=None, help="CSV with a header: image,text (pair) or image,question,answer (qa)")
+    add_common_args(p)
+    args = p.parse_args(argv)
+
+    root = Path(args.input)
+    if not root.is_dir():
+        raise UsageError(f"--input {root}: no such folder")
+    if args.csv and not Path(args.csv).is_file():
+        raise UsageError(f"--csv {args.csv}: no such file")
+    log = ConversionLog(strict=args.strict)
+    with ManifestWriter(args.output, log) as writer:
+        if args.csv:
+            from_csv(root, Path(args.csv), args.kind, log, writer)
+        else:
+            from_sidecars(root, args.kind, log, writer)
+    return finish(args, log, writer, args.kind, "from_folder")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

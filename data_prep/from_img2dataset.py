@@ -1,0 +1,229 @@
+"""img2dataset output -> a ``pair`` manifest (image + caption), re-sharded by ``shard.py``.
+
+    python data_prep/from_img2dataset.py --input data/cc3m_img2dataset --output data/cc3m/pairs.jsonl \
+        --shard data/cc3m/shards --shard-args "--samples-per-shard 5000 --workers 16"
+
+img2dataset writes, per shard ``NNNNN``, either ``NNNNN.tar`` (``--output_format webdataset``),
+a folder ``NNNNN/`` (``files``) or ``NNNNN.parquet`` with the image bytes in a ``jpg``/``png``/
+``webp`` column (``parquet``); beside the first two it writes ``NNNNN.parquet`` with one metadata
+row per *attempted* URL (``key``, ``status``, ``error_message``, ``url``, ...) and
+``NNNNN_stats.json``.  Rows whose ``status`` is not ``success`` (failed downloads and resizes,
+which img2dataset lists in the metadata but does not store) are skipped and counted by status
+with their metadata row as location; a ``success`` row whose sample is absent from the shard
+is reported as ``missing from shard``.  Samples with no image or an empty caption are skipped.
+
+The manifest refers to images by path, so images held inside tars or Parquet files are
+extracted to ``--image-dir`` (default ``<manifest folder>/<manifest name>-images/``, one folder
+per source shard).  Extraction is resumable: a file already there with the same size is not
+rewritten.  Output records::
+
+    {"key": "000010023", "image": "/abs/00001/000010023.jpg", "text": "a caption",
+     "meta": {"source": "00001.tar:000010023", "url": ..., "width": ..., "height": ...}}
+
+``shard.py`` then validates every image by decoding it and writes this project's layout with
+its stats.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_prep.convert_common import (  # noqa: E402
+    IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key, run_cli,
+)
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+META_KEYS = ("url", "width", "height", "original_width", "original_height", "sha256")
+
+
+def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of a WebDataset tar as ``(key, {ext: bytes})``; members of one key are adjacent.
+    A truncated or corrupt tar raises ``tarfile.TarError`` after the samples read so far."""
+    key, files = None, {}
+    with tarfile.open(path, "r|*") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            k, _, ext = base.partition(".")
+            if k != key and files:
+                yield key, files
+                files = {}
+            key = k
+            files[ext.lower()] = tf.extractfile(m).read()
+    if files:
+        yield key, files
+
+
+def read_metadata(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    cols = [c for c in ("key", "status", "error_message", "caption") if c in names]
+    return pq.read_table(path, columns=cols).to_pylist()
+
+
+def write_image(dst: Path, data: bytes) -> None:
+    """Atomic and resumable: a complete file of the same size is kept as it is."""
+    if dst.is_file() and dst.stat().st_size == len(data):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dst)
+
+
+class Converter:
+    def __init__(self, log: ConversionLog, writer: ManifestWriter, image_dir: Path):
+        self.log, self.writer, self.image_dir = log, writer, image_dir
+
+    def sample(self, group: str, loc: str, key: str, files: dict, image_path: Optional[Path] = None) -> None:
+        """One stored sample: ``files`` maps extensions to bytes (``image_path`` = already on disk)."""
+        meta = {}
+        if "json" in files:
+            try:
+                meta = json.loads(files["json"])
+            except (ValueError, UnicodeDecodeError):
+                meta = {}
+        status = meta.get("status", "success")
+        if status != "success":
+            self.log.skip(group, loc, f"status={status}", key, meta.get("error_message"))
+            return
+        ext = next((e for e in IMAGE_FIELDS if e in files), None)
+        if image_path is None and ext is None:
+            self.log.skip(group, loc, "no image in sample", key, f"has {sorted(files)}")
+            return
+        caption = files["txt"].decode("utf-8", "replace") if "txt" in files else meta.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            self.log.skip(group, loc, "empty caption", key)
+            return
+        if image_path is None:
+            image_path = self.image_dir / group / f"{key}.{ext}"
+            write_image(image_path, files[ext])
+        rec = {"key": make_key(key), "image": str(Path(os.path.abspath(image_path))), "text": caption.strip(),
+               "meta": {"source": loc, **{k: meta[k] for k in META_KEYS if meta.get(k) is not None}}}
+        self.writer.write(rec, group, loc)
+
+    def failed_rows(self, group: str, meta_path: Path, seen: set[str]) -> None:
+        """Metadata rows of attempts that produced no sample: counted as skipped."""
+        if not meta_path.is_file():
+            return
+        for i, row in enumerate(read_metadata(meta_path)):
+            key = str(row.get("key"))
+            if key in seen:
+                continue
+            self.log.saw(group)
+            loc = f"{meta_path.name}:row {i + 1}"
+            status = row.get("status") or "unknown"
+            if status != "success":
+                self.log.skip(group, loc, f"status={status}", key, row.get("error_message"))
+            else:
+                self.log.skip(group, loc, "missing from shard", key, "metadata says success, no sample stored")
+
+    def webdataset(self, tar: Path) -> None:
+        group = tar.stem
+        seen: set[str] = set()
+        try:
+            for key, files in iter_tar(tar):
+                seen.add(key)
+                self.log.saw(group)
+                self.sample(group, f"{tar.name}:{key}", key, files)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            # Keep what was read; the rest of this shard is reported, the other shards go on.
+            self.log.skip(group, f"{tar.name}", "unreadable tar (rest of shard lost)", None, str(e))
+        self.failed_rows(group, tar.with_suffix(".parquet"), seen)
+
+    def files(self, folder: Path) -> None:
+        group = folder.name
+        by_key: dict[str, dict] = {}
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.endswith(".tmp"):
+                k, _, ext = f.name.partition(".")
+                by_key.setdefault(k, {})[ext.lower()] = f
+        for key, paths in by_key.items():
+            self.log.saw(group)
+            files = {e: p.read_bytes() for e, p in paths.items() if e in ("txt", "json")}
+            img = next((paths[e] for e in IMAGE_FIELDS if e in paths), None)
+            self.sample(group, f"{folder.name}/{key}", key, files, image_path=img)
+        self.failed_rows(group, folder.with_suffix(".parquet"), set(by_key))
+
+    def parquet(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        group = path.stem
+        pf = pq.ParquetFile(path)
+        i = 0
+        for batch in pf.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                i += 1
+                self.log.saw(group)
+                key = str(row.get("key", f"{group}{i:05d}"))
+                files = {e: row[e] for e in IMAGE_FIELDS if row.get(e)}
+                if row.get("caption") is not None:
+                    files["txt"] = str(row["caption"]).encode()
+                files["json"] = json.dumps({k: v for k, v in row.items()
+                                            if k not in IMAGE_FIELDS and isinstance(v, (str, int, float))}).encode()
+                self.sample(group, f"{path.name}:row {i}", key, files)
+
+
+def detect_format(root: Path) -> str:
+    if any(root.glob("*.tar")):
+        return "webdataset"
+    if any(d.is_dir() and any(f.suffix.lower() in IMAGE_EXTS for f in d.iterdir()) for d in root.iterdir()):
+        return "files"
+    import pyarrow.parquet as pq
+
+    for f in sorted(root.glob("*.parquet")):
+        if any(c in pq.read_schema(f).names for c in IMAGE_FIELDS):
+            return "parquet"
+    raise UsageError(f"--input {root}: no img2dataset output found (expected NNNNN.tar shards, NNNNN/ folders of "
+                     f"images, or NNNNN.parquet files with a jpg column)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, metavar="DIR", help="img2dataset's output folder")
+    p.add_argument("--format", choices=["auto", "webdataset", "files", "parquet"], default="auto",
+                   help="img2dataset --output_format used (default: detected)")
+    p.add_argument("--image-dir", default=None,
+                   help="where images held in tars/Parquet are extracted (default: <manifest>-images/ beside it)")
+    add_common_args(p)
+    args = p.parse_args(argv)
+
+    root = Path(args.input)
+    if not root.is_dir():
+        raise UsageError(f"--input {root}: no such folder (expected img2dataset's output folder)")
+    fmt = detect_format(root) if args.format == "auto" else args.format
+    out = Path(args.output)
+    image_dir = Path(args.image_dir) if args.image_dir else out.with_name(out.stem + "-images")
+    log = ConversionLog(strict=args.strict)
+    with ManifestWriter(out, log) as writer:
+        conv = Converter(log, writer, image_dir)
+        if fmt == "webdataset":
+            items = sorted(root.glob("*.tar"))
+            handle = conv.webdataset
+        elif fmt == "files":
+            items = sorted(d for d in root.iterdir() if d.is_dir() and d.resolve() != image_dir.resolve())
+            handle = conv.files
+        else:
+            items = sorted(root.glob("*.parquet"))
+            handle = conv.parquet
+        if not items:
+            raise UsageError(f"--input {root}: no {fmt} shards found")
+        for item in items:
+            handle(item)
+    return finish(args, log, writer, "pair", f"from_img2dataset ({fmt})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
