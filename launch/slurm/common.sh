@@ -1,0 +1,71 @@
+# Shared by stage1.sbatch, stage2.sbatch and coma.sbatch (sourced, not run).
+#
+# Inputs (environment, all optional): LAUNCHER=srun|torchrun|deepspeed (default srun),
+# GPUS_PER_NODE (default: what SLURM allocated, else 8), RUN_ROOT (default runs), PYTHON
+# (default python), DS_MULTINODE (deepspeed's multi-node backend, default slurm).
+# Provides: MASTER_ADDR, MASTER_PORT, NNODES, GPUS_PER_NODE, and `coma_launch SCRIPT ARGS...`,
+# which runs SCRIPT on every GPU of the allocation with the chosen launcher, and `coma_log DIR`,
+# which copies this job's output into DIR/slurm-JOBID.log as well.
+
+set -euo pipefail
+
+REPO="${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
+cd "$REPO"
+LAUNCHER="${LAUNCHER:-srun}"
+RUN_ROOT="${RUN_ROOT:-runs}"
+PYTHON="${PYTHON:-python}"
+
+# First node of the allocation hosts the rendezvous; scontrol expands gpu[01-04] notation.
+NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+NNODES="${SLURM_JOB_NUM_NODES:-${#NODES[@]}}"
+export MASTER_ADDR="${MASTER_ADDR:-${NODES[0]}}"
+# Derived from the job id so two jobs sharing a node never pick the same port.
+export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-8}}}"
+GPUS_PER_NODE="${GPUS_PER_NODE##*:}"   # "h100:8" -> "8"
+
+# NCCL: fail fast instead of hanging on a dead peer; InfiniBand when present.
+export NCCL_ASYNC_ERROR_HANDLING=1
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export NCCL_IB_DISABLE="${NCCL_IB_DISABLE:-0}"
+export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}"
+export TOKENIZERS_PARALLELISM=false
+
+coma_log() {  # coma_log RUN_DIR: tee everything this script prints into the run directory
+  mkdir -p "$1"
+  exec > >(tee -a "$1/slurm-${SLURM_JOB_ID}.log") 2>&1
+  echo "[coma] job ${SLURM_JOB_ID} on ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s): ${NODES[*]}; launcher ${LAUNCHER}; master ${MASTER_ADDR}:${MASTER_PORT}"
+}
+
+coma_launch() {  # coma_launch SCRIPT ARGS...
+  local script="$1"; shift
+  case "$LAUNCHER" in
+    srun)
+      # One task per GPU; pipeline/dist.py reads SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS.
+      srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 \
+        "$PYTHON" "$script" "$@"
+      ;;
+    torchrun)
+      # One torchrun per node; each spawns GPUS_PER_NODE workers.
+      srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
+        --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
+        "$script" "$@"
+      ;;
+    deepspeed)
+      # DeepSpeed's launcher wants a hostfile: one "host slots=N" line per node.
+      local hostfile="$RUN_ROOT/.hostfile-${SLURM_JOB_ID}"
+      mkdir -p "$RUN_ROOT"
+      : > "$hostfile"
+      for h in "${NODES[@]}"; do echo "$h slots=$GPUS_PER_NODE" >> "$hostfile"; done
+      deepspeed --hostfile "$hostfile" --launcher "${DS_MULTINODE:-slurm}" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$script" "$@"
+      ;;
+    *)
+      echo "[coma] LAUNCHER=$LAUNCHER is not one of srun, torchrun, deepspeed" >&2
+      exit 2
+      ;;
+  esac
+}

@@ -1,0 +1,191 @@
+"""Checkpoints: ``step-N`` directories, client state, keep-last-k, atomic ``latest``, resume.
+
+Layout under ``runs/NAME/checkpoints/``::
+
+    step-200/                 DeepSpeed's files for tag "step-200" (ZeRO partitions, module,
+                              optimizer and lr-scheduler states, common client state)
+    step-200/rank{r}.pt       per-rank client state: RNG states and the loader state of rank r
+    step-200/config.yaml      the resolved run config
+    step-200/COMPLETE         written last, after every rank finished writing
+    latest                    the name of the newest COMPLETE checkpoint, replaced atomically
+
+Why the marker and our own ``latest``: DeepSpeed's ``save_latest`` rewrites its file in place
+before other ranks may have finished.  Here ``latest`` moves only after a barrier, so a job
+killed during a save (any rank, any moment) leaves ``latest`` on the previous checkpoint, and
+``resume="auto"`` loads that one.  Old checkpoints are pruned only after the new one is
+complete.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline import dist
+
+log = logging.getLogger(__name__)
+
+_TAG = re.compile(r"^step-(\d+)$")
+MARKER = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """COMPLETE ``step-N`` directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _TAG.match(d.name)
+        if m and d.is_dir() and (d / MARKER).exists():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def resolve_resume(resume: str, root: str | os.PathLike) -> Optional[Path]:
+    """Which checkpoint to load.
+
+    ``none``: start fresh.  ``auto``: the one ``root/latest`` names, or (if that file is
+    missing or points at an incomplete directory) the newest COMPLETE ``step-N``; None when
+    there is none yet (a first run).  Anything else is a path: a ``step-N`` directory or a
+    checkpoints directory holding ``latest``; it must exist and be complete.
+    """
+    if resume in ("none", "", None):
+        return None
+    root = Path(root)
+    if resume == "auto":
+        latest = root / "latest"
+        if latest.exists():
+            cand = root / latest.read_text(encoding="utf-8").strip()
+            if (cand / MARKER).exists():
+                return cand
+            log.warning("%s names %s, which is incomplete; falling back to the newest complete checkpoint",
+                        latest, cand)
+        done = complete_checkpoints(root)
+        return done[-1] if done else None
+    path = Path(resume)
+    if (path / "latest").exists() and not (path / MARKER).exists():
+        return resolve_resume("auto", path) or _missing(resume)
+    if not path.is_dir():
+        _missing(resume)
+    if not (path / MARKER).exists():
+        raise FileNotFoundError(
+            f"train.resume={resume}: {path} has no {MARKER} marker (the save was interrupted); "
+            f"pick an earlier step-N directory or use --train.resume=auto")
+    return path
+
+
+def _missing(resume: str):
+    raise FileNotFoundError(f"train.resume={resume}: no such checkpoint directory; use auto, none, or a "
+                            f"step-N directory under runs/NAME/checkpoints")
+
+
+# ----------------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if acc.device_name() != "cpu":
+        state["accelerator"] = acc.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+# --------------------------------------------------------------------------------- save / load
+class CheckpointManager:
+    def __init__(self, root: str | os.PathLike, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def save(self, engine: Any, step: int, client_state: dict, rank_state: dict, config_yaml: str) -> Path:
+        """Collective: every rank calls it.  ``client_state`` (same on all ranks: step, samples
+        seen, config …) goes into DeepSpeed's files; ``rank_state`` (RNG, loader position) into
+        ``rank{r}.pt``."""
+        import torch
+
+        tag = tag_for(step)
+        path = self.root / tag
+        rank = dist.get_rank()
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # leftovers of an interrupted save of the same step
+                shutil.rmtree(path)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        tmp = path / f".rank{rank}.pt.tmp"
+        torch.save(rank_state, tmp)
+        os.replace(tmp, path / f"rank{rank}.pt")
+        if rank == 0:
+            _atomic_write_text(path / "config.yaml", config_yaml)
+        dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+        if rank == 0:
+            _atomic_write_text(path / MARKER, f"{step}\n")
+            _atomic_write_text(self.root / "latest", tag + "\n")
+            self._prune(keep=path)
+        dist.barrier()
+        return path
+
+    def _prune(self, keep: Path) -> None:
+        done = complete_checkpoints(self.root)
+        for old in done[: max(len(done) - self.keep_last, 0)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        # Incomplete directories older than the newest complete one are dead saves.
+        newest = int(_TAG.match(keep.name).group(1))
+        for d in self.root.iterdir():
+            m = _TAG.match(d.name)
+            if m and int(m.group(1)) < newest and not (d / MARKER).exists():
+                shutil.rmtree(d, ignore_errors=True)
+
+    def load(self, engine: Any, path: Path, load_optimizer_states: bool = True) -> tuple[dict, dict]:
+        """Collective.  Restores module, optimizer and scheduler through DeepSpeed; returns
+        (common client state, this rank's state).  A rank file missing means the checkpoint
+        was written by a different world size: the loader position cannot be restored then."""
+        import torch
+
+        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                   load_optimizer_states=load_optimizer_states,
+                                                   load_lr_scheduler_states=load_optimizer_states)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        rank_file = path / f"rank{dist.get_rank()}.pt"
+        if rank_file.exists():
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        else:
+            log.warning("%s missing (checkpoint from another world size?): RNG and loader position not restored",
+                        rank_file)
+            rank_state = {}
+        return client or {}, rank_state
