@@ -77,24 +77,24 @@ def from_sidecars(root: Path, kind: str, log: ConversionLog, writer: ManifestWri
         log.saw(group)
         side = img.with_suffix(side_ext)
         if not side.is_file():
-            log.skip(group, loc, f"no {side_ext} sidecar", key, f"expected {side.relative_to(root).as_posix()}")
+            log.skip(group, loc, "no_sidecar", key, f"expected {side.relative_to(root).as_posix()}")
             continue
         rec = {"key": key, "image": str(Path(os.path.abspath(img))), "meta": {"source": loc}}
         if kind == "pair":
             text = clean(side.read_text(encoding="utf-8", errors="replace"), log, loc)
             if not text:
-                log.skip(group, loc, "empty caption", key, side.name)
+                log.skip(group, loc, "empty_text", key, f"{side.name} is empty")
                 continue
             rec["text"] = text
         else:
             try:
                 data = json.loads(side.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
-                log.skip(group, side.relative_to(root).as_posix(), "invalid JSON sidecar", key, str(e))
+                log.skip(group, side.relative_to(root).as_posix(), "invalid_json", key, str(e))
                 continue
             turns, why = qa_turns(data, log, loc)
             if turns is None:
-                log.skip(group, side.relative_to(root).as_posix(), "schema violation", key, why)
+                log.skip(group, side.relative_to(root).as_posix(), "schema", key, why)
                 continue
             rec["conversations"] = turns
         writer.write(rec, group, loc)
@@ -120,21 +120,21 @@ def from_csv(root: Path, csv_path: Path, kind: str, log: ConversionLog, writer: 
             path = resolve_image(image, root)
             key = make_key(Path(image).with_suffix("").as_posix()) if image else None
             if path is None:
-                log.skip(group, loc, "empty image cell", key)
+                log.skip(group, loc, "schema", key, "empty image cell")
                 continue
             if not path.is_file():
-                log.skip(group, loc, "missing image", key, str(path))
+                log.skip(group, loc, "missing_image", key, f"{path} does not exist")
                 continue
             if kind == "pair":
                 text = clean(row.get(text_col), log, loc)
                 if not text:
-                    log.skip(group, loc, "empty caption", key)
+                    log.skip(group, loc, "empty_text", key, "empty caption")
                     continue
                 writer.write({"key": key, "image": str(path), "text": text, "meta": {"source": loc}}, group, loc)
                 continue
             q, a = clean(row.get("question"), log, loc), clean(row.get("answer"), log, loc)
             if not q or not a:
-                log.skip(group, loc, "empty question or answer", key)
+                log.skip(group, loc, "empty_text", key, "empty question or answer")
                 continue
             rec = groups.setdefault(str(path), {"key": key, "image": str(path), "conversations": [],
                                                 "meta": {"source": loc}})

@@ -8,9 +8,9 @@ a folder ``NNNNN/`` (``files``) or ``NNNNN.parquet`` with the image bytes in a `
 ``webp`` column (``parquet``); beside the first two it writes ``NNNNN.parquet`` with one metadata
 row per *attempted* URL (``key``, ``status``, ``error_message``, ``url``, ...) and
 ``NNNNN_stats.json``.  Rows whose ``status`` is not ``success`` (failed downloads and resizes,
-which img2dataset lists in the metadata but does not store) are skipped and counted by status
+which img2dataset lists in the metadata but does not store) are skipped and counted under their status (e.g. ``failed_to_download``)
 with their metadata row as location; a ``success`` row whose sample is absent from the shard
-is reported as ``missing from shard``.  Samples with no image or an empty caption are skipped.
+is reported as ``missing_from_shard``.  Samples with no image or an empty caption are skipped.
 
 The manifest refers to images by path, so images held inside tars or Parquet files are
 extracted to ``--image-dir`` (default ``<manifest folder>/<manifest name>-images/``, one folder
@@ -96,15 +96,15 @@ class Converter:
                 meta = {}
         status = meta.get("status", "success")
         if status != "success":
-            self.log.skip(group, loc, f"status={status}", key, meta.get("error_message"))
+            self.log.skip(group, loc, str(status), key, meta.get("error_message"))
             return
         ext = next((e for e in IMAGE_FIELDS if e in files), None)
         if image_path is None and ext is None:
-            self.log.skip(group, loc, "no image in sample", key, f"has {sorted(files)}")
+            self.log.skip(group, loc, "no_image", key, f"sample has {sorted(files)}")
             return
         caption = files["txt"].decode("utf-8", "replace") if "txt" in files else meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
-            self.log.skip(group, loc, "empty caption", key)
+            self.log.skip(group, loc, "empty_text", key, "empty caption")
             return
         if image_path is None:
             image_path = self.image_dir / group / f"{key}.{ext}"
@@ -125,9 +125,9 @@ class Converter:
             loc = f"{meta_path.name}:row {i + 1}"
             status = row.get("status") or "unknown"
             if status != "success":
-                self.log.skip(group, loc, f"status={status}", key, row.get("error_message"))
+                self.log.skip(group, loc, str(status), key, row.get("error_message"))
             else:
-                self.log.skip(group, loc, "missing from shard", key, "metadata says success, no sample stored")
+                self.log.skip(group, loc, "missing_from_shard", key, "metadata says success, no sample stored")
 
     def webdataset(self, tar: Path) -> None:
         group = tar.stem
@@ -139,7 +139,7 @@ class Converter:
                 self.sample(group, f"{tar.name}:{key}", key, files)
         except (tarfile.TarError, EOFError, OSError) as e:
             # Keep what was read; the rest of this shard is reported, the other shards go on.
-            self.log.skip(group, f"{tar.name}", "unreadable tar (rest of shard lost)", None, str(e))
+            self.log.skip(group, f"{tar.name}", "unreadable_tar", None, f"{e}; the rest of this shard is lost")
         self.failed_rows(group, tar.with_suffix(".parquet"), seen)
 
     def files(self, folder: Path) -> None:

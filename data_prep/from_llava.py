@@ -48,45 +48,45 @@ _ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 def convert_record(rec: Any, image_root: Path) -> tuple[Optional[dict], Optional[tuple[str, str]], list[str]]:
     """One LLaVA record -> ``(qa record, None, notes)`` or ``(None, (reason, detail), [])``."""
     if not isinstance(rec, dict):
-        return None, ("not a JSON object", type(rec).__name__), []
+        return None, ("schema", f"a record must be a JSON object, got {type(rec).__name__}"), []
     image = rec.get("image")
     if isinstance(image, list):
         if len(image) != 1:
-            return None, ("not exactly one image", f"{len(image)} images"), []
+            return None, ("multiple_images", f"{len(image)} images; a qa sample holds one"), []
         image = image[0]
     if image is None or (isinstance(image, str) and not image.strip()):
-        return None, ("no image", "text-only record"), []
+        return None, ("no_image", "text-only record"), []
     if not isinstance(image, str):
-        return None, ("schema violation", f"'image' is {type(image).__name__}, expected a path"), []
+        return None, ("schema", f"'image' is {type(image).__name__}, expected a path"), []
     path = resolve_image(image, image_root)
     if not path.is_file():
-        return None, ("missing image", str(path)), []
+        return None, ("missing_image", f"{path} does not exist"), []
 
     turns = rec.get("conversations", rec.get("message", rec.get("messages")))
     if not isinstance(turns, list) or not turns:
-        return None, ("no conversations", "'conversations' missing or empty"), []
+        return None, ("schema", "'conversations' missing or empty"), []
     notes: list[str] = []
     values = []
     for i, t in enumerate(turns):
         value = t.get("value", t.get("content")) if isinstance(t, dict) else None
         if not isinstance(value, str):
-            return None, ("schema violation", f"turn {i + 1} has no string 'value'"), []
+            return None, ("schema", f"turn {i + 1} has no string 'value'"), []
         role = _ROLE.get(str(t.get("from", "")).lower())
         if role is None:
-            return None, ("turns do not alternate", f"turn {i + 1} is from {t.get('from')!r}"), []
+            return None, ("turns_not_alternating", f"turn {i + 1} is from {t.get('from')!r}"), []
         expected = "human" if i % 2 == 0 else "gpt"
         if role != expected:
-            return None, ("turns do not alternate", f"turn {i + 1} is from {t.get('from')!r}, expected {expected!r}"), []
+            return None, ("turns_not_alternating", f"turn {i + 1} is from {t.get('from')!r}, expected {expected!r}"), []
         if has_placeholder(normalize_placeholders(value)):
             if i != 0:
                 notes.append("image marker outside the first question removed")
             value = strip_placeholders(value)
         values.append(value.strip())
     if len(turns) % 2:
-        return None, ("turns do not alternate", f"{len(turns)} turns: the last question has no answer"), []
+        return None, ("turns_not_alternating", f"{len(turns)} turns: the last question has no answer"), []
     for i, v in enumerate(values):
         if not v:
-            return None, ("empty turn", f"turn {i + 1} is empty"), []
+            return None, ("empty_text", f"turn {i + 1} is empty"), []
     conversations = [{"question": values[i], "answer": values[i + 1]} for i in range(0, len(values), 2)]
     out = {"image": str(path), "conversations": conversations}
     return out, None, notes
@@ -118,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 rid = rec.get("id") if isinstance(rec, dict) else None
                 key = make_key(rid) if rid is not None else make_key(f.stem, n)
                 if isinstance(rec, JSONError):
-                    log.skip(group, loc, "invalid JSON", None, rec.msg)
+                    log.skip(group, loc, "invalid_json", None, rec.msg)
                     continue
                 out, why, notes = convert_record(rec, root)
                 if out is None:

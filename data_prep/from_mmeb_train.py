@@ -130,7 +130,7 @@ def make_side(text: Any, image: Any, image_root: Path, what: str, loc: str, log:
     text = text if isinstance(text, str) and text.strip() else None
     path = resolve_image(image, image_root) if isinstance(image, str) else None
     if path is not None and not path.is_file():
-        return None, (f"missing {what} image", str(path))
+        return None, ("missing_image", f"{what}: {path} does not exist")
     if text is not None:
         if path is not None:
             text = normalize_placeholders(text)
@@ -138,7 +138,7 @@ def make_side(text: Any, image: Any, image_root: Path, what: str, loc: str, log:
             text = strip_placeholders(text) or None
             log.note(f"image marker without an image removed ({what})", loc)
     if text is None and path is None:
-        return None, (f"empty {what}", "neither text nor image")
+        return None, (f"empty_{what}", f"the {what} has neither text nor image")
     return {"text": text, "image": str(path) if path else None}, None
 
 
@@ -153,10 +153,10 @@ def as_list(v: Any) -> list:
 def convert_row(row: Any, task: str, image_root: Path, loc: str, log: ConversionLog
                 ) -> tuple[Optional[dict], Optional[tuple[str, str]]]:
     if not isinstance(row, dict):
-        return None, ("not a JSON object", type(row).__name__)
+        return None, ("schema", f"a row must be a JSON object, got {type(row).__name__}")
     missing = [c for c in REQUIRED if c not in row]
     if missing:
-        return None, ("schema violation", f"no field {missing[0]!r}")
+        return None, ("schema", f"no field {missing[0]!r}")
     query, why = make_side(row["qry"], row["qry_image_path"], image_root, "query", loc, log)
     if query is None:
         return None, why
@@ -173,7 +173,7 @@ def convert_row(row: Any, task: str, image_root: Path, loc: str, log: Conversion
             continue  # MMEB fills absent negatives with empty strings
         neg, why = make_side(t, im, image_root, "negative", loc, log)
         if neg is None:
-            log.note(f"hard negative dropped: {why[0]}", loc)
+            log.note(f"hard negative dropped ({why[0]})", loc)
             continue
         negatives.append(neg)
     if negatives:
@@ -252,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 loc, row = rows[idx]
                 key = make_key(task, f"{idx:07d}")
                 if isinstance(row, JSONError):
-                    log.skip(task, loc, "invalid JSON", key, row.msg)
+                    log.skip(task, loc, "invalid_json", key, row.msg)
                     continue
                 if args.no_negatives and isinstance(row, dict):
                     row = {k: v for k, v in row.items() if k not in OPTIONAL}

@@ -89,13 +89,13 @@ def test_llava_json_to_qa(llava_dir, tmp_path, capsys):
 
     skips = {s["location"]: s for s in skipped(out)}
     assert set(skips) == {"llava.json:record 3", "llava.json:record 4", "llava.json:record 5", "llava.json:record 6"}
-    assert skips["llava.json:record 3"]["reason"] == "turns do not alternate"
+    assert skips["llava.json:record 3"]["reason"] == "turns_not_alternating"
     assert "expected 'gpt'" in skips["llava.json:record 3"]["detail"]
-    assert skips["llava.json:record 4"]["reason"] == "turns do not alternate"
-    assert skips["llava.json:record 5"]["reason"] == "missing image"
-    assert skips["llava.json:record 6"]["reason"] == "no image"
+    assert skips["llava.json:record 4"]["reason"] == "turns_not_alternating"
+    assert skips["llava.json:record 5"]["reason"] == "missing_image"
+    assert skips["llava.json:record 6"]["reason"] == "no_image"
     printed = capsys.readouterr().out
-    assert "turns do not alternate" in printed and "duplicate key renamed" in printed
+    assert "turns_not_alternating" in printed and "duplicate key renamed" in printed
     assert f"shard.py --input {out} --output SHARD_DIR --kind qa" in printed
     assert not (tmp_path / "qa.jsonl.tmp").exists()
 
@@ -106,13 +106,13 @@ def test_llava_jsonl_bad_line_and_strict(llava_dir, tmp_path, capsys):
                             "--image-root", str(llava_dir)]) == 0
     assert len(read_jsonl(out)) == 2
     assert [(s["location"], s["reason"]) for s in skipped(out)] == [
-        ("llava.jsonl:line 3", "invalid JSON"), ("llava.jsonl:line 4", "turns do not alternate")]
+        ("llava.jsonl:line 3", "invalid_json"), ("llava.jsonl:line 4", "turns_not_alternating")]
     before = out.read_bytes()
     # --strict: exit 1 naming the line, and the finished manifest from before is left untouched
     rc = from_llava.run_cli(from_llava.main, ["--input", str(llava_dir / "llava.jsonl"), "--output", str(out),
                                               "--strict"])
     assert rc == 1
-    assert "llava.jsonl:line 3: invalid JSON" in capsys.readouterr().err
+    assert "llava.jsonl:line 3: invalid_json" in capsys.readouterr().err
     assert out.read_bytes() == before and not (tmp_path / "qa.jsonl.tmp").exists()
 
 
@@ -179,10 +179,10 @@ def test_mmeb_train_to_mmeb(mmeb_root, tmp_path, capsys):
     assert c2["query"] == {"text": "a cat", "image": None}  # marker with no image removed
     assert "negatives" not in c2  # its negative's image is missing: dropped, row kept
     skips = [(s["location"], s["reason"]) for s in skipped(out)]
-    assert skips == [("ImageNet_1K/original-00000-of-00001.parquet:row 5", "missing query image"),
-                     ("MSCOCO_t2i/original.jsonl:line 2", "empty query")]
+    assert skips == [("ImageNet_1K/original-00000-of-00001.parquet:row 5", "missing_image"),
+                     ("MSCOCO_t2i/original.jsonl:line 2", "empty_query")]
     printed = capsys.readouterr().out
-    assert "hard negative dropped: missing negative image" in printed
+    assert "hard negative dropped (missing_image)" in printed
     assert "--kind mmeb" in printed
 
 
@@ -275,11 +275,11 @@ def test_img2dataset_webdataset(i2d_dir, tmp_path, capsys):
     reasons = {}
     for s in skipped(out):
         reasons.setdefault(s["reason"], []).append(s["location"])
-    assert reasons["status=failed_to_download"] == ["00000.parquet:row 5"]
-    assert reasons["status=failed_to_resize"] == ["00000.parquet:row 6"]
-    assert reasons["missing from shard"] == ["00000.parquet:row 7", "00001.parquet:row 2"]
-    assert reasons["empty caption"] == ["00000.tar:000000002"]
-    assert reasons["unreadable tar (rest of shard lost)"] == ["00001.tar"]
+    assert reasons["failed_to_download"] == ["00000.parquet:row 5"]
+    assert reasons["failed_to_resize"] == ["00000.parquet:row 6"]
+    assert reasons["missing_from_shard"] == ["00000.parquet:row 7", "00001.parquet:row 2"]
+    assert reasons["empty_text"] == ["00000.tar:000000002"]
+    assert reasons["unreadable_tar"] == ["00001.tar"]
     table = capsys.readouterr().out
     assert "00000" in table and "--kind pair" in table
     # rerun: extracted images are kept, the manifest is identical
@@ -305,7 +305,7 @@ def test_img2dataset_files_and_parquet_formats(tmp_path):
     recs = read_jsonl(out)
     assert [(r["text"], Path(r["image"]).name) for r in recs] == [("one", "000000000.jpg"), ("two", "000000001.jpg")]
     assert recs[0]["image"] == str(shard / "000000000.jpg")  # images already on disk are not copied
-    assert [s["reason"] for s in skipped(out)] == ["status=failed_to_download"]
+    assert [s["reason"] for s in skipped(out)] == ["failed_to_download"]
 
     pqdir = tmp_path / "pq"
     pqdir.mkdir()
@@ -318,7 +318,7 @@ def test_img2dataset_files_and_parquet_formats(tmp_path):
     recs = read_jsonl(out)
     assert len(recs) == 1 and recs[0]["text"] == "blue" and Path(recs[0]["image"]).is_file()
     assert [(s["location"], s["reason"], s.get("detail")) for s in skipped(out)] == [
-        ("00000.parquet:row 2", "status=failed_to_download", "404")]
+        ("00000.parquet:row 2", "failed_to_download", "404")]
 
 
 # ----------------------------------------------------------------------------------- folder
@@ -342,14 +342,13 @@ def test_folder_sidecars(photo_dir, tmp_path):
     assert from_folder.main(["--input", str(photo_dir), "--output", str(out)]) == 0
     recs = read_jsonl(out)
     assert [(r["key"], r["text"]) for r in recs] == [("a", "a red block"), ("sub_b", "a green block")]
-    assert [(s["location"], s["reason"]) for s in skipped(out)] == [("c.jpg", "no .txt sidecar"),
-                                                                   ("d.jpg", "empty caption")]
+    assert [(s["location"], s["reason"]) for s in skipped(out)] == [("c.jpg", "no_sidecar"), ("d.jpg", "empty_text")]
     out = tmp_path / "qa.jsonl"
     assert from_folder.main(["--input", str(photo_dir), "--kind", "qa", "--output", str(out)]) == 0
     recs = read_jsonl(out)
     assert [(r["key"], r["conversations"]) for r in recs] == [("a", [{"question": "Colour?", "answer": "Red."}])]
     assert [(s["location"], s["reason"]) for s in skipped(out)] == [
-        ("c.jpg", "no .json sidecar"), ("d.json", "schema violation"), ("sub/b.png", "no .json sidecar")]
+        ("c.jpg", "no_sidecar"), ("d.json", "schema"), ("sub/b.png", "no_sidecar")]
 
 
 def test_folder_csv(photo_dir, tmp_path, capsys):
@@ -365,8 +364,7 @@ def test_folder_csv(photo_dir, tmp_path, capsys):
     recs = read_jsonl(out)
     assert [(r["key"], len(r["conversations"])) for r in recs] == [("a", 2), ("sub_b", 1)]
     assert recs[0]["conversations"][1] == {"question": "What shape?", "answer": "A rectangle."}
-    assert [(s["location"], s["reason"]) for s in skipped(out)] == [("qa.csv:line 5", "missing image"),
-                                                                   ("qa.csv:line 6", "empty question or answer")]
+    assert [(s["location"], s["reason"]) for s in skipped(out)] == [("qa.csv:line 5", "missing_image"), ("qa.csv:line 6", "empty_text")]
     bad = tmp_path / "bad.csv"
     bad.write_text("file,caption\na.jpg,x\n")
     assert from_folder.run_cli(from_folder.main, ["--input", str(photo_dir), "--csv", str(bad),
