@@ -317,8 +317,10 @@ def read_mmeb_shards(spec: str, max_samples: Optional[int] = None) -> list[dict]
         if "json" not in raw:
             raise ValueError(f"{where}: no .json member; mmeb shards are written by data_prep/shard.py --kind mmeb")
         meta = json.loads(raw["json"])
-        if meta.get("kind") != "mmeb":
-            raise ValueError(f"{where}: kind {meta.get('kind')!r}, evaluation needs 'mmeb' shards "
+        # shard.py's JSON names no kind; the fields tell (data_prep/samples.py's layout table).
+        kind = meta.get("kind") or ("mmeb" if "query" in meta else "qa" if "conversations" in meta else "pair")
+        if kind != "mmeb" or "positive" not in meta:
+            raise ValueError(f"{where}: a {kind!r} sample; evaluation needs 'mmeb' shards "
                              "(data_prep/shard.py --kind mmeb)")
         out.append({"__key__": raw["__key__"], "kind": "mmeb", "task": meta.get("task") or "default",
                     "query": _decode_side(raw, meta["query"], where),

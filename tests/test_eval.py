@@ -150,7 +150,7 @@ def write_mmeb_shard(path, n_bad_kind=False):
                                      "negatives": [{"text": None, "image": "neg0.png"}], "meta": {}}).encode()})
         # classification-like: image query, text positive, no negatives -> pool
         w.write({"__key__": "s1", "query.png": png((0, 255, 0)),
-                 "json": json.dumps({"key": "s1", "kind": "qa" if n_bad_kind else "mmeb", "task": "cls",
+                 "json": json.dumps({"key": "s1", "task": "cls", **({"kind": "qa"} if n_bad_kind else {}),
                                      "query": {"text": "<image> which class?", "image": "query.png"},
                                      "positive": {"text": "n1", "image": None}, "meta": {"y": 1}}).encode()})
 
@@ -172,5 +172,5 @@ def test_read_mmeb_shards_and_evaluate(tmp_path):
     with pytest.raises(FileNotFoundError, match="do not exist"):
         shard_urls(str(tmp_path / "eval-{000000..000002}.tar"))
     write_mmeb_shard(tmp_path / "bad.tar", n_bad_kind=True)
-    with pytest.raises(ValueError, match="kind 'qa'"):
+    with pytest.raises(ValueError, match="a 'qa' sample"):
         read_mmeb_shards(str(tmp_path / "bad.tar"))
