@@ -179,15 +179,24 @@ class ManifestWriter:
 
 
 # ------------------------------------------------------------------------------- input helpers
-def resolve_image(path: Any, root: Path) -> Optional[Path]:
-    """``path`` (absolute, or relative to ``root``) as an absolute path, or None if empty."""
+def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: str = "row"):
+    """A tqdm bar on stderr (rows/s); updated at most every 2 s so it stays readable in SLURM logs."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, mininterval=2.0, file=sys.stderr,
+                disable=os.environ.get("COMA_NO_PROGRESS") == "1")
+
+
+def resolve_image(path: Any, root: Path | str) -> Optional[str]:
+    """``path`` (absolute, or relative to ``root``) as an absolute path string, None if empty.
+    Plain ``os.path`` on purpose: this runs once per image of a million-row input, and
+    ``pathlib`` objects cost a third of a converter's time there (benchmarks/convert.py)."""
     if path is None:
         return None
     path = str(path).strip()
     if not path:
         return None
-    p = Path(path).expanduser()
-    return Path(os.path.abspath(p if p.is_absolute() else root / p))
+    return os.path.abspath(os.path.join(root, os.path.expanduser(path)))
 
 
 def read_json_records(path: Path) -> Iterable[tuple[str, Any]]:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from data_prep.convert_common import (  # noqa: E402
     IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key,
-    resolve_image, run_cli,
+    progress, resolve_image, run_cli,
 )
 from pipeline.prompts import has_placeholder, normalize_placeholders, strip_placeholders  # noqa: E402
 
@@ -70,7 +70,7 @@ def qa_turns(data, log: ConversionLog, loc: str) -> tuple[Optional[list], Option
 def from_sidecars(root: Path, kind: str, log: ConversionLog, writer: ManifestWriter) -> None:
     group = root.name or str(root)
     side_ext = ".txt" if kind == "pair" else ".json"
-    for img in walk_images(root):
+    for img in progress(walk_images(root), root.name, unit="image"):
         rel = img.relative_to(root)
         loc = rel.as_posix()
         key = make_key(rel.with_suffix("").as_posix())
@@ -113,7 +113,7 @@ def from_csv(root: Path, csv_path: Path, kind: str, log: ConversionLog, writer: 
             raise UsageError(f"{csv_path}: no column {missing[0]!r}{alt}; found {cols}; a {kind} CSV needs "
                              f"the header {','.join(need)}")
         groups: dict[str, dict] = {}  # qa: one record per image, in first-appearance order
-        for row in reader:
+        for row in progress(reader, csv_path.name):
             loc = f"{csv_path.name}:line {reader.line_num}"
             log.saw(group)
             image = (row.get("image") or "").strip()
@@ -122,7 +122,7 @@ def from_csv(root: Path, csv_path: Path, kind: str, log: ConversionLog, writer: 
             if path is None:
                 log.skip(group, loc, "schema", key, "empty image cell")
                 continue
-            if not path.is_file():
+            if not os.path.isfile(path):
                 log.skip(group, loc, "missing_image", key, f"{path} does not exist")
                 continue
             if kind == "pair":
@@ -130,13 +130,13 @@ def from_csv(root: Path, csv_path: Path, kind: str, log: ConversionLog, writer: 
                 if not text:
                     log.skip(group, loc, "empty_text", key, "empty caption")
                     continue
-                writer.write({"key": key, "image": str(path), "text": text, "meta": {"source": loc}}, group, loc)
+                writer.write({"key": key, "image": path, "text": text, "meta": {"source": loc}}, group, loc)
                 continue
             q, a = clean(row.get("question"), log, loc), clean(row.get("answer"), log, loc)
             if not q or not a:
                 log.skip(group, loc, "empty_text", key, "empty question or answer")
                 continue
-            rec = groups.setdefault(str(path), {"key": key, "image": str(path), "conversations": [],
+            rec = groups.setdefault(path, {"key": key, "image": path, "conversations": [],
                                                 "meta": {"source": loc}})
             rec["conversations"].append({"question": q, "answer": a})
         for rec in groups.values():

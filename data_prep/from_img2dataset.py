@@ -38,7 +38,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep.convert_common import (  # noqa: E402
-    IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key, run_cli,
+    IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key, progress,
+    run_cli,
 )
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -220,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             handle = conv.parquet
         if not items:
             raise UsageError(f"--input {root}: no {fmt} shards found")
-        for item in items:
+        for item in progress(items, f"{fmt} shards", unit="shard"):
             handle(item)
     return finish(args, log, writer, "pair", f"from_img2dataset ({fmt})")
 

@@ -29,6 +29,7 @@ scripts (data_prepare/auto_a.py) as a synonym of ``conversations``/``value``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -38,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from data_prep.convert_common import (  # noqa: E402
     ConversionLog, JSONError, ManifestWriter, UsageError, add_common_args, finish, make_key,
-    read_json_records, resolve_image, run_cli,
+    progress, read_json_records, resolve_image, run_cli,
 )
 from pipeline.prompts import has_placeholder, normalize_placeholders, strip_placeholders  # noqa: E402
 
@@ -59,7 +60,7 @@ def convert_record(rec: Any, image_root: Path) -> tuple[Optional[dict], Optional
     if not isinstance(image, str):
         return None, ("schema", f"'image' is {type(image).__name__}, expected a path"), []
     path = resolve_image(image, image_root)
-    if not path.is_file():
+    if not os.path.isfile(path):
         return None, ("missing_image", f"{path} does not exist"), []
 
     turns = rec.get("conversations", rec.get("message", rec.get("messages")))
@@ -88,7 +89,7 @@ def convert_record(rec: Any, image_root: Path) -> tuple[Optional[dict], Optional
         if not v:
             return None, ("empty_text", f"turn {i + 1} is empty"), []
     conversations = [{"question": values[i], "answer": values[i + 1]} for i in range(0, len(values), 2)]
-    out = {"image": str(path), "conversations": conversations}
+    out = {"image": path, "conversations": conversations}
     return out, None, notes
 
 
@@ -113,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not root.is_dir():
                 raise UsageError(f"--image-root {root}: no such folder")
             group = f.name
-            for n, (loc, rec) in enumerate(read_json_records(f)):
+            for n, (loc, rec) in enumerate(progress(read_json_records(f), f.name)):
                 log.saw(group)
                 rid = rec.get("id") if isinstance(rec, dict) else None
                 key = make_key(rid) if rid is not None else make_key(f.stem, n)

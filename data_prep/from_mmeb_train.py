@@ -39,6 +39,7 @@ exactly that permutation), provided the files are read in the same (sorted) orde
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -50,7 +51,7 @@ import numpy as np  # noqa: E402
 
 from data_prep.convert_common import (  # noqa: E402
     ConversionLog, JSONError, ManifestWriter, UsageError, add_common_args, finish, make_key,
-    read_json_records, resolve_image, run_cli,
+    progress, read_json_records, resolve_image, run_cli,
 )
 from pipeline.prompts import has_placeholder, normalize_placeholders, strip_placeholders  # noqa: E402
 
@@ -129,7 +130,7 @@ def make_side(text: Any, image: Any, image_root: Path, what: str, loc: str, log:
     """One MMEB side -> ``{"text", "image"}`` or a skip reason."""
     text = text if isinstance(text, str) and text.strip() else None
     path = resolve_image(image, image_root) if isinstance(image, str) else None
-    if path is not None and not path.is_file():
+    if path is not None and not os.path.isfile(path):
         return None, ("missing_image", f"{what}: {path} does not exist")
     if text is not None:
         if path is not None:
@@ -139,7 +140,7 @@ def make_side(text: Any, image: Any, image_root: Path, what: str, loc: str, log:
             log.note(f"image marker without an image removed ({what})", loc)
     if text is None and path is None:
         return None, (f"empty_{what}", f"the {what} has neither text nor image")
-    return {"text": text, "image": str(path) if path else None}, None
+    return {"text": text, "image": path}, None
 
 
 def as_list(v: Any) -> list:
@@ -248,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows = read_rows(subset_files(root / task, args.split), root)
             keep = select_rows(len(rows), caps.get(task), args.seed)
             log.saw(task, len(keep))
-            for idx in keep:
+            for idx in progress(keep, task):
                 loc, row = rows[idx]
                 key = make_key(task, f"{idx:07d}")
                 if isinstance(row, JSONError):
