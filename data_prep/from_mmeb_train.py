@@ -13,8 +13,8 @@ Input layout (``git clone https://huggingface.co/datasets/TIGER-Lab/MMEB-train``
 ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` and optionally ``neg_text``,
 ``neg_image_path``; image paths are relative to the images root (``--image-root``, default
 the input folder).  ``--split`` picks the files of one split (``original``, the one the paper
-and VLM2Vec train on, or ``diverse_instruction``); a folder without such files uses all of its
-data files.
+and VLM2Vec train on, or ``diverse_instruction``); a folder holding a single split uses it
+whatever its name.
 
 Output, one record per usable row::
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -87,12 +88,25 @@ PAPER_SEED = 42  # the reference code's shuffle seed for the caps
 REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 OPTIONAL = ("neg_text", "neg_image_path")
 DATA_EXTS = (".parquet", ".jsonl", ".json")
+_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
 
 
 def subset_files(folder: Path, split: str) -> list[Path]:
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in DATA_EXTS)
-    chosen = [f for f in files if f.name.startswith(split)]
-    return chosen or files
+    """The data files of ``split`` in a subset folder, sorted (the order ``datasets`` reads them).
+
+    Files are grouped by split name, ``original-00000-of-00002.parquet`` -> ``original``.  A
+    folder holding a single split (e.g. older copies' ``train-*.parquet``) uses it whatever its
+    name; a folder with several splits but not the requested one is an error rather than a
+    silent mix of splits."""
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in DATA_EXTS:
+            groups.setdefault(_SHARD_SUFFIX.sub("", f.stem), []).append(f)
+    if split in groups:
+        return groups[split]
+    if len(groups) == 1:
+        return next(iter(groups.values()))
+    raise UsageError(f"{folder}: no {split!r} split among {sorted(groups)}; choose one with --split")
 
 
 def discover_subsets(root: Path) -> list[str]:

@@ -215,6 +215,12 @@ def test_mmeb_usage_errors(mmeb_root, tmp_path, capsys):
     assert run(from_mmeb_train.main, ["--input", str(bad.parent), "--output", out]) == 2
     assert "no column 'qry_image_path'" in capsys.readouterr().err
     assert not Path(out).exists()
+    two = tmp_path / "two" / "Sub"
+    two.mkdir(parents=True)
+    for split in ("train", "diverse_instruction"):
+        pq.write_table(pa.table(_mmeb_rows_imagenet(1)), two / f"{split}-00000-of-00001.parquet")
+    assert run(from_mmeb_train.main, ["--input", str(two.parent), "--output", out]) == 2
+    assert "no 'original' split among ['diverse_instruction', 'train']" in capsys.readouterr().err
     # paper caps on the subsets present: all rows kept, the shortfall reported
     assert from_mmeb_train.main(["--input", str(mmeb_root), "--output", out, "--paper-caps",
                                  "--subsets", "ImageNet_1K,MSCOCO_t2i"]) == 0
