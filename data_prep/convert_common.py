@@ -288,7 +288,8 @@ def finish(args: argparse.Namespace, log: ConversionLog, writer: ManifestWriter,
 
     out_dir = args.shard or "SHARD_DIR"
     cmd = shard_command(manifest, out_dir, kind, args.shard_args)
-    shown = ["python", os.path.relpath(SHARD_SCRIPT)] + cmd[2:]
+    rel = os.path.relpath(SHARD_SCRIPT)
+    shown = ["python", str(SHARD_SCRIPT) if rel.startswith("..") else rel] + cmd[2:]
     if not args.shard:
         print("\nnext, write the shards:\n  " + shlex.join(shown))
         return 0
