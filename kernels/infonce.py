@@ -1,0 +1,233 @@
+"""InfoNCE from log-sum-exp statistics: the maths every tiled backend shares.
+
+Notation (all backends):  S = s · Q Kᵀ,  Q [n, D] queries,  K [m, D] keys (m ≥ n),
+s = logit_scale,  p_i = positive_index[i].
+
+    row_lse_i  = log Σ_j exp S_ij             (over the m keys)
+    col_lse_j  = log Σ_i exp S_ij             (over the n queries; symmetric only)
+    pos_i      = S_{i, p_i}
+    q→k loss_i = row_lse_i − pos_i
+    k→q loss_i = col_lse_{p_i} − pos_i        (column p_i against all queries, target i)
+
+A tiled backend only provides two primitives over the *softmax* part (positives are
+O(n·D) and computed here with plain torch ops, so autograd handles them):
+
+    stats(Q, K, s, col)  -> row_lse [n] f32, col_lse [m] f32 | None
+    softmax_grads(Q, K, s, row_lse, row_coef, col_lse, col_coef) -> dQ f32, dK f32, ds f32
+        with  G_ij = row_coef_i · exp(S_ij − row_lse_i) + col_coef_j · exp(S_ij − col_lse_j)
+              dQ = s · G K,   dK = s · Gᵀ Q,   ds = Σ_ij G_ij (q_i · k_j)
+
+which is exactly the vector–Jacobian product of (row_lse, col_lse) w.r.t. (Q, K, s) for
+upstream gradients (row_coef, col_coef).  Backends recompute tiles of S instead of storing
+them, so nothing of size n×m is ever kept.  :class:`LSEStats` wraps the primitives in one
+autograd Function; :func:`infonce_forward` composes the loss from it; and
+:func:`infonce_loss_and_grads` does the same maths without autograd for the embedding cache.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Optional
+
+import torch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ------------------------------------------------------------------------------ validation
+def check_inputs(query, key, logit_scale, positive_index, reduction) -> torch.Tensor:
+    """Validate the public arguments; return positive_index as an int64 tensor on query's device."""
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):
+        raise TypeError("fused_infonce: query and key must be torch.Tensors")
+    if query.dim() != 2 or key.dim() != 2:
+        raise ValueError(f"fused_infonce: query must be [n, D] and key [m, D]; got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}")
+    n, d = query.shape
+    m, dk = key.shape
+    if d != dk:
+        raise ValueError(f"fused_infonce: query and key must share the embedding size D; got {d} and {dk}")
+    if query.dtype != key.dtype:
+        raise ValueError(f"fused_infonce: query and key must have the same dtype; got {query.dtype} and {key.dtype}")
+    if query.dtype not in _DTYPES:
+        raise ValueError(f"fused_infonce: dtype {query.dtype} unsupported; use float32, float16 or bfloat16")
+    if query.device != key.device:
+        raise ValueError(f"fused_infonce: query on {query.device} but key on {key.device}")
+    if n == 0 or d == 0:
+        raise ValueError(f"fused_infonce: empty input (n={n}, D={d})")
+    if m < n:
+        raise ValueError(f"fused_infonce: need at least as many keys as queries (m >= n); got n={n}, m={m}")
+    if not isinstance(logit_scale, torch.Tensor) or logit_scale.dim() != 0:
+        raise ValueError("fused_infonce: logit_scale must be a 0-dim tensor (1/temperature), e.g. torch.tensor(33.3)")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fused_infonce: reduction={reduction!r}; use one of {_REDUCTIONS}")
+    if positive_index is None:
+        return torch.arange(n, device=query.device)
+    if not isinstance(positive_index, torch.Tensor) or positive_index.shape != (n,):
+        raise ValueError(f"fused_infonce: positive_index must be an int64 tensor of shape [{n}]")
+    if positive_index.dtype != torch.int64:
+        raise ValueError(f"fused_infonce: positive_index must be int64; got {positive_index.dtype}")
+    positive_index = positive_index.to(query.device)
+    lo, hi = int(positive_index.min()), int(positive_index.max())
+    if lo < 0 or hi >= m:
+        raise ValueError(f"fused_infonce: positive_index values must lie in [0, {m}); got range [{lo}, {hi}]")
+    return positive_index
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for every input dtype, fp64 stays fp64 (test references)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------ row-kernel backends
+class RowKernelOps(abc.ABC):
+    """The two primitives from two GPU kernels that each own a block of rows of A and stream B:
+
+    ``row_lse(A, B, s)``: lse_i = log Σ_j exp(s · a_i·b_j)                      → [r] fp32
+    ``launch_grad(...)``: dA += out_scale · G B  with G from the statistics       (fp32 buffer)
+
+    Each is called twice, the second time with Q and K swapped (column statistics are row
+    statistics of S ᵀ; dK is "dQ" of the transposed problem).  Subclasses (Triton, CUDA)
+    implement ``row_lse`` and ``launch_grad``; the bookkeeping is here.
+    """
+
+    name = "rowkernel"
+
+    @abc.abstractmethod
+    def row_lse(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """a [r, D], b [c, D] contiguous, same dtype → [r] fp32 row log-sum-exp of scale · a bᵀ."""
+
+    @abc.abstractmethod
+    def launch_grad(self, a, b, da, ds, scale, out_scale, rlse, rcoef, clse, ccoef, want_ds) -> None:
+        """da [r, D] fp32 += out_scale · G b; ds [r] fp32 = Σ_j G_ij a_i·b_j if want_ds.  The
+        statistics/coefficients are contiguous fp32 vectors, or None for an absent term."""
+
+    def grad_rows(self, a, b, scale, rlse, rcoef, clse, ccoef, want_ds: bool):
+        """dA = scale · G b (fp32 [r, D]) and Σ_ij G_ij a_i·b_j (fp32 0-dim; 0 unless want_ds), with
+        G_ij = rcoef_i exp(S_ij − rlse_i) + ccoef_j exp(S_ij − clse_j); either pair may be None.
+
+        The coefficients are O(1/n): they are divided by their largest magnitude before the
+        kernels (so G is O(1) when it is rounded to fp16/bf16 for the tensor-core product) and
+        the norm is folded back into the output scale."""
+        a, b = a.contiguous(), b.contiguous()
+        r, d = a.shape
+        coefs = [x for x in (rcoef, ccoef) if x is not None]
+        norm = max(float(x.abs().max()) for x in coefs) if coefs else 0.0
+        da = torch.zeros(r, d, dtype=torch.float32, device=a.device)
+        ds = torch.zeros(r if want_ds else 1, dtype=torch.float32, device=a.device)
+        if norm == 0.0 or r == 0 or b.shape[0] == 0:
+            return da, ds.sum()
+        f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()  # noqa: E731
+        self.launch_grad(a, b, da, ds, float(scale), float(scale) * norm, f32(rlse),
+                         None if rcoef is None else f32(rcoef / norm), f32(clse),
+                         None if ccoef is None else f32(ccoef / norm), want_ds)
+        return da, ds.sum() * norm
+
+    def stats(self, query, key, scale: float, col: bool):
+        row = self.row_lse(query.contiguous(), key.contiguous(), scale)
+        return row, (self.row_lse(key.contiguous(), query.contiguous(), scale) if col else None)
+
+    def softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse=None, col_coef=None):
+        dq, ds = self.grad_rows(query, key, scale, row_lse, row_coef, col_lse, col_coef, want_ds=True)
+        dk, _ = self.grad_rows(key, query, scale, col_lse, col_coef, row_lse, row_coef, want_ds=False)
+        return dq, dk, ds
+
+
+# ------------------------------------------------------------------------------ autograd
+class LSEStats(torch.autograd.Function):
+    """(row_lse [n], col_lse [m]) = LSE statistics of S = s·Q Kᵀ, differentiable w.r.t. Q, K, s.
+
+    Saves only Q, K, s and the two statistic vectors; backward recomputes the tiles.
+    With ``col=False`` col_lse is an empty tensor and receives no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, logit_scale, ops, col: bool):
+        scale = float(logit_scale)
+        row_lse, col_lse = ops.stats(query, key, scale, col)
+        if col_lse is None:
+            col_lse = row_lse.new_empty(0)
+        ctx.save_for_backward(query, key, row_lse, col_lse)
+        ctx.ops, ctx.col, ctx.scale = ops, col, scale
+        ctx.scale_dtype = logit_scale.dtype
+        if not col:
+            ctx.mark_non_differentiable(col_lse)
+        return row_lse, col_lse
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        query, key, row_lse, col_lse = ctx.saved_tensors
+        if g_row is None:
+            g_row = torch.zeros_like(row_lse)
+        has_col = ctx.col and g_col is not None
+        dq, dk, ds = ctx.ops.softmax_grads(
+            query, key, ctx.scale, row_lse, g_row.contiguous().to(row_lse.dtype),
+            col_lse if has_col else None, g_col.contiguous().to(row_lse.dtype) if has_col else None)
+        return dq.to(query.dtype), dk.to(key.dtype), ds.to(ctx.scale_dtype), None, None
+
+
+def positive_logits(query, key, logit_scale, positive_index) -> torch.Tensor:
+    """pos_i = s · q_i · k_{p_i} in the accumulation dtype, [n]; O(n·D), differentiable."""
+    acc = acc_dtype(query.dtype)
+    kp = key.index_select(0, positive_index)
+    return logit_scale.to(acc) * (query.to(acc) * kp.to(acc)).sum(-1)
+
+
+def combine(row_loss, col_loss, reduction):
+    """Per-query losses → requested reduction.  Symmetric: the per-query loss is the mean of
+    the q→k and k→q terms, so ``mean`` of the ``none`` output is the ``mean`` loss."""
+    per_query = row_loss if col_loss is None else 0.5 * (row_loss + col_loss)
+    if reduction == "mean":
+        return per_query.mean()
+    if reduction == "sum":
+        return per_query.sum()
+    return per_query
+
+
+def infonce_forward(query, key, logit_scale, positive_index, symmetric, reduction, ops) -> torch.Tensor:
+    """The autograd path of ``fused_infonce`` for a tiled backend (``ops``)."""
+    row_lse, col_lse = LSEStats.apply(query, key, logit_scale, ops, symmetric)
+    pos = positive_logits(query, key, logit_scale, positive_index)
+    row_loss = row_lse.to(pos.dtype) - pos
+    col_loss = col_lse.to(pos.dtype).index_select(0, positive_index) - pos if symmetric else None
+    out = combine(row_loss, col_loss, reduction)
+    return out.to(query.dtype) if reduction == "none" else out.to(acc_dtype(query.dtype))
+
+
+# ------------------------------------------------------------------------------ no autograd
+@torch.no_grad()
+def infonce_loss_and_grads(query, key, logit_scale, positive_index, symmetric, ops,
+                           grad_scale: Optional[float] = None):
+    """Mean loss and its gradients in one call, without building an autograd graph.
+
+    Returns (loss 0-dim f32, d_query [n, D] in query.dtype, d_key [m, D] in key.dtype,
+    d_logit_scale 0-dim in logit_scale.dtype).  ``grad_scale`` multiplies the gradients
+    (not the loss); default 1.  This is the GradCache path: embeddings are computed without
+    a graph, the loss gradient w.r.t. the embeddings comes from here, and the encoder is
+    re-run chunk by chunk with ``emb.backward(d_emb)``.
+    """
+    n = query.shape[0]
+    scale = float(logit_scale)
+    row_lse, col_lse = ops.stats(query, key, scale, symmetric)
+    acc = row_lse.dtype
+    kp = key.index_select(0, positive_index).to(acc)
+    qa = query.to(acc)
+    dots = (qa * kp).sum(-1)                     # q_i · k_{p_i}
+    pos = scale * dots
+    row_loss = row_lse - pos
+    col_loss = col_lse.index_select(0, positive_index) - pos if symmetric else None
+    loss = combine(row_loss, col_loss, "mean")
+
+    g = (1.0 if grad_scale is None else float(grad_scale)) / n
+    alpha = 0.5 if symmetric else 1.0
+    row_coef = torch.full((n,), alpha * g, dtype=acc, device=query.device)
+    col_coef = None
+    if symmetric:
+        col_coef = torch.zeros(key.shape[0], dtype=acc, device=query.device)
+        col_coef.index_add_(0, positive_index, torch.full_like(row_coef, alpha * g))
+    dq, dk, ds = ops.softmax_grads(query, key, scale, row_lse, row_coef, col_lse if symmetric else None, col_coef)
+    # positive term: d(−pos_i) with weight t_i = (row + column coefficient of query i)
+    t = g * (2 * alpha if symmetric else 1.0)
+    dq.add_(kp, alpha=-scale * t)
+    dk.index_add_(0, positive_index, qa, alpha=-scale * t)
+    ds = ds - t * dots.sum()
+    return loss, dq.to(query.dtype), dk.to(key.dtype), ds.to(logit_scale.dtype)

@@ -1,0 +1,190 @@
+"""Every tiled InfoNCE backend against an fp64 materialised reference on the same inputs:
+loss and the gradients w.r.t. query, key and logit_scale.  Triton runs under
+TRITON_INTERPRET=1 (set in conftest.py), so sizes stay ≤ 512."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+
+# (dtype, rtol on the loss (relative to |loss| + 1), rtol on gradients (relative to the largest reference value))
+TOLS = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 4e-2)}
+
+
+def make(n, m, d, dtype, scale, seed=0, normalise=True, edge=0.3):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(m, d, generator=g, dtype=torch.float64)
+    if normalise:  # embeddings are L2-normalised in training: cos in [-1, 1]
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+        k[: min(n, m)] += edge * q[: min(n, m)]  # give the positives an edge
+    return q.to(dtype), k.to(dtype), torch.tensor(float(scale))
+
+
+def run(backend, q, k, s, **kw):
+    q = q.detach().clone().requires_grad_()
+    k = k.detach().clone().requires_grad_()
+    s = s.detach().clone().requires_grad_()
+    loss = kernels.fused_infonce(q, k, s, backend=backend, **kw)
+    gq, gk, gs = torch.autograd.grad(loss, (q, k, s))
+    return [loss.detach(), gq, gk, gs]
+
+
+def reference(q, k, s, **kw):
+    # fp64 on exactly the (rounded) inputs the backend sees
+    return run("reference", q.double(), k.double(), s.double(), **kw)
+
+
+def assert_close(got, want, dtype, what=""):
+    lt, gt = TOLS[dtype]
+    names = ["loss", "d_query", "d_key", "d_logit_scale"]
+    for name, a, b, tol in zip(names, got, want, [lt, gt, gt, gt]):
+        a = a.double()
+        assert torch.isfinite(a).all(), f"{what} {name}: non-finite values"
+        err = (a - b).abs().max().item()
+        ref = b.abs().max().item() + (1.0 if name == "loss" else 1e-12)  # a loss near 0 still carries lse-sized error
+        assert err <= tol * ref, f"{what} {name}: max err {err:.3e} > {tol:.0e} x {ref:.3e}"
+
+
+CASES = [
+    # n, m, D, scale, symmetric, custom positives
+    (37, 37, 19, 1.0, False, False),
+    (50, 77, 8, 33.3, True, False),       # hard negatives, D=8
+    (96, 130, 72, 100.0, False, True),    # custom positive_index (with repeats)
+    (130, 200, 40, 20.0, True, True),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}m{}d{}s{}{}{}".format(
+    c[0], c[1], c[2], int(c[3]), "sym" if c[4] else "", "pidx" if c[5] else ""))
+def test_backend_matches_fp64_reference(backend, dtype, case):
+    n, m, d, scale, sym, custom = case
+    q, k, s = make(n, m, d, dtype, scale, seed=n + m)
+    kw = {"symmetric": sym}
+    if custom:
+        kw["positive_index"] = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(1))
+    got = run(backend, q, k, s, **kw)
+    assert got[1].dtype == dtype and got[2].dtype == dtype, "gradients must come back in the input dtype"
+    assert_close(got, reference(q, k, s, **kw), dtype, f"{backend}/{dtype}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_large_and_odd_embedding_sizes(backend):
+    for d in (8192, 1000):
+        q, k, s = make(20, 33, d, torch.float32, 50.0, seed=d, edge=0.05)
+        assert_close(run(backend, q, k, s, symmetric=True), reference(q, k, s, symmetric=True),
+                     torch.float32, f"D={d}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_no_nan_or_inf_at_extreme_scale_and_identical_rows(backend, dtype):
+    # random unnormalised inputs (cos ~ 0 but |logit| up to ~100·|q||k|), and all-identical rows
+    q, k, s = make(64, 90, 48, dtype, 100.0, normalise=False)
+    ref = reference(q, k, s, symmetric=True)
+    got = run(backend, q, k, s, symmetric=True)
+    for t in got:
+        assert torch.isfinite(t).all()
+    assert_close(got, ref, dtype, "unnormalised s=100")
+    same = torch.ones(40, 16, dtype=dtype)
+    got = run(backend, same, same, s, symmetric=True)
+    ref = reference(same, same, s, symmetric=True)
+    for t in got:
+        assert torch.isfinite(t).all()
+    # uniform softmax: loss = log n and the exact gradients are 0; logits are 1600 here, so fp32
+    # lse carries ~1e-4 absolute error (one ulp of 1600) and the gradients inherit it
+    assert abs(got[0].item() - ref[0].item()) < 1e-3
+    for t in got[1:]:
+        assert t.abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reductions(backend):
+    q, k, s = make(45, 60, 24, torch.float32, 10.0)
+    for sym in (False, True):
+        none = kernels.fused_infonce(q, k, s, symmetric=sym, reduction="none", backend=backend)
+        ref = kernels.fused_infonce(q.double(), k.double(), s.double(), symmetric=sym, reduction="none",
+                                    backend="reference")
+        assert none.shape == (45,)
+        torch.testing.assert_close(none.double(), ref, rtol=1e-5, atol=1e-5)
+        total = kernels.fused_infonce(q, k, s, symmetric=sym, reduction="sum", backend=backend)
+        mean = kernels.fused_infonce(q, k, s, symmetric=sym, backend=backend)
+        torch.testing.assert_close(total, none.sum(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mean, none.mean(), rtol=1e-5, atol=1e-5)
+    # reduction="none" is differentiable per query
+    qq = q.clone().requires_grad_()
+    w = torch.rand(45)
+    (kernels.fused_infonce(qq, k, s, reduction="none", backend=backend) * w).sum().backward()
+    qr = q.double().requires_grad_()
+    (kernels.fused_infonce(qr, k.double(), s.double(), reduction="none", backend="reference") * w.double()).sum().backward()
+    torch.testing.assert_close(qq.grad.double(), qr.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("sym", [False, True])
+def test_loss_and_grads_without_autograd(backend, sym):
+    q, k, s = make(70, 100, 32, torch.float32, 33.3)
+    pidx = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:70]
+    loss, dq, dk, ds = kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym, backend=backend)
+    assert not loss.requires_grad and not dq.requires_grad
+    assert_close([loss, dq, dk, ds], reference(q, k, s, positive_index=pidx, symmetric=sym), torch.float32, "no-autograd")
+    # grad_scale multiplies the gradients only
+    loss2, dq2, _, ds2 = kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym,
+                                                        backend=backend, grad_scale=4.0)
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(dq2, 4 * dq, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ds2, 4 * ds, rtol=1e-5, atol=1e-7)
+
+
+def test_torch_backend_chunking_is_invisible():
+    from kernels.infonce import infonce_loss_and_grads
+    from kernels.infonce_torch import TorchOps
+    q, k, s = make(100, 150, 16, torch.float64, 25.0)
+    pidx = torch.arange(100)
+    whole = infonce_loss_and_grads(q, k, s, pidx, True, TorchOps(chunk=1000))
+    for chunk in (1, 7, 64):
+        part = infonce_loss_and_grads(q, k, s, pidx, True, TorchOps(chunk=chunk))
+        for a, b in zip(part, whole):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, s = make(8, 8, 4, torch.float32, 10.0)
+    with pytest.raises(ValueError, match="m >= n"):
+        kernels.fused_infonce(q, k[:4], s)
+    with pytest.raises(ValueError, match="embedding size D"):
+        kernels.fused_infonce(q, k[:, :3], s)
+    with pytest.raises(ValueError, match="same dtype"):
+        kernels.fused_infonce(q, k.half(), s)
+    with pytest.raises(ValueError, match="0-dim"):
+        kernels.fused_infonce(q, k, torch.tensor([10.0]))
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        kernels.fused_infonce(q, k, s, positive_index=torch.full((8,), 8))
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.fused_infonce(q, k, s, reduction="avg")
+    with pytest.raises(ValueError, match="loss.backend"):
+        kernels.fused_infonce(q, k, s, backend="cudnn")
+
+
+def test_unavailable_backends_say_why(monkeypatch):
+    q, k, s = make(8, 8, 4, torch.float32, 10.0)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        kernels.fused_infonce(q, k, s, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.fused_infonce(q, k, s, backend="triton")
+    with pytest.raises(RuntimeError, match="float64"):
+        kernels.fused_infonce(q.double(), k.double(), s, backend="triton")
+
+
+def test_auto_picks_torch_on_cpu_and_import_is_lazy(repo_root):
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert kernels.resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    code = ("import sys, kernels; lazy = ('triton', 'kernels.infonce_triton', 'kernels.infonce_cuda', "
+            "'kernels.distributed'); bad = [m for m in lazy if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"importing kernels pulled in {r.stdout} {r.stderr[-500:]}"
