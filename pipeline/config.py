@@ -119,6 +119,12 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "coma"
+    peak_tflops: Optional[float] = None   # per-device peak for MFU when the device is not in pipeline/flops.py
+    # Fault injection, for the robustness tests: NaN loss on rank 0 at these steps; SIGKILL of
+    # rank fault_kill_rank in the middle of step fault_kill_step.
+    fault_nan_steps: list[int] = field(default_factory=list)
+    fault_kill_step: Optional[int] = None
+    fault_kill_rank: int = 1
 
 
 @dataclass
