@@ -1,0 +1,157 @@
+"""Collation: decoded samples (pipeline/data.py's plain dicts) → model batches.
+
+    proc = Processor.from_pretrained(cfg.model.init, cfg.model.num_compression_tokens)
+    collate = Collator(proc, cfg.model, kind="qa")            # stage 1 (mode="stage1")
+    collate = Collator(proc, cfg.model, kind="mmeb")          # stage 2 (mode="contrastive")
+    loader = DataLoader(dataset, batch_size=8, collate_fn=collate)
+
+Batches (all tensors; move with :func:`to_device`, which handles the nesting):
+
+* **encoded side** (what :meth:`Collator.encode` returns; an *embedding batch* on its own):
+  ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long, ``mm_token_type_ids`` [B, L] int32
+  (1 on image-pad tokens), and when any row has an image ``pixel_values`` [P, C·T·p·p] float32 +
+  ``image_grid_thw`` [N_img, 3] long.  Every row is ``[X][C]``.
+* **stage-1 batch**: an encoded side whose rows are ``[X][C][D]`` plus ``labels`` [B, L] long
+  (the target token id where the token is a target, -100 elsewhere; *unshifted*: the model
+  predicts ``labels[:, t]`` from position ``t-1``).
+* **contrastive batch**: ``{"query": side, "candidates": side, "num_queries": n}``; candidates
+  are the n positives (row i = query i's positive) followed by the hard negatives.
+
+Modes per kind: ``qa`` → ``stage1``; ``pair`` → ``stage1`` (caption as the single answer to
+"Describe the image.") or ``contrastive`` (image → caption); ``mmeb`` → ``contrastive``.
+Text-only sides carry no pixel tensors; the model runs the dummy-vision guard for them when
+``model.dummy_vision`` is on (pipeline/adapters.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from pipeline.prompts import DEFAULT_IMAGE_INSTRUCTION, DEFAULT_TEXT_INSTRUCTION
+from pipeline.processing import Processor
+
+IGNORE_INDEX = -100
+CAPTION_QUESTION = "Describe the image."
+_MODES = {"qa": ("stage1",), "pair": ("stage1", "contrastive"), "mmeb": ("contrastive",)}
+
+
+def to_device(batch: Any, device, dtype: Optional[torch.dtype] = None) -> Any:
+    """Move a (nested) batch to ``device``; floating tensors (pixels) optionally cast to ``dtype``."""
+    if isinstance(batch, torch.Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype, non_blocking=True)
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, dtype) for v in batch)
+    return batch
+
+
+class Collator:
+    """Callable ``collate_fn``: list of decoded samples → batch (see the module docstring)."""
+
+    def __init__(self, processor: Processor, model_cfg, kind: str = "qa", mode: Optional[str] = None,
+                 padding_side: str = "right", max_negatives: Optional[int] = None):
+        if kind not in _MODES:
+            raise ValueError(f"data.kind={kind!r}: the collator handles {sorted(_MODES)}")
+        mode = mode or _MODES[kind][0]
+        if mode not in _MODES[kind]:
+            raise ValueError(f"collator mode {mode!r} does not apply to kind {kind!r}; choose from {_MODES[kind]}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if processor.num_compression_tokens != model_cfg.num_compression_tokens:
+            raise ValueError(f"processor has K={processor.num_compression_tokens} compression tokens but "
+                             f"model.num_compression_tokens={model_cfg.num_compression_tokens}")
+        self.proc, self.cfg, self.kind, self.mode = processor, model_cfg, kind, mode
+        self.padding_side = padding_side
+        self.max_negatives = max_negatives
+
+    # ------------------------------------------------------------------------------- public
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        for s in samples:
+            if s.get("kind", self.kind) != self.kind:
+                raise ValueError(f"sample {s.get('__key__')!r} has kind {s.get('kind')!r} but the collator "
+                                 f"was built for {self.kind!r} (data.kind)")
+        if self.mode == "stage1":
+            if self.kind == "qa":
+                rows = [(s.get("text"), s["image"], s["conversations"], s.get("__key__")) for s in samples]
+            else:
+                rows = [(None, s["image"], [{"question": CAPTION_QUESTION, "answer": s["text"]}], s.get("__key__"))
+                        for s in samples]
+            return self.stage1(rows)
+        if self.kind == "pair":
+            queries = [{"text": None, "image": s["image"]} for s in samples]
+            cands = [{"text": s["text"], "image": None} for s in samples]
+        else:
+            queries = [s["query"] for s in samples]
+            cands = [s["positive"] for s in samples]
+            negs = [n for s in samples for n in s.get("negatives", [])[: self.max_negatives]]
+            cands = cands + negs
+        return {"query": self.encode(queries), "candidates": self.encode(cands), "num_queries": len(samples)}
+
+    def encode(self, items: Iterable[dict], instruction: Optional[str] = None) -> dict:
+        """Items ``{"text": str|None, "image": PIL|None}`` → an embedding batch of ``[X][C]`` rows.
+
+        ``instruction`` (else ``model.instruction``) goes before C; an item with no text of its
+        own gets the default "Summarize the above image/sentence in a few words."."""
+        seqs = []
+        instruction = instruction if instruction is not None else self.cfg.instruction
+        items = list(items)
+        pil = [it.get("image") for it in items if it.get("image") is not None]
+        pv, grid, ntok = self.proc.images(pil) if pil else (None, None, [])
+        it_tok = iter(ntok)
+        for i, it in enumerate(items):
+            text, img = it.get("text"), it.get("image")
+            if not text and img is None:
+                raise ValueError(f"item {i} has neither text nor image")
+            instr = instruction
+            if instr is None and not (text or "").replace("<image>", "").strip():
+                instr = DEFAULT_IMAGE_INSTRUCTION if img is not None else DEFAULT_TEXT_INSTRUCTION
+            n = next(it_tok) if img is not None else None
+            seqs.append(self.proc.input_ids(text, n, instr) + self.proc.compression_ids)
+        return self._pad(seqs, None, pv, grid)
+
+    def stage1(self, rows: Sequence[tuple]) -> dict:
+        """Rows ``(text, image, conversations, key)`` → a stage-1 batch ``[X][C][D]`` + labels."""
+        pv, grid, ntok = self.proc.images([r[1] for r in rows])
+        seqs, targets = [], []
+        loss_on = self.cfg.stage1_loss
+        for (text, _img, conv, key), n in zip(rows, ntok):
+            if not conv:
+                raise ValueError(f"sample {key!r}: stage 1 needs at least one question/answer turn")
+            instr = self.cfg.instruction
+            if instr is None and not (text or "").replace("<image>", "").strip():
+                instr = DEFAULT_IMAGE_INSTRUCTION
+            x = self.proc.input_ids(text, n, instr) + self.proc.compression_ids
+            try:
+                d, t = self.proc.dialogue_ids(conv, loss_on)
+            except ValueError as e:
+                raise ValueError(f"sample {key!r}: {e}") from None
+            seqs.append(x + d)
+            targets.append([False] * len(x) + t)
+        return self._pad(seqs, targets, pv, grid)
+
+    # ------------------------------------------------------------------------------ padding
+    def _pad(self, seqs, targets, pv, grid) -> dict:
+        B, L = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, L), self.proc.pad_id, dtype=torch.long)
+        am = torch.zeros(B, L, dtype=torch.long)
+        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long) if targets is not None else None
+        for b, s in enumerate(seqs):
+            off = 0 if self.padding_side == "right" else L - len(s)
+            ids[b, off:off + len(s)] = torch.tensor(s)
+            am[b, off:off + len(s)] = 1
+            if labels is not None:
+                t = torch.tensor(targets[b], dtype=torch.bool)
+                labels[b, off:off + len(s)] = torch.where(t, torch.tensor(s), IGNORE_INDEX)
+        out = {"input_ids": ids, "attention_mask": am,
+               "mm_token_type_ids": (ids == self.proc.image_token_id).to(torch.int32) * am.to(torch.int32)}
+        if pv is not None:
+            out["pixel_values"], out["image_grid_thw"] = pv, grid
+        if labels is not None:
+            out["labels"] = labels
+        return out

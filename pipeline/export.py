@@ -1,0 +1,191 @@
+"""Export a trained CoMa model and embed with it.
+
+    export_model(model, "runs/stage2/export")                  # LoRA merged, HF dir + processor + coma.json
+    export_model(model, out, state_dict=gathered)              # ZeRO-3: weights the engine gathered
+    emb = pipeline.Embedder.from_pretrained("runs/stage2/export")
+    vecs = emb.encode([{"text": "a dog"}, {"image": "cat.jpg"}, {"text": "<image> what is it?", "image": pil}])
+
+The export directory is a plain Hugging Face model directory (``from_pretrained`` of the
+backbone class loads it with no peft and no project code) plus:
+
+* the tokenizer, with the compression tokens, and ``preprocessor_config.json`` (PIL processor);
+* ``coma.json``: K, the compression token strings, pooling, instruction, logit scale, family —
+  what :class:`Embedder` needs to rebuild the exact ``[X][C]`` inputs.
+
+A stage-1 export is also a valid ``model.init`` for stage 2 (the tokens are found, not re-added).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from pipeline.collate import Collator, to_device
+from pipeline.config import LoraConfig, ModelConfig
+from pipeline.model import DTYPES, CoMaModel, load_model
+
+META_FILE = "coma.json"
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def merged_backbone(model: CoMaModel, state_dict: Optional[dict] = None) -> torch.nn.Module:
+    """A fresh CPU copy of the HF model holding ``state_dict`` (default: the model's own), with
+    any LoRA/DoRA and trainable-token deltas merged into the base weights.
+
+    ``state_dict`` keys are the CoMa model's own names (``backbone.…``, as ``model.state_dict()``
+    or DeepSpeed's consolidated ZeRO-3 state dict give them).  The skeleton is built with the
+    class constructor, not ``_from_config``, so an active ZeRO-3 context does not partition it.
+    """
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if not sd:
+        raise ValueError("state_dict has no 'backbone.*' keys: pass the CoMa model's (gathered) state dict")
+    hf = model.hf
+    cfg = copy.deepcopy(hf.config)
+    cfg.get_text_config()._attn_implementation = model.base_attn  # the saved model needs no project code
+    dtype = next(iter(sd.values())).dtype if next(iter(sd.values())).is_floating_point() else torch.float32
+    with _default_dtype(dtype if dtype.is_floating_point else torch.float32):
+        skel = type(hf)(cfg)
+    if model.is_peft:
+        from peft import get_peft_model
+
+        peft_cfg = copy.deepcopy(model.backbone.peft_config["default"])
+        wrapped = get_peft_model(skel, peft_cfg)
+        missing, unexpected = wrapped.load_state_dict(sd, strict=False)
+        _check_load(missing, unexpected)
+        skel = wrapped.merge_and_unload()
+    else:
+        missing, unexpected = skel.load_state_dict(sd, strict=False)
+        _check_load(missing, unexpected)
+    return skel.eval()
+
+
+def _check_load(missing, unexpected) -> None:
+    # tied lm_head may legitimately be absent; anything else means a wrong state dict
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the model: missing {missing[:5]}…, "
+                         f"unexpected {list(unexpected)[:5]}… (was it gathered from this model?)")
+
+
+def export_model(model: CoMaModel, out_dir: str | os.PathLike, state_dict: Optional[dict] = None,
+                 dtype: Optional[str] = None) -> Path:
+    """Write the merged model, tokenizer, image processor and ``coma.json`` to ``out_dir``.
+
+    Built in a temporary sibling directory and renamed into place at the end, so an
+    interrupted export never leaves a directory that looks complete.  ``dtype`` ("bfloat16",
+    "float32", …) casts the saved weights; default: as trained.  Call it on one rank.
+    """
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hf = merged_backbone(model, state_dict)
+    if dtype is not None:
+        hf = hf.to(DTYPES[dtype])
+    scale = state_dict.get("log_logit_scale") if state_dict is not None else None
+    scale = float((scale if scale is not None else model.log_logit_scale).detach().float().exp())
+    meta = {
+        "format": FORMAT_VERSION,
+        "family": model.adapter.name,
+        "num_compression_tokens": model.processor.num_compression_tokens,
+        "compression_tokens": model.processor.tokenizer.convert_ids_to_tokens(model.processor.compression_ids),
+        "pooling": model.cfg.pooling,
+        "instruction": model.cfg.instruction,
+        "logit_scale": scale,
+        "dtype": str(next(hf.parameters()).dtype).replace("torch.", ""),
+        "source": model.cfg.init,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf.save_pretrained(tmp)
+        model.processor.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    f = Path(path) / META_FILE
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found: {path} is not an exported CoMa model "
+                                "(export one with launch/export.py or pipeline.export.export_model)")
+    meta = json.loads(f.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{f}: format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
+    return meta
+
+
+class Embedder:
+    """Inference API over an exported model: ``encode(items) -> float32 [N, D]``, L2-normalised."""
+
+    def __init__(self, model: CoMaModel, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.collator = Collator(model.processor, model.cfg, kind="mmeb")
+        self.logit_scale = float(model.logit_scale())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> "Embedder":
+        meta = read_meta(path)
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        name = {v: k for k, v in DTYPES.items()}[dtype]
+        cfg = ModelConfig(init=str(path), family=meta["family"], num_compression_tokens=meta["num_compression_tokens"],
+                          pooling=meta["pooling"], instruction=meta["instruction"], dtype=name,
+                          gradient_checkpointing=False, dummy_vision=False, lora=LoraConfig(enabled=False))
+        model = load_model(cfg, for_training=False, temperature=1.0 / meta["logit_scale"])
+        if model.processor.added_tokens:
+            raise ValueError(f"{path}: the tokenizer lacks the compression tokens listed in {META_FILE}")
+        return cls(model.to(device), device, dtype)
+
+    @staticmethod
+    def _load_image(img):
+        if img is None:
+            return None
+        if isinstance(img, (str, os.PathLike)):
+            from PIL import Image
+
+            with Image.open(img) as im:
+                return im.convert("RGB")
+        return img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[dict] | Iterable[dict], batch_size: int = 32,
+               instruction: Optional[str] = None) -> torch.Tensor:
+        """items: dicts with ``"text"`` (may hold the ``<image>`` marker), ``"image"`` (PIL image or
+        path) or both → float32 [N, D] on CPU, L2-normalised."""
+        items = list(items)
+        outs = []
+        for i in range(0, len(items), batch_size):
+            chunk = [{"text": it.get("text"), "image": self._load_image(it.get("image"))}
+                     for it in items[i:i + batch_size]]
+            batch = to_device(self.collator.encode(chunk, instruction=instruction), self.device, self.dtype)
+            outs.append(self.model.embed(**batch).float().cpu())
+        if not outs:
+            return torch.zeros(0, self.model.hf.config.get_text_config().hidden_size)
+        return torch.cat(outs)

@@ -1,0 +1,287 @@
+"""The CoMa model: a Hugging Face VLM with K compression tokens, the compression attention mask,
+C-pooling and both training objectives.
+
+Stable API (the engine, export and evaluation code against it)
+--------------------------------------------------------------
+``load_model(model_cfg, *, for_training=True, temperature=0.03, learnable_scale=False) -> CoMaModel``
+    ``from_pretrained(model_cfg.init)`` (a local dir or hub id; under ZeRO-3 the caller creates
+    ``HfDeepSpeedConfig`` first so the weights are partitioned at construction), adds the K
+    compression tokens ``<|cmp_0|>..`` to the tokenizer and resizes the embeddings, sets the
+    attention implementation (``flash_attention_2`` when importable, else ``sdpa``; wrapped by
+    pipeline/masks.py), LoRA/DoRA through ``peft`` with the new tokens' embedding rows trainable
+    (``model_cfg.lora.enabled``) or full fine-tuning, frozen vision tower, gradient
+    checkpointing.  ``model.processor`` is the matching :class:`pipeline.processing.Processor`.
+
+``CoMaModel.forward(**batch)`` dispatches on what :class:`pipeline.collate.Collator` produced:
+
+* stage-1 batch (has ``labels``)  → :class:`Stage1Output` with ``.loss`` (0-dim fp32), ``.num_targets``
+  and ``.num_tokens`` (0-dim long tensors);
+* embedding batch                 → ``[B, D]`` float32, L2-normalised;
+* contrastive batch (``query`` / ``candidates``) → ``(q [n, D], k [m, D], logit_scale 0-dim)``, all
+  fp32; k = the n positives then the hard negatives.  The logit scale is a parameter used inside
+  forward (ZeRO-3 gathers parameters only there); the engine calls
+  ``kernels.gathered_infonce(q, k, logit_scale)``.
+
+Sequence layout: ``[X][C]`` for embeddings, ``[X][C][Q1 A1 … Qt At]`` for stage 1 (ChatML of the
+backbone; an optional instruction ends X).  ``model_cfg.mask_impl`` picks the stage-1 attention:
+``reference`` (explicit 4-D mask) or ``efficient`` (split attention, no L×L mask; flash-attention
+capable) — pipeline/masks.py explains both; they agree to fp32 rounding.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.adapters import FamilyAdapter
+from pipeline.masks import LAYOUT_KWARG, build_layout, reference_mask, register_attention
+from pipeline.processing import Processor
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LM_TARGET_REGEX = r".*language_model.*\.({})$"
+
+
+@dataclass
+class Stage1Output:
+    loss: torch.Tensor          # 0-dim fp32: mean CE over target tokens of the micro-batch
+    num_targets: torch.Tensor   # 0-dim long: target tokens (for token-weighted averaging)
+    num_tokens: torch.Tensor    # 0-dim long: real (non-pad) tokens processed
+
+    def __getitem__(self, key):  # dict-style access for callers that prefer out["loss"]
+        return getattr(self, key)
+
+
+class CoMaModel(nn.Module):
+    """Wraps the (possibly peft-wrapped) HF VLM ``backbone``.  Build it with :func:`load_model`."""
+
+    def __init__(self, backbone: nn.Module, adapter: FamilyAdapter, model_cfg, processor: Processor,
+                 base_attn: str, temperature: float = 0.03, learnable_scale: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.adapter = adapter
+        self.cfg = model_cfg
+        self.processor = processor
+        self.base_attn = base_attn
+        self.register_buffer("compression_ids", torch.tensor(processor.compression_ids, dtype=torch.long),
+                             persistent=False)
+        # log(1/τ), fp32; trainable only when the loss config asks for a learnable scale.
+        self.log_logit_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(temperature)))),
+                                            requires_grad=learnable_scale)
+
+    # ------------------------------------------------------------------------------ plumbing
+    @property
+    def hf(self) -> nn.Module:
+        """The Hugging Face model (inside the peft wrapper when LoRA is on)."""
+        b = self.backbone
+        return b.get_base_model() if hasattr(b, "get_base_model") else b
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.backbone, "peft_config")
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.float().exp().clamp(max=100.0)
+
+    def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None, **_) -> torch.Tensor:
+        """inputs_embeds [B, L, D]: token embeddings (new C rows included) + image features."""
+        return self.adapter.embed(self.hf, input_ids, pixel_values, image_grid_thw,
+                                  dummy_vision=self.cfg.dummy_vision)
+
+    def _positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
+        return self.adapter.position_ids(self.hf, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+
+    def _decode(self, inputs_embeds, position_ids, attention_mask, **kw) -> torch.Tensor:
+        lm = self.adapter.language_model(self.hf)
+        out = lm(input_ids=None, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                 attention_mask=attention_mask, use_cache=False, **kw)
+        return out.last_hidden_state
+
+    def _mask_mapping(self, mask):
+        """Hand transformers an already-built mask per layer type (skips its own mask building)."""
+        types = getattr(self.adapter.language_model(self.hf).config, "layer_types", None) or ["full_attention"]
+        return {t: mask for t in set(types)}
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, **batch):
+        if "query" in batch:
+            q = self.embed(**batch["query"])
+            k = self.embed(**batch["candidates"])
+            return q, k, self.logit_scale()
+        if "labels" in batch:
+            return self.stage1(**batch)
+        return self.embed(**batch)
+
+    def stage1(self, input_ids, attention_mask, labels, mm_token_type_ids=None, pixel_values=None,
+               image_grid_thw=None, inputs_embeds=None, mask_impl: Optional[str] = None, **_) -> Stage1Output:
+        """Next-token CE on the target tokens of ``[X][C][D]`` under the compression mask.
+
+        input_ids/attention_mask/labels: [B, L] long (labels unshifted, -100 = ignore);
+        ``inputs_embeds`` [B, L, D] overrides :meth:`embed_inputs` (probing gradients in tests)."""
+        mask_impl = mask_impl or self.cfg.mask_impl
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        pos = self._positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+        if mask_impl == "reference":
+            m = reference_mask(input_ids, attention_mask, self.compression_ids, dtype=inputs_embeds.dtype)
+            hidden = self._decode(inputs_embeds, pos, self._mask_mapping(m))
+        elif mask_impl == "efficient":
+            layout = build_layout(input_ids, attention_mask, self.compression_ids)
+            hidden = self._decode(inputs_embeds, pos, self._mask_mapping(None), **{LAYOUT_KWARG: layout})
+        elif mask_impl == "causal":  # no compression mask at all: the benchmark's lower bound
+            hidden = self._decode(inputs_embeds, pos, attention_mask)
+        else:
+            raise ValueError(f"model.mask_impl={mask_impl!r}: use 'efficient' or 'reference'")
+        # Only target positions go through the LM head: logits for a 150K vocabulary over the
+        # whole image span would dominate activation memory.
+        tgt = labels[:, 1:]
+        sel = tgt != -100
+        h = hidden[:, :-1][sel]
+        n = sel.sum()
+        if h.shape[0] == 0:
+            loss = hidden.sum() * 0.0
+        else:
+            logits = self.adapter.lm_head(self.hf)(h).float()
+            loss = F.cross_entropy(logits, tgt[sel])
+        return Stage1Output(loss=loss, num_targets=n, num_tokens=attention_mask.sum())
+
+    def embed(self, input_ids, attention_mask, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None,
+              inputs_embeds=None, **_) -> torch.Tensor:
+        """``[X][C]`` rows (left or right padded) → L2-normalised float32 embeddings [B, D]:
+        the mean of the final hidden states at the K compression positions (``pooling=mean``)
+        or the last real token's (``pooling=last``)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        pos = self._positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+        hidden = self._decode(inputs_embeds, pos, attention_mask).float()
+        am = attention_mask.bool()
+        if self.cfg.pooling == "mean":
+            cmask = torch.isin(input_ids, self.compression_ids) & am
+            counts = cmask.sum(1, keepdim=True)
+            if bool((counts == 0).any()):
+                raise ValueError("an embedding row has no compression tokens: build inputs with pipeline.collate")
+            pooled = (hidden * cmask.unsqueeze(-1)).sum(1) / counts
+        else:
+            idx = (torch.arange(am.shape[1], device=am.device) * am).argmax(1)  # last real token
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        return F.normalize(pooled, dim=-1)
+
+
+# ----------------------------------------------------------------------------------- loading
+def choose_attn(requested: str, mask_impl: str) -> str:
+    """``auto`` → flash_attention_2 when importable, else sdpa.  The reference mask path needs a
+    4-D mask, which flash-attention cannot take, so it falls back to sdpa."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if requested == "auto":
+        requested = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    if requested == "flash_attention_2" and mask_impl == "reference":
+        log.warning("model.mask_impl=reference needs an explicit 4-D mask; using sdpa instead of flash_attention_2")
+        requested = "sdpa"
+    return requested
+
+
+def _init_new_rows(hf, new_ids: list[int], old_rows: int) -> None:
+    """New token rows (input and output embeddings) = mean of the pre-existing rows, so C starts
+    as an 'average token' instead of noise.  Under ZeRO-3 the rows are gathered to modify them."""
+    mats = [hf.get_input_embeddings().weight]
+    out = hf.get_output_embeddings()
+    if out is not None and out.weight is not mats[0]:
+        mats.append(out.weight)
+    ctx = _gathered(mats)
+    with ctx, torch.no_grad():
+        for w in mats:
+            if w.numel() == 0:  # not the modifier rank's full copy
+                continue
+            w[new_ids] = w[:old_rows].float().mean(0).to(w.dtype)
+
+
+def _gathered(params):
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.03,
+               learnable_scale: bool = False) -> CoMaModel:
+    """Build the CoMa model from ``model_cfg`` (see the module docstring)."""
+    from transformers import AutoModelForImageTextToText
+
+    if not model_cfg.init:
+        raise ValueError("model.init is empty: set it to a Hugging Face model directory or hub id "
+                         "(e.g. --model.init=runs/tiny-qwen2vl from launch/make_tiny_model.py)")
+    proc = Processor.from_pretrained(model_cfg.init, model_cfg.num_compression_tokens, model_cfg.family,
+                                     model_cfg.min_pixels, model_cfg.max_pixels)
+    base_attn = choose_attn(model_cfg.attn_implementation, model_cfg.mask_impl)
+    hf = AutoModelForImageTextToText.from_pretrained(model_cfg.init, dtype=DTYPES[model_cfg.dtype],
+                                                     attn_implementation=base_attn)
+    old_rows = hf.get_input_embeddings().weight.shape[0] if not hasattr(
+        hf.get_input_embeddings().weight, "ds_shape") else hf.get_input_embeddings().weight.ds_shape[0]
+    vocab_needed = len(proc.tokenizer)
+    if vocab_needed > old_rows:
+        hf.resize_token_embeddings(vocab_needed, pad_to_multiple_of=64, mean_resizing=False)
+    if proc.added_tokens:
+        _init_new_rows(hf, proc.compression_ids[-proc.added_tokens:], min(old_rows, min(proc.compression_ids)))
+
+    # Our attention wrapper on the language model only (the vision tower keeps the base one).
+    lm = proc.adapter.language_model(hf)
+    lm.config._attn_implementation = register_attention(base_attn)
+
+    visual = proc.adapter.visual(hf)
+    if for_training and model_cfg.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and with kwargs-passed hidden states
+        enable = getattr(hf, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.config.use_cache = False
+
+    backbone = hf
+    lc = model_cfg.lora
+    if lc.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        peft_cfg = LoraConfig(
+            r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, use_dora=lc.use_dora, bias="none",
+            # a regex, so that same-named projections of the vision tower are never adapted
+            target_modules=LM_TARGET_REGEX.format("|".join(lc.target_modules)),
+            # the K new rows of the input embedding train; the rest of the vocabulary stays frozen
+            trainable_token_indices={"embed_tokens": list(proc.compression_ids)},
+        )
+        backbone = get_peft_model(hf, peft_cfg)
+        if not model_cfg.freeze_vision:
+            for p in visual.parameters():
+                p.requires_grad_(True)
+    else:
+        for p in hf.parameters():
+            p.requires_grad_(True)
+        if model_cfg.freeze_vision:
+            for p in visual.parameters():
+                p.requires_grad_(False)
+
+    model = CoMaModel(backbone, proc.adapter, model_cfg, proc, base_attn, temperature, learnable_scale)
+    if not for_training:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (ZeRO-3 aware: uses ``ds_numel`` when partitioned)."""
+    tr = tot = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        tot += n
+        tr += n if p.requires_grad else 0
+    return tr, tot

@@ -1,0 +1,122 @@
+"""Tokenizer + PIL image processor + compression tokens: everything that turns text and images
+into token ids for one VLM family, without torchvision.
+
+    proc = Processor.from_pretrained("runs/tiny-qwen2vl", num_compression_tokens=32)
+    ids, n_img = proc.input_ids(text="A <image> of a digit", image=pil)   # X, image span expanded
+    proc.compression_ids                                                  # C's K token ids
+
+The stock ``Qwen2VLProcessor`` imports a video processor that needs torchvision, so the
+processor here is a small composition of the checkpoint's tokenizer, the PIL-only image
+processor and the family adapter's prompt format.  ``save_pretrained`` writes the tokenizer
+(with the compression tokens) and ``preprocessor_config.json`` beside the model.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from pipeline.adapters import FamilyAdapter, adapter_for
+from pipeline.prompts import split_on_placeholder
+
+COMPRESSION_TOKEN = "<|cmp_{i}|>"
+
+
+def compression_tokens(k: int) -> list[str]:
+    return [COMPRESSION_TOKEN.format(i=i) for i in range(k)]
+
+
+class Processor:
+    """Holds ``tokenizer``, ``image_processor``, ``adapter`` and the K compression tokens."""
+
+    def __init__(self, tokenizer, image_processor, adapter: FamilyAdapter, num_compression_tokens: int,
+                 merge_size: int, image_token_id: int, vision_start_id: int, vision_end_id: int):
+        if num_compression_tokens < 1:
+            raise ValueError(f"model.num_compression_tokens must be >= 1, got {num_compression_tokens}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.adapter = adapter
+        self.merge_size = merge_size
+        self.image_token_id = image_token_id
+        self.vision_start_id = vision_start_id
+        self.vision_end_id = vision_end_id
+        self.num_compression_tokens = num_compression_tokens
+        self.added_tokens = add_compression_tokens(tokenizer, num_compression_tokens)
+        self.compression_ids = [tokenizer.convert_tokens_to_ids(t) for t in compression_tokens(num_compression_tokens)]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, num_compression_tokens: int = 32, family: str = "auto",
+                        min_pixels: Optional[int] = None, max_pixels: Optional[int] = None) -> "Processor":
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = str(path)  # a local directory or a hub id (resolved by transformers, offline from its cache)
+        config = AutoConfig.from_pretrained(path)
+        adapter = adapter_for(config.model_type, family)
+        tok = AutoTokenizer.from_pretrained(path)
+        improc = adapter.image_processor(path, min_pixels, max_pixels)
+        return cls(tok, improc, adapter, num_compression_tokens, adapter.merge_size(config),
+                   config.image_token_id, config.vision_start_token_id, config.vision_end_token_id)
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+
+    # ------------------------------------------------------------------------------- pieces
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def images(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """RGB PIL images → (pixel_values [P, C·T·p·p] float32, image_grid_thw [N, 3] long,
+        visual tokens per image)."""
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        grid = out["image_grid_thw"].long()
+        n = (grid.prod(-1) // self.merge_size ** 2).tolist()
+        return out["pixel_values"].float(), grid, n
+
+    def vision_span_ids(self, n_tokens: int) -> list[int]:
+        return [self.vision_start_id] + [self.image_token_id] * n_tokens + [self.vision_end_id]
+
+    def input_ids(self, text: Optional[str], n_image_tokens: Optional[int], instruction: Optional[str] = None
+                  ) -> list[int]:
+        """Token ids of X: a user turn holding the text with the image span where the ``<image>``
+        marker was (no marker = image first), an optional instruction, then the assistant
+        header — C follows right after (``[X][C]``).  ``n_image_tokens`` None = no image."""
+        a = self.adapter
+        has_image = n_image_tokens is not None
+        before, after = split_on_placeholder(text, has_image)
+        tail = "\n".join(p for p in (after, instruction or "") if p)
+        ids = self.text_ids(a.system_block() + a.user_open() + before)
+        if has_image:
+            ids += self.vision_span_ids(n_image_tokens)
+        ids += self.text_ids(tail + a.turn_close() + a.assistant_open())
+        return ids
+
+    def dialogue_ids(self, conversations: Sequence[dict], loss_on: str = "answer") -> tuple[list[int], list[bool]]:
+        """Token ids of D = ``Q_1 A_1 … Q_t A_t`` (ChatML turns after C) and a per-token flag "this
+        token is a target": answers (+ their end-of-turn token) for ``loss_on="answer"``,
+        every token of D for ``"all"``."""
+        a = self.adapter
+        ids = self.text_ids(a.turn_close())  # closes the assistant turn that C occupies
+        target = [loss_on == "all"] * len(ids)
+        for i, turn in enumerate(conversations):
+            q, ans = turn.get("question"), turn.get("answer")
+            if not q or ans is None:
+                raise ValueError(f"conversation turn {i} needs a non-empty 'question' and an 'answer', got {turn!r}")
+            q_ids = self.text_ids(a.user_open() + q + a.turn_close() + a.assistant_open())
+            a_ids = self.text_ids(str(ans)) + self.text_ids(a.turn_close().rstrip("\n"))
+            nl = self.text_ids("\n")
+            ids += q_ids + a_ids + nl
+            target += [loss_on == "all"] * len(q_ids) + [True] * len(a_ids) + [loss_on == "all"] * len(nl)
+        return ids, target
+
+
+def add_compression_tokens(tokenizer, k: int) -> int:
+    """Add ``<|cmp_0|>..<|cmp_{k-1}|>`` as special tokens where missing; returns how many were
+    added (0 for a checkpoint exported after a previous stage)."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in compression_tokens(k) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return len(missing)
