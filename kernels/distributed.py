@@ -1,0 +1,138 @@
+"""InfoNCE with the keys of every rank as negatives (the only torch.distributed user in kernels/).
+
+What travels, per step (M = Σ_r m_r keys, D the embedding size):
+
+forward   1. all_gather of the local batch sizes (2 ints per rank).
+          2. all_gather of ``key_local`` (padded to the largest m_r): every rank gets all M keys.
+             Queries are *not* gathered.
+          3. symmetric only: each rank computes, for every one of the M keys, the log-sum-exp of
+             its column over the *local* queries; these partial column statistics are combined
+             with an all_reduce(MAX) of the maxima and an all_reduce(SUM) of the rescaled sums
+             (2 floats per key) into the global column LSE over all N queries.
+backward  4. symmetric only: all_reduce(SUM) of d loss / d column-LSE (1 float per key), so that
+             each rank learns how much every key's column term weighs (a key's positive query
+             may live on another rank) and back-propagates it into its own queries.
+          5. all_reduce(SUM) of d loss / d gathered keys ([M, D]); each rank keeps its own rows.
+             This is gather-with-gradient: key_local receives the gradient of *every* rank's loss.
+
+Loss scaling: each rank returns  Σ_{local i} ℓ_i · W / N  (W ranks, N global queries), i.e. its
+local mean when batches are equal.  DeepSpeed averages gradients over ranks, so the averaged
+gradients are exactly those of the single-process mean loss over the concatenated global batch
+(without the W factor they would be W times too small; averaging *local* means over unequal
+batches would weight queries unequally).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import get_ops, resolve_backend
+from .infonce import LSEStats, acc_dtype, check_inputs, positive_logits
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' [m_r, D] tensors concatenated in rank order → [M, D]; backward all-reduces the
+    gradient (every rank's loss depends on every key) and returns this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, local, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        pad = max(sizes)
+        buf = local.new_zeros(pad, local.shape[1])
+        buf[: local.shape[0]] = local
+        parts = [torch.empty_like(buf) for _ in sizes]
+        dist.all_gather(parts, buf.contiguous(), group=group)   # all_gather needs equal shapes: pad
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start: start + ctx.sizes[ctx.rank]], None, None, None
+
+
+class _AllReduceLSE(torch.autograd.Function):
+    """Global column LSE from per-rank partial LSEs: log Σ_r exp(partial_r)  ([M] fp32).
+    Backward: d partial_r = all_reduce_sum(d lse) · exp(partial_r − lse)."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        gmax = partial.clone()
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+        # a rank without queries has partial = -inf everywhere: exp(-inf - finite) = 0
+        total = torch.exp(partial - gmax)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        lse = gmax + torch.log(total)
+        ctx.save_for_backward(partial, lse)
+        ctx.group = group
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        partial, lse = ctx.saved_tensors
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad * torch.exp(partial - lse), None
+
+
+def gathered_infonce(query_local: torch.Tensor, key_local: torch.Tensor, logit_scale: torch.Tensor, *,
+                     symmetric: bool = False, group: Optional[dist.ProcessGroup] = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """This rank's share of the global-batch InfoNCE loss, negatives gathered from every rank.
+
+    Args:
+        query_local: [n_r, D] this rank's queries (fp32/fp16/bf16); n_r may differ between ranks.
+        key_local: [m_r, D], m_r ≥ n_r; row i (< n_r) is the positive of query i, extra rows are
+            hard negatives.  Every rank's keys are negatives for every query.
+        logit_scale: 0-dim tensor (1/τ), replicated on all ranks; may require grad.
+        symmetric: add the k→q term: column of query i's positive against *all* N queries.
+        group: process group (default: the world).
+        backend: as for :func:`kernels.fused_infonce` ("reference" is not tiled: rejected).
+    Returns:
+        0-dim fp32: Σ_{local i} ℓ_i · W / N.  Differentiable w.r.t. query_local, key_local
+        (through the gather, see the module docstring) and logit_scale; averaging gradients
+        over ranks gives the gradients of the single-process mean loss on the global batch.
+    Every rank must call this (it runs collectives), each with n_r ≥ 1.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("gathered_infonce needs torch.distributed initialised (pipeline/dist.py); "
+                           "for one process use kernels.fused_infonce")
+    if key_local.dim() != 2 or query_local.dim() != 2 or key_local.shape[0] < query_local.shape[0]:
+        raise ValueError(f"gathered_infonce: need query_local [n_r, D] and key_local [m_r >= n_r, D]; got "
+                         f"{tuple(query_local.shape)} and {tuple(key_local.shape)}")
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    n_local, m_local = query_local.shape[0], key_local.shape[0]
+
+    sizes = torch.tensor([n_local, m_local], dtype=torch.int64, device=key_local.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    n_sizes = [int(s[0]) for s in all_sizes]
+    m_sizes = [int(s[1]) for s in all_sizes]
+    n_global = sum(n_sizes)
+    if min(n_sizes) == 0:
+        # every rank sees the same sizes, so every rank raises here: no rank is left in a collective
+        raise ValueError(f"gathered_infonce: local query counts per rank are {n_sizes}; every rank needs at "
+                         "least one query (drop the last incomplete global batch, or pad it)")
+
+    keys = _GatherRows.apply(key_local, m_sizes, rank, group)                      # [M, D]
+    offset = sum(m_sizes[:rank])
+    pidx = torch.arange(offset, offset + n_local, device=key_local.device)
+    share = float(world) / n_global
+
+    name = resolve_backend(backend, query_local.device)
+    if name == "reference":
+        raise ValueError("gathered_infonce: backend='reference' is not supported; use 'torch', 'triton' or 'cuda'")
+    acc = acc_dtype(query_local.dtype)
+    check_inputs(query_local, keys, logit_scale, pidx, "sum")
+    ops = get_ops(name, query_local.device, query_local.dtype)
+    row_lse, col_part = LSEStats.apply(query_local, keys, logit_scale, ops, symmetric)
+    pos = positive_logits(query_local, keys, logit_scale, pidx)
+    per_query = row_lse.to(acc) - pos
+    if symmetric:
+        col_lse = _AllReduceLSE.apply(col_part.to(acc), group)
+        per_query = 0.5 * (per_query + (col_lse.index_select(0, pidx) - pos))
+    return per_query.sum() * share
