@@ -16,13 +16,14 @@ A third family (e.g. LLaVA-OneVision) is a new subclass registered in :data:`ADA
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
 
 
-class FamilyAdapter:
-    """Base class; subclasses fill in the family-specific parts."""
+class FamilyAdapter(ABC):
+    """The interface every family implements (see the module docstring)."""
 
     name: str = ""
     model_types: tuple[str, ...] = ()
@@ -30,29 +31,53 @@ class FamilyAdapter:
 
     # -------------------------------------------------------------------------------- modules
     @staticmethod
+    @abstractmethod
     def language_model(hf) -> torch.nn.Module:
-        raise NotImplementedError
+        """The decoder stack taking ``inputs_embeds``/``position_ids``/``attention_mask``."""
 
     @staticmethod
     def lm_head(hf) -> torch.nn.Module:
         return hf.lm_head
 
     @staticmethod
+    @abstractmethod
     def visual(hf) -> torch.nn.Module:
-        raise NotImplementedError
+        """The vision tower (frozen by default)."""
+
+    @staticmethod
+    @abstractmethod
+    def merge_size(hf_config) -> int:
+        """Vision patches merged per side into one LM token."""
+
+    @staticmethod
+    @abstractmethod
+    def image_processor(path: str, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
+        """The family's PIL-only image processor, loaded from the checkpoint directory."""
 
     # ---------------------------------------------------------------------------- prompt parts
+    @abstractmethod
+    def system_block(self) -> str:
+        """Text before the first user turn (may be empty)."""
+
+    @abstractmethod
+    def user_open(self) -> str: ...
+
+    @abstractmethod
+    def turn_close(self) -> str: ...
+
+    @abstractmethod
+    def assistant_open(self) -> str: ...
+
+    @abstractmethod
     def vision_span(self, n_tokens: int) -> str:
-        raise NotImplementedError
+        """The text the ``<image>`` marker becomes for an image of ``n_tokens`` LM tokens."""
 
-    def user_open(self) -> str:
-        raise NotImplementedError
+    # -------------------------------------------------------------------------------- compute
+    @abstractmethod
+    def embed(self, hf, input_ids, pixel_values, image_grid_thw, dummy_vision: bool = False) -> torch.Tensor: ...
 
-    def turn_close(self) -> str:
-        raise NotImplementedError
-
-    def assistant_open(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def position_ids(self, hf, input_ids, attention_mask, mm_token_type_ids, image_grid_thw) -> torch.Tensor: ...
 
 
 class QwenVLAdapter(FamilyAdapter):

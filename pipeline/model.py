@@ -71,7 +71,9 @@ class CoMaModel(nn.Module):
         self.register_buffer("compression_ids", torch.tensor(processor.compression_ids, dtype=torch.long),
                              persistent=False)
         # log(1/τ), fp32; trainable only when the loss config asks for a learnable scale.
-        self.log_logit_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(temperature)))),
+        # Shape [1], not 0-dim: DeepSpeed ZeRO-3 cannot partition a 0-dim parameter created
+        # outside zero.Init (it views the data as bytes to broadcast it).
+        self.log_logit_scale = nn.Parameter(torch.tensor([float(-torch.log(torch.tensor(temperature)))]),
                                             requires_grad=learnable_scale)
 
     # ------------------------------------------------------------------------------ plumbing
@@ -86,7 +88,7 @@ class CoMaModel(nn.Module):
         return hasattr(self.backbone, "peft_config")
 
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.float().exp().clamp(max=100.0)
+        return self.log_logit_scale.float().exp().clamp(max=100.0).reshape(())
 
     def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None, **_) -> torch.Tensor:
         """inputs_embeds [B, L, D]: token embeddings (new C rows included) + image features."""

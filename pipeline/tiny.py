@@ -98,6 +98,9 @@ def _configs(family: str, vocab_size: int, ids: dict):
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         rms_norm_eps=1e-6, tie_word_embeddings=False,
+        # 0.1 instead of 0.02: with a frozen random LM head at 0.02 the logits cannot leave the
+        # uniform distribution, so LoRA-only training would barely move the loss.
+        initializer_range=0.1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )

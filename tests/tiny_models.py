@@ -52,3 +52,24 @@ def qa_samples():
                            {"question": "How many strokes?", "answer": "a few"},
                            {"question": "Odd or even?", "answer": "odd"}]},
     ]
+
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digits_qa_samples(n: int = 16):
+    """Real data: the first ``n`` scikit-learn handwritten digits (8×8, upscaled to 56 px) as
+    two-turn qa samples in pipeline/data.py's decoded format."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    out = []
+    for i in range(n):
+        px = (d.images[i] * (255.0 / 16.0)).astype(np.uint8)
+        img = Image.fromarray(px, mode="L").resize((56, 56), Image.NEAREST).convert("RGB")
+        y = int(d.target[i])
+        out.append({"__key__": f"digit{i:04d}", "kind": "qa", "image": img, "meta": {"label": y},
+                    "conversations": [{"question": "What digit is shown?", "answer": WORDS[y]},
+                                      {"question": "Is it even or odd?", "answer": "even" if y % 2 == 0 else "odd"}]})
+    return out

@@ -1,0 +1,115 @@
+"""Collation: sequence layout, answer-only label masking across turns and padding, the image
+where the <image> marker is, contrastive batches, bad input."""
+import pytest
+import torch
+
+from pipeline.collate import IGNORE_INDEX, Collator, to_device
+from pipeline.processing import Processor
+from tests.tiny_models import image, model_cfg, qa_samples, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return Processor.from_pretrained(tiny_model_dir("qwen2_vl"), num_compression_tokens=4)
+
+
+def _decode(proc, ids):
+    return proc.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_answer_only_labels_across_turns_and_padding(proc, padding_side):
+    cfg = model_cfg()
+    samples = qa_samples()
+    b = Collator(proc, cfg, kind="qa", padding_side=padding_side)(samples)
+    assert b["labels"].shape == b["input_ids"].shape
+    for i, s in enumerate(samples):
+        lab = b["labels"][i]
+        ids = b["input_ids"][i]
+        tgt = lab != IGNORE_INDEX
+        assert torch.equal(lab[tgt], ids[tgt])                       # unshifted copies of the inputs
+        assert not tgt[b["attention_mask"][i] == 0].any()            # never on padding
+        # the targets, decoded, are exactly the answers each followed by the end-of-turn token
+        expect = "".join(t["answer"] + "<|im_end|>" for t in s["conversations"])
+        assert _decode(proc, ids[tgt].tolist()) == expect
+        # and they all come after C
+        cpos = torch.isin(ids, torch.tensor(proc.compression_ids)).nonzero().flatten()
+        assert len(cpos) == 4 and tgt.nonzero().min() > cpos.max()
+        # one contiguous target run per turn
+        runs = int(((tgt[1:].int() - tgt[:-1].int()) == 1).sum()) + int(tgt[0])
+        assert runs == len(s["conversations"])
+
+
+def test_loss_on_every_token_after_c(proc):
+    cfg = model_cfg(stage1_loss="all")
+    b = Collator(proc, cfg, kind="qa")(qa_samples())
+    for i in range(3):
+        ids, tgt, am = b["input_ids"][i], b["labels"][i] != IGNORE_INDEX, b["attention_mask"][i].bool()
+        c_last = int(torch.isin(ids, torch.tensor(proc.compression_ids)).nonzero().max())
+        assert not tgt[: c_last + 1].any()
+        assert tgt[c_last + 1:][am[c_last + 1:]].all()
+
+
+def test_input_layout_and_image_at_marker(proc):
+    cfg = model_cfg()
+    col = Collator(proc, cfg, kind="mmeb")
+    b = col.encode([{"text": "before <image> after", "image": image(56, 56)},
+                    {"text": "only text", "image": None},
+                    {"text": None, "image": image(84, 56, 3)}])
+    texts = [_decode(proc, ids[am.bool()].tolist()) for ids, am in zip(b["input_ids"], b["attention_mask"])]
+    cmp = "".join(f"<|cmp_{i}|>" for i in range(4))
+    assert texts[0].endswith("<|im_start|>assistant\n" + cmp)
+    assert "user\nbefore<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>after" in texts[0]
+    assert "<|image_pad|>" not in texts[1] and "only text" in texts[1]
+    # no text of its own: the default instruction goes before C
+    assert "<|vision_end|>Summarize the above image in a few words." in texts[2]
+    assert b["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6]]
+    assert int(b["mm_token_type_ids"].sum()) == 4 + 6 == int((b["input_ids"] == proc.image_token_id).sum())
+    assert b["pixel_values"].shape[0] == 16 + 24
+
+
+def test_contrastive_batch_positives_then_negatives(proc):
+    cfg = model_cfg()
+    s = lambda k, q, p, negs: {"__key__": k, "kind": "mmeb", "task": "t", "meta": {},  # noqa: E731
+                               "query": q, "positive": p, "negatives": negs}
+    samples = [s("a", {"text": "<image> which digit?", "image": image(56, 56)}, {"text": "three", "image": None},
+                 [{"text": "five", "image": None}, {"text": "six", "image": None}]),
+               s("b", {"text": "find the image of a one", "image": None}, {"text": None, "image": image(56, 56, 1)},
+                 [{"text": "seven", "image": None}])]
+    b = Collator(proc, cfg, kind="mmeb")(samples)
+    assert b["num_queries"] == 2
+    c = b["candidates"]
+    texts = [_decode(proc, ids[am.bool()].tolist()) for ids, am in zip(c["input_ids"], c["attention_mask"])]
+    assert "three" in texts[0] and "<|image_pad|>" in texts[1] and ["five" in texts[2], "six" in texts[3],
+                                                                      "seven" in texts[4]] == [True] * 3
+    b1 = Collator(proc, cfg, kind="mmeb", max_negatives=1)(samples)
+    assert b1["candidates"]["input_ids"].shape[0] == 4
+    # a side with no image at all carries no pixel tensors (the model's dummy-vision guard runs instead)
+    text_only = Collator(proc, cfg, kind="mmeb").encode([{"text": "a", "image": None}])
+    assert "pixel_values" not in text_only
+    moved = to_device(b, "cpu", torch.float64)
+    assert moved["query"]["pixel_values"].dtype == torch.float64 and moved["query"]["input_ids"].dtype == torch.long
+
+
+def test_pair_kind_both_modes(proc):
+    cfg = model_cfg()
+    pairs = [{"__key__": "p", "kind": "pair", "image": image(56, 56), "text": "a handwritten three", "meta": {}}]
+    st1 = Collator(proc, cfg, kind="pair", mode="stage1")(pairs)
+    tgt = st1["labels"][0] != IGNORE_INDEX
+    assert _decode(proc, st1["input_ids"][0][tgt].tolist()) == "a handwritten three<|im_end|>"
+    con = Collator(proc, cfg, kind="pair", mode="contrastive")(pairs)
+    assert "pixel_values" in con["query"] and "pixel_values" not in con["candidates"]
+
+
+def test_bad_input_is_named(proc):
+    cfg = model_cfg()
+    with pytest.raises(ValueError, match="mode 'contrastive' does not apply to kind 'qa'"):
+        Collator(proc, cfg, kind="qa", mode="contrastive")
+    bad = qa_samples()[:1]
+    bad[0]["conversations"] = [{"question": "", "answer": "x"}]
+    with pytest.raises(ValueError, match="sample 's0'.*turn 0"):
+        Collator(proc, cfg, kind="qa")(bad)
+    with pytest.raises(ValueError, match="kind 'pair'"):
+        Collator(proc, cfg, kind="qa")([{"__key__": "z", "kind": "pair", "image": image(8, 8), "text": "t"}])
+    with pytest.raises(ValueError, match="K=4 .*num_compression_tokens=8"):
+        Collator(proc, model_cfg(num_compression_tokens=8), kind="qa")
