@@ -1,0 +1,114 @@
+"""The evaluation entry points end to end with a real (tiny, untrained) exported model:
+launch/evaluate.py on mmeb shards of real digit scans, launch/eval_mmeb.py on an MMEB-layout copy."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_models import model_cfg
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    from pipeline.config import LoraConfig
+    from pipeline.export import export_model
+    from pipeline.model import load_model
+
+    model = load_model(model_cfg(lora=LoraConfig(enabled=False)), for_training=False)
+    return str(export_model(model, tmp_path_factory.mktemp("untrained") / "export"))
+
+
+def digits(n):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    out = []
+    for i in range(n):
+        px = (d.images[i] * (255.0 / 16.0)).astype(np.uint8)
+        out.append((Image.fromarray(px, mode="L").resize((56, 56), Image.NEAREST).convert("RGB"), int(d.target[i])))
+    return out
+
+
+def png(img):
+    b = io.BytesIO()
+    img.save(b, format="PNG")
+    return b.getvalue()
+
+
+def test_evaluate_cli_with_tiny_model(export_dir, tmp_path):
+    import webdataset as wds
+
+    import launch.evaluate as cli
+    from pipeline.evaluate import load_encoder, read_mmeb_shards
+
+    data = digits(6)
+    with wds.TarWriter(str(tmp_path / "eval-000000.tar")) as w:
+        for i, (img, y) in enumerate(data):
+            # t2i with own negatives (the next two digits), and classification against the task pool
+            w.write({"__key__": f"t2i{i}", "positive.png": png(img), "negative_0.png": png(data[(i + 1) % 6][0]),
+                     "negative_1.png": png(data[(i + 2) % 6][0]),
+                     "json": json.dumps({"key": f"t2i{i}", "task": "t2i", "query": {"text": f"a handwritten {WORDS[y]}", "image": None},
+                                         "positive": {"text": None, "image": "positive.png"},
+                                         "negatives": [{"text": None, "image": "negative_0.png"},
+                                                       {"text": None, "image": "negative_1.png"}]}).encode()})
+            w.write({"__key__": f"cls{i}", "query.png": png(img),
+                     "json": json.dumps({"key": f"cls{i}", "task": "classification",
+                                         "query": {"text": "<image> Which digit is this?", "image": "query.png"},
+                                         "positive": {"text": WORDS[y], "image": None}, "negatives": []}).encode()})
+    out = tmp_path / "run" / "scores.json"
+    rc = cli.main(["--model", export_dir, "--data", str(tmp_path / "eval-{000000..000000}.tar"), "--out", str(out),
+                   "--batch-size", "4", "--device", "cpu", "--plot"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res["tasks"]) == {"t2i", "classification"}
+    assert res["tasks"]["t2i"]["candidate_mode"] == "own" and res["tasks"]["t2i"]["mean_candidates"] == 3
+    assert res["tasks"]["classification"]["candidate_mode"] == "pool"
+    assert (tmp_path / "run" / "precision_at_1.png").stat().st_size > 1000
+
+    # Recompute one t2i rank and one classification rank straight from the Embedder's vectors.
+    samples = read_mmeb_shards(str(tmp_path / "eval-000000.tar"))
+    encode = load_encoder(export_dir, device="cpu")
+    s = samples[0]
+    q = encode([{"text": s["query"]["text"]}])[0]
+    c = encode([{"image": s["positive"]["image"]}] + [{"image": n["image"]} for n in s["negatives"]])
+    scores = c @ q
+    assert res["predictions"][0]["rank"] == int((scores[1:] >= scores[0]).sum())
+    cls = [p for p in res["predictions"] if p["task"] == "classification"]
+    labels = list(dict.fromkeys(WORDS[y] for _, y in data))       # the task pool, first-seen order
+    pool = encode([{"text": t} for t in labels])
+    qv = encode([{"text": samples[1]["query"]["text"], "image": samples[1]["query"]["image"]}])[0]
+    sc = pool @ qv
+    pos = labels.index(WORDS[data[0][1]])
+    assert cls[0]["rank"] == int(torch.cat([sc[:pos], sc[pos + 1:]]).ge(sc[pos]).sum())
+    assert cls[0]["pred"] == int(sc.argmax())
+
+
+def test_eval_mmeb_cli_with_tiny_model(export_dir, tmp_path):
+    import launch.eval_mmeb as cli
+
+    root = tmp_path / "MMEB-eval"
+    (root / "eval_images" / "MNIST").mkdir(parents=True)
+    data = digits(4)
+    for i, (img, _) in enumerate(data):
+        img.save(root / "eval_images" / "MNIST" / f"{i}.png")
+    (root / "ImageNet-1K").mkdir()
+    with open(root / "ImageNet-1K" / "test.jsonl", "w") as f:
+        for i, (_, y) in enumerate(data):
+            f.write(json.dumps({"qry_text": "<|image_1|> Represent the given image for classification",
+                                "qry_img_path": f"MNIST/{i}.png",
+                                "tgt_text": [WORDS[y]] + [WORDS[(y + k) % 10] for k in (1, 2, 3)],
+                                "tgt_img_path": ["", "", "", ""]}) + "\n")
+    out = tmp_path / "mmeb-out"
+    rc = cli.main(["--model", export_dir, "--mmeb-root", str(root), "--out", str(out), "--device", "cpu",
+                   "--datasets", "ImageNet-1K", "VOC2007"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing"] == ["VOC2007"] and summary["datasets"]["ImageNet-1K"]["n"] == 4
+    assert summary["aggregate"]["overall"] == summary["datasets"]["ImageNet-1K"]["precision@1"]
+    assert len((out / "ImageNet-1K_pred.jsonl").read_text().splitlines()) == 4
+    assert cli.main(["--model", export_dir, "--mmeb-root", str(tmp_path / "nope"), "--out", str(out)]) == 2
