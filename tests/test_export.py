@@ -1,0 +1,93 @@
+"""Export round trip: a trained LoRA (or full) model → HF directory that plain transformers and
+pipeline.Embedder both load, with the same embeddings as the in-memory model."""
+import json
+
+import pytest
+import torch
+
+from pipeline.collate import Collator
+from pipeline.config import LoraConfig
+from pipeline.export import Embedder, export_model, read_meta
+from pipeline.model import load_model
+from tests.tiny_models import digits_qa_samples, image, model_cfg
+
+ITEMS = [{"text": "What digit is this? <image>", "image": image(56, 56, 0)},
+         {"text": "seven", "image": None},
+         {"text": None, "image": image(84, 56, 1)}]
+
+
+def _trained(cfg, steps=3):
+    torch.manual_seed(0)
+    model = load_model(cfg)
+    # a few real steps so LoRA B, the new token rows and the logit scale are all non-trivial
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch = Collator(model.processor, cfg, kind="qa")(digits_qa_samples(4))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("family,lora", [("qwen2_vl", True), ("qwen2_5_vl", True), ("qwen2_vl", False)],
+                         ids=["qwen2_vl-lora", "qwen2_5_vl-lora", "qwen2_vl-full"])
+def test_export_round_trip(tmp_path, family, lora):
+    cfg = model_cfg(family, lora=LoraConfig(enabled=lora, r=4, alpha=8, use_dora=lora and family == "qwen2_5_vl",
+                                            dropout=0.0), pooling="mean")
+    model = _trained(cfg)
+    with torch.no_grad():
+        expected = model(**Collator(model.processor, cfg, kind="mmeb").encode(ITEMS))
+    out = export_model(model, tmp_path / "export")
+    meta = read_meta(out)
+    assert meta["num_compression_tokens"] == 4 and meta["compression_tokens"][0] == "<|cmp_0|>"
+    assert meta["family"] == family and abs(meta["logit_scale"] - 1 / 0.03) < 1e-3
+
+    emb = Embedder.from_pretrained(out, device="cpu")
+    got = emb.encode(ITEMS, batch_size=2)
+    assert got.dtype == torch.float32 and got.shape == (3, 64)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+    # plain transformers loads it: no peft, no project code, same config class
+    from transformers import AutoModelForImageTextToText
+
+    plain = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(plain) is type(model.hf)
+    assert not any("lora" in k for k in plain.state_dict())
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+
+
+def test_export_from_a_gathered_state_dict(tmp_path):
+    """The ZeRO-3 route: the engine hands over weights it gathered (here: a CPU copy); the export
+    must not depend on the live parameters."""
+    cfg = model_cfg()
+    model = _trained(cfg, steps=2)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(**Collator(model.processor, cfg, kind="mmeb").encode(ITEMS))
+        for p in model.parameters():   # wreck the live weights: only `sd` may be used
+            p.zero_()
+    out = export_model(model, tmp_path / "e", state_dict=sd)
+    torch.testing.assert_close(Embedder.from_pretrained(out).encode(ITEMS), expected, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="backbone"):
+        export_model(model, tmp_path / "bad", state_dict={"x": torch.zeros(1)})
+
+
+def test_embedder_paths_instruction_and_errors(tmp_path):
+    cfg = model_cfg()
+    model = load_model(cfg, for_training=False)
+    out = export_model(model, tmp_path / "e")
+    emb = Embedder.from_pretrained(out)
+    p = tmp_path / "digit.png"
+    ITEMS[0]["image"].save(p)
+    a = emb.encode([{"text": "What digit is this? <image>", "image": str(p)}])
+    b = emb.encode(ITEMS[:1])
+    torch.testing.assert_close(a, b)
+    c = emb.encode(ITEMS[:1], instruction="Represent the image for retrieval.")
+    assert (a - c).abs().max() > 1e-4
+    # an export is a valid model.init for the next stage: the tokens are found, not re-added
+    again = load_model(model_cfg(init=str(out)))
+    assert again.processor.added_tokens == 0 and again.processor.compression_ids == model.processor.compression_ids
+    assert emb.encode([]).shape == (0, 64)
+    with pytest.raises(FileNotFoundError, match="not an exported CoMa model"):
+        Embedder.from_pretrained(tmp_path)
