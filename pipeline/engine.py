@@ -186,6 +186,33 @@ def _param_groups(named: list, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _peft_trainable_tokens_off_cuda() -> None:
+    """peft's trainable-token rows under ZeRO-3 (``TrainableTokensLayer._collect_token_weights``)
+    allocate their receive buffer with ``torch.cuda.current_device()`` ("right now, only CUDA
+    is implemented"), which fails on the CPU accelerator.  Inside ``GatheredParameters`` with
+    ``modifier_rank=None`` every rank already holds the full embedding, so each rank can copy
+    its rows locally; the result is the same on every rank without the broadcast.  Installed
+    only when CUDA is absent; on GPUs peft's own code runs."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+        from peft.utils.integrations import gather_params_ctx
+    except ImportError:
+        return
+    if getattr(TrainableTokensLayer, "_coma_cpu_patch", False):
+        return
+
+    def _collect_token_weights(self, weight, rows, embed_dim):
+        with gather_params_ctx([weight], modifier_rank=None):
+            return weight[rows].clone()
+
+    TrainableTokensLayer._collect_token_weights = _collect_token_weights
+    TrainableTokensLayer._coma_cpu_patch = True
+
+
 @dataclass
 class Built:
     engine: Any             # deepspeed.DeepSpeedEngine; engine.module is the CoMa model
@@ -197,7 +224,8 @@ class Built:
 
 def build(cfg: Config, world_size: int, total_steps: int, model_loader=None) -> Built:
     """Build the model under ZeRO and wrap it in a DeepSpeed engine.  ``model_loader`` defaults
-    to ``pipeline.model.load_model`` (takes ``cfg.model``, returns the CoMa ``nn.Module``)."""
+    to ``pipeline.model.load_model`` with the loss's temperature / learnable-scale settings
+    (takes ``cfg.model``, returns the CoMa ``nn.Module``).  ``total_steps`` sizes the schedule."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -206,8 +234,14 @@ def build(cfg: Config, world_size: int, total_steps: int, model_loader=None) -> 
     ds = build_ds_config(cfg, world_size)
     plan = plan_batches(cfg, world_size)
     hf_ds = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None
+    if hf_ds is not None:
+        _peft_trainable_tokens_off_cuda()
     if model_loader is None:
-        from pipeline.model import load_model as model_loader
+        from pipeline.model import load_model
+
+        def model_loader(model_cfg):
+            return load_model(model_cfg, for_training=True, temperature=cfg.loss.temperature,
+                              learnable_scale=cfg.loss.learnable_scale)
     model = model_loader(cfg.model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:

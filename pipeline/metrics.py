@@ -25,7 +25,7 @@ _CONSOLE = [
     ("optim/grad_norm", "gnorm", "{:.3f}"),
     ("throughput/samples_per_s_per_gpu", "samp/s/gpu", "{:.2f}"),
     ("throughput/tokens_per_s_per_gpu", "tok/s/gpu", "{:.0f}"),
-    ("throughput/tflops_per_gpu", "TFLOPs/gpu", "{:.3f}"),
+    ("throughput/tflops_per_gpu", "TFLOPs/gpu", "{:.4g}"),
     ("throughput/mfu", "MFU", "{:.1%}"),
     ("memory/peak_gib", "mem", "{:.2f}GiB"),
     ("time/data_wait_share", "data_wait", "{:.1%}"),
