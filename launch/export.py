@@ -1,0 +1,37 @@
+"""Export a training checkpoint as a Hugging Face model directory (LoRA merged) that
+``pipeline.Embedder.from_pretrained`` and plain ``transformers`` load.
+
+    python launch/export.py --checkpoint runs/stage1_qwen2_5_vl_3b/checkpoints --out runs/stage1_qwen2_5_vl_3b/export
+    python launch/export.py --checkpoint runs/NAME/checkpoints/step-400 --out /tmp/coma-step400 --dtype bfloat16
+
+One CPU process; no GPU or launcher needed (the ZeRO-2/3 partitions are merged from the files).
+Training runs already export at their end into runs/NAME/export; use this for an intermediate
+step or when that export was interrupted.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a step-N directory or a checkpoints directory (uses latest)")
+    ap.add_argument("--out", required=True, help="output directory (written atomically)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="weights' dtype in the export (default: the run's model.dtype)")
+    args = ap.parse_args(argv)
+    from pipeline.train import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

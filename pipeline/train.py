@@ -1,0 +1,530 @@
+"""The training loop shared by both stages.
+
+    from pipeline.config import load_config
+    from pipeline.train import train
+    train(load_config("launch/configs/stage1_tiny.yaml", ["--train.max_steps=20"]))
+
+One optimizer step, all ranks in lock-step (ZeRO-3 needs every rank to run the same modules
+the same number of times):
+
+* stage 1: ``accumulation`` micro-batches, each ``engine(**batch).loss`` →
+  ``engine.backward`` → ``engine.step`` (DeepSpeed applies the update at the boundary);
+* stage 2, per-rank batch in one forward: ``q, k, scale = engine(**batch)`` →
+  ``kernels.gathered_infonce`` (negatives from every rank) → backward → step;
+* stage 2, embedding cache (per-rank batch > chunk): no-grad forward of every chunk, the
+  gathered loss and its gradients w.r.t. the embeddings, then chunk by chunk re-forward (same
+  RNG state as the first pass, so dropout masks match) and backward of ``<emb, d_emb>`` inside
+  ``engine.coalesce_grad_reduction()`` so ZeRO-2/3 reduce gradients once per step.
+
+Robustness: a non-finite loss or gradient skips the step on every rank (DeepSpeed discards
+an update whose gradient norm is not finite; the cache path decides before its backward) and
+is counted; ``train.max_bad_steps`` in a row stop the run naming the step and the last good
+checkpoint.  Run directory: ``runs/NAME/{config.yaml, metrics.jsonl, tensorboard/,
+checkpoints/, export/, train.log}``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pipeline import dist
+from pipeline.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
+from pipeline.config import Config, ConfigError, save_yaml, to_dict, to_yaml
+from pipeline.flops import FlopsModel, batch_shape_stats, peak_flops
+from pipeline.metrics import Metrics
+
+log = logging.getLogger("coma.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row); message says why."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps taken (applied or skipped)
+    samples_seen: int = 0         # global samples consumed
+    skipped_steps: int = 0        # non-finite steps skipped so far
+    bad_in_row: int = 0
+    last_checkpoint: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------------ set-up
+def setup_logging(run_dir: Optional[Path], rank: int) -> None:
+    """Rank 0 logs INFO to the console and to ``run_dir/train.log``; other ranks warnings only
+    (their lines would repeat rank 0's and drown SLURM logs)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_coma", False):
+            root.removeHandler(h)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._coma = True
+        root.addHandler(h)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_all(seed: int, deterministic: bool = False) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # warn_only: a few kernels (e.g. index_add on GPU) have no deterministic variant; the
+        # warning names them rather than stopping the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _peak_memory_gib() -> float:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        return acc.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process RSS peak
+
+
+# --------------------------------------------------------------------------------- the steps
+@contextmanager
+def _fork_rng(state: Optional[dict]):
+    """``state`` None: capture the current RNG state (yielded) and let the body advance it as
+    usual.  ``state`` given: run the body from that state, then put the outer state back, so a
+    re-forward replays the first pass's dropout masks without disturbing the main sequence."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    on_dev = acc.device_name() != "cpu"
+    outer = {"cpu": torch.get_rng_state(), "dev": acc.get_rng_state() if on_dev else None}
+    if state is None:
+        yield outer
+        return
+    torch.set_rng_state(state["cpu"])
+    if on_dev:
+        acc.set_rng_state(state["dev"])
+    try:
+        yield state
+    finally:
+        torch.set_rng_state(outer["cpu"])
+        if on_dev:
+            acc.set_rng_state(outer["dev"])
+
+
+class StepRunner:
+    """Runs one optimizer step for the configured stage; returns per-rank step statistics."""
+
+    def __init__(self, cfg: Config, engine: Any, plan: Any):
+        self.cfg, self.engine, self.plan = cfg, engine, plan
+        self.stage = cfg.train.stage
+
+    def _device_batch(self, batch):
+        from pipeline.collate import to_device
+
+        return to_device(batch, self.engine.device)
+
+    def _inject(self, loss, state: TrainState):
+        """Fault injection for the robustness tests (``train.fault_*``): NaN loss on rank 0 at
+        the listed steps; SIGKILL of one rank mid-step."""
+        t = self.cfg.train
+        if t.fault_kill_step is not None and state.step == t.fault_kill_step and dist.get_rank() == t.fault_kill_rank:
+            log.warning("train.fault_kill_step=%d: killing rank %d mid-step", state.step, dist.get_rank())
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if state.step in t.fault_nan_steps and dist.get_rank() == 0:
+            return loss * float("nan")
+        return loss
+
+    # stage 1 ------------------------------------------------------------------------------
+    def stage1(self, micro_batches: list, state: TrainState) -> dict:
+        eng = self.engine
+        losses, n_tok = [], 0
+        for b in micro_batches:
+            out = eng(**self._device_batch(b))
+            loss = self._inject(out.loss, state)
+            eng.backward(loss)
+            eng.step()
+            losses.append(float(loss.detach()))
+            n_tok += int(out.num_tokens)
+        applied = eng.was_step_applied()
+        return {"loss": sum(losses) / len(losses), "applied": applied, "tokens": n_tok}
+
+    # stage 2 ------------------------------------------------------------------------------
+    def _loss(self, q, k, scale):
+        import kernels
+
+        return kernels.gathered_infonce(q, k, scale, symmetric=self.cfg.loss.symmetric,
+                                        backend=self.cfg.loss.backend)
+
+    def stage2(self, chunks: list, state: TrainState) -> dict:
+        if len(chunks) == 1 and self.plan.cache_chunk is None:
+            eng = self.engine
+            q, k, scale = eng(**self._device_batch(chunks[0]))
+            loss = self._inject(self._loss(q, k, scale), state)
+            eng.backward(loss)
+            eng.step()
+            return {"loss": float(loss.detach()), "applied": eng.was_step_applied(), "tokens": 0}
+        return self._stage2_cached(chunks, state)
+
+    def _stage2_cached(self, chunks: list, state: TrainState) -> dict:
+        """Embedding cache (GradCache): exact gradients of the full per-rank batch with the
+        activation memory of one chunk."""
+        import torch
+
+        eng = self.engine
+        chunks = [self._device_batch(c) for c in chunks]
+        qs, pos, negs, rngs, scale = [], [], [], [], None
+        # 1. no-grad forward of every chunk, remembering each chunk's RNG state so the
+        #    re-forward draws the same dropout masks.
+        with torch.no_grad():
+            for c in chunks:
+                with _fork_rng(None) as st:
+                    q, k, scale = eng(**c)
+                rngs.append(st)
+                n = int(c["num_queries"]) if "num_queries" in c else q.shape[0]
+                qs.append(q)
+                pos.append(k[:n])
+                negs.append(k[n:])
+        # 2. loss over the whole per-rank batch (keys gathered from every rank) and its
+        #    gradients w.r.t. the embeddings and the logit scale.  Keys are laid out as all
+        #    positives (row i = query i's) then all hard negatives, which gathered_infonce expects.
+        Q = torch.cat(qs).detach().requires_grad_(True)
+        K = torch.cat(pos + negs).detach().requires_grad_(True)
+        S = scale.detach().requires_grad_(scale.requires_grad)
+        with torch.enable_grad():
+            loss = self._inject(self._loss(Q, K, S), state)
+        bad = dist.any_true(not math.isfinite(float(loss.detach())))
+        if bad:  # every rank skips the same step: no backward, no update
+            return {"loss": float(loss.detach()), "applied": False, "tokens": 0}
+        loss.backward()
+        dQ, dK = Q.grad, K.grad
+        dS = S.grad if S.requires_grad else None
+        n_pos = sum(p.shape[0] for p in pos)
+        dpos = list(torch.split(dK[:n_pos], [p.shape[0] for p in pos]))
+        dneg = list(torch.split(dK[n_pos:], [x.shape[0] for x in negs]))
+        dq = list(torch.split(dQ, [x.shape[0] for x in qs]))
+        # 3. re-forward chunk by chunk with grad; backward of the surrogate <emb, d_emb> has
+        #    exactly the parameter gradient of the full-batch loss.  One reduction per step.
+        with eng.coalesce_grad_reduction():
+            for i, c in enumerate(chunks):
+                with _fork_rng(rngs[i]):
+                    q, k, s = eng(**c)
+                n = dq[i].shape[0]
+                sur = (q * dq[i]).sum() + (k[:n] * dpos[i]).sum()
+                if k.shape[0] > n:
+                    sur = sur + (k[n:] * dneg[i]).sum()
+                if dS is not None and i == 0:
+                    sur = sur + s * dS
+                eng.backward(sur)
+        eng.step()
+        return {"loss": float(loss.detach()), "applied": eng.was_step_applied(), "tokens": 0}
+
+
+# ----------------------------------------------------------------------------------- the loop
+def _count_tokens(batches: list) -> tuple[int, list[int], list[int]]:
+    seqs, patches = [], []
+    for b in batches:
+        s, p = batch_shape_stats(b)
+        seqs += s
+        patches += p
+    return sum(seqs), seqs, patches
+
+
+def _num_samples(batch: Any) -> int:
+    if "num_queries" in batch:
+        return int(batch["num_queries"])
+    return int(batch["input_ids"].shape[0])
+
+
+def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
+    """Run one stage end to end on every rank; returns the run directory.  ``model_loader`` /
+    ``loader_factory`` replace ``pipeline.model.load_model`` / :func:`make_loader` (benchmarks)."""
+    env = dist.init(cfg.train.dist_timeout_s)
+    run_dir = Path(cfg.train.run_root) / cfg.train.name
+    setup_logging(run_dir, env.rank)
+    if not cfg.model.init:
+        raise ConfigError("model.init is empty: set it to a Hugging Face VLM directory or hub id, or a previous "
+                          "stage's export (e.g. --model.init=runs/NAME/export)")
+    seed_all(cfg.train.seed, cfg.train.deterministic)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+    ckpt = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
+    resume_path = resolve_resume(cfg.train.resume, ckpt.root)
+
+    from pipeline import engine as engine_mod
+
+    plan = engine_mod.plan_batches(cfg, env.world_size)
+    source = (loader_factory or make_loader)(cfg, plan, env)
+    total = cfg.train.max_steps or source.steps_per_epoch * cfg.train.epochs
+    if total <= 0:
+        raise ConfigError(f"nothing to train: train.max_steps={cfg.train.max_steps}, "
+                          f"{source.steps_per_epoch} steps per epoch × train.epochs={cfg.train.epochs}")
+    built = engine_mod.build(cfg, env.world_size, total, model_loader=model_loader)
+    eng = built.engine
+    state = TrainState()
+    if resume_path is not None:
+        client, rank_state = ckpt.load(eng, resume_path)
+        state.step = int(client.get("step", 0))
+        state.samples_seen = int(client.get("samples_seen", 0))
+        state.skipped_steps = int(client.get("skipped_steps", 0))
+        state.last_checkpoint = str(resume_path)
+        if "loader" in rank_state:
+            source.load_state_dict(rank_state["loader"])
+        if "rng" in rank_state:
+            set_rng_state(rank_state["rng"])
+        log.info("resumed from %s at step %d (%d samples seen)", resume_path, state.step, state.samples_seen)
+    else:
+        # A different seed per rank from here on (dropout); the model init above was identical.
+        seed_all(cfg.train.seed + 1000 * env.rank, cfg.train.deterministic)
+
+    from deepspeed.accelerator import get_accelerator
+
+    lora = cfg.model.lora.enabled
+    fm = FlopsModel.from_model(built.model.backbone if hasattr(built.model, "backbone") else built.model,
+                               train_llm_weights=not lora, train_vit=not cfg.model.freeze_vision)
+    peak = peak_flops(get_accelerator().device_name() + " " + _device_label(), cfg.train.peak_tflops)
+    metrics = Metrics(run_dir, enabled=env.rank == 0, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
+                      wandb_project=cfg.train.wandb_project, run_name=cfg.train.name, config=to_dict(cfg))
+    runner = StepRunner(cfg, eng, plan)
+    config_yaml = to_yaml(cfg)
+    log.info("run %s: stage %d, %d steps, world %d, run dir %s", cfg.train.name, cfg.train.stage, total,
+             env.world_size, run_dir)
+
+    def save():
+        client = {"step": state.step, "samples_seen": state.samples_seen, "skipped_steps": state.skipped_steps,
+                  "config": to_dict(cfg)}
+        rank_state = {"rng": rng_state(), "loader": source.state_dict()}
+        path = ckpt.save(eng, state.step, client, rank_state, config_yaml)
+        state.last_checkpoint = str(path)
+        log.info("checkpoint %s", path)
+
+    window = _Window()
+    batches_it = iter(source)
+    eng.train()
+    try:
+        while state.step < total:
+            t0 = time.perf_counter()
+            parts = next(batches_it)  # a list: micro-batches (stage 1) or cache chunks (stage 2)
+            t_data = time.perf_counter() - t0
+            if cfg.train.stage == 1:
+                out = runner.stage1(parts, state)
+            else:
+                out = runner.stage2(parts, state)
+            n_samples = sum(_num_samples(p) for p in parts)
+            state.step += 1
+            state.samples_seen += n_samples * env.world_size
+            finite = math.isfinite(out["loss"])
+            if not out["applied"] or not finite:
+                state.skipped_steps += 1
+                state.bad_in_row += 1
+                log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row, %d total)",
+                            state.step, out["loss"], state.bad_in_row, state.skipped_steps)
+                if state.bad_in_row >= cfg.train.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{state.bad_in_row} non-finite steps in a row (limit train.max_bad_steps="
+                        f"{cfg.train.max_bad_steps}) at step {state.step}; last good checkpoint: "
+                        f"{state.last_checkpoint or 'none (no checkpoint saved yet)'}. Lower optim.lr, check the "
+                        f"data, then resume with --train.resume=PATH")
+            else:
+                state.bad_in_row = 0
+            tokens, seqs, patches = _count_tokens(parts)
+            passes = 2 if (cfg.train.stage == 2 and plan.cache_chunk is not None) else 1
+            flops = fm.step_flops(seqs, patches, forward_passes=passes)
+            window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, out["loss"] if finite else None)
+            if state.step % cfg.train.log_every == 0 or state.step == total:
+                _log_window(metrics, window, state, eng, source, peak, total)
+                window = _Window()
+            if state.step % cfg.train.save_every == 0 and state.step < total:
+                save()
+        if state.last_checkpoint is None or not state.last_checkpoint.endswith(f"step-{state.step}"):
+            save()
+        export_dir = export_engine(built, run_dir / "export")
+        log.info("done: %d steps, %d skipped; export in %s", state.step, state.skipped_steps, export_dir)
+    finally:
+        metrics.close()
+    return run_dir
+
+
+def _device_label() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except Exception:  # noqa: BLE001 - a label only
+        pass
+    return ""
+
+
+@dataclass
+class _Window:
+    """Per-rank sums over the steps since the last log line."""
+    time: float = 0.0
+    data: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    losses: list = field(default_factory=list)
+    steps: int = 0
+
+    def add(self, t, d, s, tok, f, loss):
+        self.time += t
+        self.data += d
+        self.samples += s
+        self.tokens += tok
+        self.flops += f
+        self.steps += 1
+        if loss is not None:
+            self.losses.append(loss)
+
+
+def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, peak: Optional[float],
+                total: int) -> None:
+    loss = sum(w.losses) / len(w.losses) if w.losses else float("nan")
+    local = {
+        "loss": loss if w.losses else 0.0, "has_loss": 1.0 if w.losses else 0.0,
+        "sps": w.samples / max(w.time, 1e-9), "tps": w.tokens / max(w.time, 1e-9),
+        "flops": w.flops / max(w.time, 1e-9), "wait": w.data / max(w.time, 1e-9),
+        "mem": _peak_memory_gib(), "skipped_samples": float(getattr(source, "skipped_samples", 0)),
+    }
+    mean = dist.all_reduce_dict(local, "mean")
+    skipped = dist.all_reduce_dict({"s": local["skipped_samples"]}, "sum")["s"]
+    mem = dist.all_reduce_dict({"m": local["mem"]}, "max")["m"]
+    world = dist.get_world_size()
+    loss_g = mean["loss"] * world / max(mean["has_loss"] * world, 1e-9) if mean["has_loss"] > 0 else float("nan")
+    gn = eng.get_global_grad_norm()
+    vals = {
+        "loss/train": loss_g,
+        "optim/lr": float(eng.get_lr()[0]),
+        "optim/grad_norm": float(gn) if gn is not None else None,
+        "throughput/samples_per_s_per_gpu": mean["sps"],
+        "throughput/tokens_per_s_per_gpu": mean["tps"],
+        "throughput/tflops_per_gpu": mean["flops"] / 1e12,
+        "throughput/mfu": (mean["flops"] / peak) if peak else None,
+        "memory/peak_gib": mem,
+        "time/data_wait_share": mean["wait"],
+        "time/step_s": w.time / max(w.steps, 1),
+        "data/skipped_samples": skipped,
+        "data/samples_seen": float(state.samples_seen),
+        "train/skipped_steps": float(state.skipped_steps),
+    }
+    metrics.log(state.step, {k: v for k, v in vals.items() if v is not None})
+
+
+# ------------------------------------------------------------------------------------- export
+def export_engine(built, out_dir: Path) -> Path:
+    """Gather the (ZeRO-3-partitioned) weights and write the Hugging Face export on rank 0.
+    Collective: every rank must call it."""
+    from pipeline.engine import zero_stage
+    from pipeline.export import export_model
+
+    eng = built.engine
+    if zero_stage(built.ds_config) == 3:
+        sd = eng._zero3_consolidated_16bit_state_dict()  # full weights on rank 0, None elsewhere
+    else:
+        sd = {k: v.detach().cpu() for k, v in built.model.state_dict().items()} if dist.is_main() else None
+    # ZeRO-3's construction hook would partition the CPU skeleton export builds: switch it off
+    # now that training is over (the weights are already gathered).
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    if dist.is_main():
+        export_model(built.model, out_dir, state_dict=dict(sd))
+    dist.barrier()
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------- data
+def make_loader(cfg: Config, plan, env):
+    """The per-rank batch source: see :class:`pipeline.data` (filled in below)."""
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def parse_cli(stage: int, argv: list[str]) -> Config:
+    """``--config PATH`` plus ``--a.b=value`` overrides; ``--local_rank`` (passed by the deepspeed
+    launcher) is accepted and ignored (the rank comes from the environment)."""
+    from pipeline.config import load_config
+
+    path, overrides, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a path, e.g. --config launch/configs/stage1_tiny.yaml")
+            path, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a.startswith("--local_rank") or a.startswith("--local-rank"):
+            if "=" not in a:
+                i += 1
+        elif a in ("-h", "--help"):
+            raise SystemExit(sys.modules["__main__"].__doc__ or __doc__)
+        else:
+            overrides.append(a)
+        i += 1
+    cfg = load_config(path, overrides)
+    if cfg.train.stage != stage:
+        raise ConfigError(f"train.stage={cfg.train.stage} in {path} but this is the stage-{stage} entry point; "
+                          f"use launch/stage{cfg.train.stage}.py or fix train.stage")
+    return cfg
+
+
+def main(stage: int, argv: list[str]) -> int:
+    """Entry point of launch/stage1.py and launch/stage2.py; returns the process exit code:
+    0 done, 2 unusable configuration, 3 the run stopped itself (message says why)."""
+    try:
+        cfg = parse_cli(stage, argv)
+        train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingStopped as e:
+        log.error("training stopped: %s", e)
+        return 3
+    finally:
+        dist.destroy()
+    return 0
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, dtype: Optional[str] = None) -> Path:
+    """Offline export of a saved checkpoint, one CPU process, no DeepSpeed engine:
+    ``checkpoint`` is a ``step-N`` directory or a checkpoints directory (its ``latest``).  The
+    ZeRO partitions are merged into full fp32 weights by DeepSpeed's ``zero_to_fp32``, put
+    into the model rebuilt from the config stored in the checkpoint, LoRA merged, written as
+    a Hugging Face directory (``dtype`` default: the run's ``model.dtype``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.config import load_config
+    from pipeline.export import export_model
+    from pipeline.model import load_model
+
+    path = resolve_resume(checkpoint, checkpoint)
+    if path is None:
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint there")
+    cfg = load_config(path / "config.yaml")
+    model = load_model(cfg.model, for_training=False, temperature=cfg.loss.temperature,
+                       learnable_scale=cfg.loss.learnable_scale)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return export_model(model, out_dir, state_dict=dict(sd), dtype=dtype or cfg.model.dtype)
