@@ -146,45 +146,62 @@ def _flash_varlen():
     return None
 
 
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _sdpa(q, k, v, scale, dropout, causal=False, mask=None):
+    """SDPA on [1, H, L, d] tensors (the fused CPU/GPU kernels need 4-D inputs; 3-D falls back
+    to the unfused math path that materialises L×L scores).  GQA without copying K/V where
+    torch supports it."""
+    groups = q.shape[1] // k.shape[1]
+    kw = {}
+    if groups > 1:
+        if _SDPA_GQA:
+            kw["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                          scale=scale, **kw)
+
+
+def _lower_right(lq: int, lk: int, device) -> torch.Tensor:
+    """[lq, lk] bool: query i sees keys 0 .. lk - lq + i (a small |D|×(K+|D|) mask, never L×L)."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+
+
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
                             cu_k: torch.Tensor, max_q: int, max_k: int, scale: float, dropout: float = 0.0,
                             use_flash: bool = False) -> torch.Tensor:
     """Causal attention over packed segments, aligned at the bottom right (query i of a segment
-    with Lq queries and Lk keys sees keys ``0 .. Lk - Lq + i``).
+    with Lq queries and Lk keys sees keys ``0 .. Lk - Lq + i``) — flash-attention's convention.
 
     q: [Tq, Hq, d], k/v: [Tk, Hkv, d] (Hq a multiple of Hkv: grouped-query attention);
-    cu_q/cu_k: [S+1] int32 segment offsets.  Returns [Tq, Hq, d] in q's dtype.
+    cu_q/cu_k: [S+1] int32 segment offsets.  Returns [Tq, Hq, d] in q's dtype.  Without
+    flash-attention, one SDPA call per segment.
     """
     if use_flash:
         fn = _flash_varlen()
         return fn(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scale, causal=True)
-    groups = q.shape[1] // k.shape[1]
     outs = []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):
-        qs = q[cq[i]:cq[i + 1]].transpose(0, 1)            # [H, Lq, d]
-        ks = k[ck[i]:ck[i + 1]].transpose(0, 1)
-        vs = v[ck[i]:ck[i + 1]].transpose(0, 1)
-        if groups > 1:
-            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-        lq, lk = qs.shape[1], ks.shape[1]
+        qs = q[cq[i]:cq[i + 1]].transpose(0, 1).unsqueeze(0)
+        ks = k[ck[i]:ck[i + 1]].transpose(0, 1).unsqueeze(0)
+        vs = v[ck[i]:ck[i + 1]].transpose(0, 1).unsqueeze(0)
+        lq, lk = qs.shape[2], ks.shape[2]
         if lq == 0:
             continue
-        if lq == lk:
-            o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale)
-        else:  # small |D| × (K + |D|) mask, never L × L
-            m = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, dropout_p=dropout, scale=scale)
-        outs.append(o.transpose(0, 1))
+        o = (_sdpa(qs, ks, vs, scale, dropout, causal=True) if lq == lk
+             else _sdpa(qs, ks, vs, scale, dropout, mask=_lower_right(lq, lk, q.device)))
+        outs.append(o[0].transpose(0, 1))
     return torch.cat(outs, 0)
 
 
-def compression_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          layout: CompressionLayout, scale: float, dropout: float = 0.0,
-                          use_flash: bool = False) -> torch.Tensor:
-    """The compression mask without a mask.  query [B, Hq, L, d], key/value [B, Hkv, L, d] (as
-    transformers' attention functions receive them, rotary already applied).  Returns the
-    attention output [B, L, Hq, d] (transformers' convention); padding positions are zero."""
+def compression_attention_packed(query, key, value, layout: CompressionLayout, scale: float, dropout: float = 0.0,
+                                 use_flash: bool = False) -> torch.Tensor:
+    """Packed (varlen) form: gather the ``[X][C]`` segments and the ``D → [C][D]`` segments of
+    all rows into flat token axes and run two varlen causal attentions — the flash-attention
+    path (``flash_attn_varlen_func``); ``use_flash=False`` runs the same packing on SDPA."""
     B, Hq, L, d = query.shape
     qf = query.transpose(1, 2).reshape(B * L, Hq, d)
     kf = key.transpose(1, 2).reshape(B * L, key.shape[1], d)
@@ -198,6 +215,40 @@ def compression_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     out = qf.new_zeros(B * L, Hq, d)
     out = out.index_copy(0, layout.idx_xc, o_xc.to(out.dtype)).index_copy(0, layout.idx_dq, o_d.to(out.dtype))
     return out.view(B, L, Hq, d)
+
+
+def compression_attention_rows(query, key, value, layout: CompressionLayout, scale: float,
+                               dropout: float = 0.0) -> torch.Tensor:
+    """Row-by-row form for SDPA (CPU, or GPU without flash-attention).  Rows are cut with
+    ``split`` and reassembled with ``cat``, whose backward passes are views and copies — the
+    gather/scatter of the packed form would zero-fill a full [B·L, H, d] gradient per gather."""
+    B, Hq, L, d = query.shape
+    rows = []
+    for b, (s, c0, c1, e) in enumerate(layout.rows):
+        sizes = [s, c0 - s, c1 - c0, e - c1, L - e]
+        _, qx, qc, qd, _ = torch.split(query[b:b + 1], sizes, dim=2)
+        _, kx, kc, kd, _ = torch.split(key[b:b + 1], sizes, dim=2)
+        _, vx, vc, vd, _ = torch.split(value[b:b + 1], sizes, dim=2)
+        o_xc = _sdpa(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2), scale, dropout,
+                     causal=True)
+        parts = [query.new_zeros(1, Hq, s, d), o_xc]
+        if e > c1:
+            parts.append(_sdpa(qd, torch.cat([kc, kd], 2), torch.cat([vc, vd], 2), scale, dropout,
+                               mask=_lower_right(e - c1, e - c0, query.device)))
+        parts.append(query.new_zeros(1, Hq, L - e, d))
+        rows.append(torch.cat(parts, 2))
+    return torch.cat(rows, 0).transpose(1, 2)
+
+
+def compression_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          layout: CompressionLayout, scale: float, dropout: float = 0.0,
+                          use_flash: bool = False) -> torch.Tensor:
+    """The compression mask without a mask.  query [B, Hq, L, d], key/value [B, Hkv, L, d] (as
+    transformers' attention functions receive them, rotary already applied).  Returns the
+    attention output [B, L, Hq, d] (transformers' convention); padding positions are zero."""
+    if use_flash:
+        return compression_attention_packed(query, key, value, layout, scale, dropout, use_flash=True)
+    return compression_attention_rows(query, key, value, layout, scale, dropout)
 
 
 def make_attention_forward(base: str):

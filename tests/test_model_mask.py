@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from pipeline.collate import Collator
 from pipeline.config import LoraConfig
-from pipeline.masks import build_layout, compression_attention, reference_mask
+from pipeline.masks import (build_layout, compression_attention_packed, compression_attention_rows,
+                            reference_mask)
 from pipeline.model import load_model
 from tests.tiny_models import model_cfg, qa_samples
 
@@ -53,8 +54,11 @@ def test_reference_mask_is_the_spec_table():
         assert not a[real][:, ~real].any()                           # nobody real sees padding
 
 
+@pytest.mark.parametrize("form", ["rows", "packed"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
-def test_split_attention_equals_explicit_mask(hq, hkv):
+def test_split_attention_equals_explicit_mask(hq, hkv, form):
+    """Both forms of the efficient path: row-by-row SDPA (CPU) and the packed varlen layout that
+    the flash-attention path uses (run here on SDPA segments, so its packing is tested on CPU)."""
     torch.manual_seed(0)
     ids, am = _rows(SPEC, L)
     B, d = len(SPEC), 8
@@ -62,7 +66,8 @@ def test_split_attention_equals_explicit_mask(hq, hkv):
     k = torch.randn(B, hkv, L, d, requires_grad=True)
     v = torch.randn(B, hkv, L, d, requires_grad=True)
     layout = build_layout(ids, am, CIDS)
-    out = compression_attention(q, k, v, layout, scale=d ** -0.5)              # [B, L, H, d]
+    fn = compression_attention_rows if form == "rows" else compression_attention_packed
+    out = fn(q, k, v, layout, scale=d ** -0.5)                                  # [B, L, H, d]
     mask = reference_mask(ids, am, CIDS)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1),
                                          attn_mask=mask).transpose(1, 2)
