@@ -67,12 +67,12 @@ def _lse_kernel(A, B, LSE, n_rows, n_cols, D, stride_a, stride_b, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: row · stride may pass 2³¹
     rmask = rows < n_rows
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < n_cols
         acc = _dot_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
@@ -90,7 +90,7 @@ def _grad_kernel(A, B, DA, DS, RLSE, RCOEF, CLSE, CCOEF, n_rows, n_cols, D,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: row · stride may pass 2³¹
     rmask = rows < n_rows
     kk = tl.arange(0, BLOCK_K)
     if HAS_ROW:
@@ -98,7 +98,7 @@ def _grad_kernel(A, B, DA, DS, RLSE, RCOEF, CLSE, CCOEF, n_rows, n_cols, D,
         rcoef = tl.load(RCOEF + rows, mask=rmask, other=0.0)
     ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < n_cols
         acc = _dot_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)

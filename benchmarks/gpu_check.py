@@ -1,0 +1,148 @@
+"""One prepared GPU session: check the triton and cuda backends against float64 on the GPU, then
+run the GPU benchmark sweep.  Meant for a lent H100/H200 with a CUDA build of torch; finishes
+in under 8 minutes (every step has its own deadline and the sweep is trimmed to the points the
+issue's targets need).
+
+    timeout 470 python3 benchmarks/gpu_check.py --out "$OUT"        # what a session runs
+    python3 benchmarks/gpu_check.py --skip-bench                     # correctness only (~1-2 min)
+
+Steps:
+ 1. environment: torch/CUDA/triton versions, GPU name; ninja present (the cuda backend's JIT
+    build needs it).
+ 2. correctness: for triton and cuda, fp32/bf16/fp16, odd shapes (n, m not tile multiples, hard
+    negatives, D from 8 to 8192), custom positive_index, symmetric on/off, logit_scale 1..100:
+    loss and dQ, dK, d logit_scale vs the chunked torch backend in float64 on the same inputs;
+    plus infonce_loss_and_grads == autograd.  Prints PASS/FAIL per case.
+ 3. benchmark: benchmarks/loss.py at N = 4096, 16384, 32768 × D = 256, 2048 (bf16, symmetric),
+    then fp32 at N=16384, D=2048; writes benchmarks/results/loss_cuda.csv/.json (copied to --out).
+Exit status: 0 when every correctness case passed (benchmark problems are reported in the CSV).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels on the GPU, never the interpreter
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TOL = {"float32": (1e-4, 2e-3), "bfloat16": (2e-2, 5e-2), "float16": (5e-3, 1.5e-2)}  # (loss rel, grad rel)
+CASES = [  # n, m, D, scale, symmetric, custom positives, normalised
+    (1000, 1500, 8, 33.3, True, False, True),
+    (777, 1234, 3584, 33.3, False, True, True),
+    (4097, 4097, 2048, 33.3, True, False, True),
+    (256, 300, 8192, 50.0, True, False, True),
+    (2000, 2000, 1000, 100.0, True, True, False),
+    (130, 130, 256, 1.0, False, False, True),
+]
+
+
+def check_backend(backend, dtype, case, torch, kernels):
+    n, m, d, scale, sym, custom, normalise = case
+    g = torch.Generator(device="cuda").manual_seed(n + d)
+    q = torch.randn(n, d, device="cuda", generator=g)
+    k = torch.randn(m, d, device="cuda", generator=g)
+    if normalise:
+        q = torch.nn.functional.normalize(q, dim=-1)
+        k = torch.nn.functional.normalize(k, dim=-1)
+        k[:n] += 0.3 * q
+    q, k = q.to(dtype), k.to(dtype)
+    pidx = torch.randint(0, m, (n,), device="cuda", generator=g) if custom else None
+
+    def run(be, qq, kk, ss):
+        qq, kk, ss = qq.clone().requires_grad_(), kk.clone().requires_grad_(), ss.clone().requires_grad_()
+        loss = kernels.fused_infonce(qq, kk, ss, positive_index=pidx, symmetric=sym, backend=be)
+        loss.backward()
+        return [loss.detach().double(), qq.grad.double(), kk.grad.double(), ss.grad.double()]
+
+    s = torch.tensor(scale, device="cuda")
+    got = run(backend, q, k, s)
+    want = run("torch", q.double(), k.double(), s.double())
+    lt, gt = TOL[str(dtype).split(".")[-1]]
+    errs = []
+    for name, a, b, tol in zip(("loss", "dq", "dk", "ds"), got, want, (lt, gt, gt, gt)):
+        if not torch.isfinite(a).all():
+            return False, f"{name} not finite"
+        denom = b.abs().max().item() + (1.0 if name == "loss" else 1e-12)
+        errs.append((name, (a - b).abs().max().item() / denom, tol))
+    # the no-autograd entry point agrees with autograd
+    l2, dq2, dk2, ds2 = kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym, backend=backend)
+    errs.append(("no-autograd dq", (dq2.double() - got[1]).abs().max().item() / (got[1].abs().max().item() + 1e-12), gt))
+    ok = all(e <= t for _, e, t in errs)
+    return ok, " ".join(f"{nm}={e:.1e}" for nm, e, _ in errs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder to copy results and the log into")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--bench-budget", type=float, default=330.0, help="seconds allowed for the benchmark step")
+    args = ap.parse_args()
+    t0 = time.time()
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: torch sees no CUDA device (a CUDA build of torch and a GPU are needed)")
+    import kernels
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "ninja": shutil.which("ninja"), "nvcc": shutil.which("nvcc") or os.environ.get("CUDA_HOME")}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    print(json.dumps(env), flush=True)
+
+    results, failed = [], 0
+    for backend in ("triton", "cuda"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for case in CASES:
+                t = time.time()
+                try:
+                    ok, msg = check_backend(backend, dtype, case, torch, kernels)
+                except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+                    ok, msg = False, f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc(limit=3)
+                failed += not ok
+                line = f"{'PASS' if ok else 'FAIL'} {backend:6} {str(dtype):15} {case} {time.time() - t:6.2f}s  {msg}"
+                print(line, flush=True)
+                results.append(line)
+    print(f"correctness: {len(results) - failed}/{len(results)} passed ({time.time() - t0:.0f}s)", flush=True)
+
+    outputs = []
+    if not args.skip_bench:
+        deadline = time.time() + args.bench_budget
+        sweeps = [("loss_cuda.csv", ["--n", "4096", "16384", "32768", "--d", "256", "2048", "--dtype", "bf16"]),
+                  ("loss_cuda_fp32.csv", ["--n", "16384", "--d", "2048", "--dtype", "fp32"])]
+        for name, extra in sweeps:
+            left = deadline - time.time()
+            if left < 20:
+                print(f"benchmark {name}: skipped, out of time", flush=True)
+                continue
+            out_csv = REPO / "benchmarks" / "results" / name
+            cmd = [sys.executable, str(REPO / "benchmarks" / "loss.py"), "--device", "cuda", "--symmetric", "on",
+                   "--repeats", "5", "--out", str(out_csv)] + extra
+            print("$ " + " ".join(cmd), flush=True)
+            try:
+                subprocess.run(cmd, cwd=REPO, timeout=left, check=False)
+            except subprocess.TimeoutExpired:
+                print(f"benchmark {name}: hit its deadline; rows finished so far are in the CSV", flush=True)
+            outputs += [out_csv, out_csv.with_suffix(".json")]
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_check.txt").write_text(json.dumps(env) + "\n" + "\n".join(results) + "\n")
+        for f in outputs:
+            if f.exists():
+                shutil.copy(f, out / f.name)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
