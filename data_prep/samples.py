@@ -1,0 +1,239 @@
+"""Manifest record → WebDataset sample: validation, image handling and the shard layout.
+
+This is the row→sample half of ``data_prep/shard.py``, importable on its own (converters and
+tests call :func:`record_to_sample`).  One manifest record becomes one sample: a dict of
+member extension → bytes plus ``__key__``, written as ``{key}.{ext}`` tar members.
+
+Layout per kind (``pipeline/data.py`` reads exactly this; plain ``webdataset`` can too):
+
+=========  ===================================================================================
+``pair``   ``{key}.jpg|png|…`` the image (real format), ``{key}.txt`` the caption,
+           ``{key}.json`` ``{"key", "line", "meta"?}``
+``qa``     ``{key}.jpg|png|…`` the image, ``{key}.json``
+           ``{"conversations": [{"question", "answer"}, …], "key", "line", "meta"?}``
+``mmeb``   ``{key}.query.png``, ``{key}.positive.jpg``, ``{key}.negative_0.png`` … (one member
+           per side that has an image), ``{key}.json`` ``{"task", "query": {"text", "image"},
+           "positive": {…}, "negatives": [{…}, …], "key", "line", "meta"?}`` where a side's
+           ``"image"`` names its member extension (``"query.png"``) or is ``null``
+=========  ===================================================================================
+
+Texts follow the placeholder contract of ``pipeline/prompts.py``: a side (or QA question)
+with an image has its marker normalised to ``<image>``; a text without an image loses any
+marker.  Images are validated by decoding; their original bytes are kept unless
+``max_side`` asks for a re-encode (JPEG, quality 95, aspect kept, CMYK/P/LA/… → RGB).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from typing import Any, Optional
+
+from PIL import Image
+
+from pipeline.prompts import normalize_placeholders, strip_placeholders
+
+KINDS = ("pair", "qa", "mmeb")
+MIN_SIDE = 8  # px; smaller images are skipped (a ViT patch is 14 px, processors upscale, but
+#               a 2-px "image" is a broken thumbnail, not data)
+REENCODE_QUALITY = 95
+
+# PIL format → member extension (what webdataset's decoders key on).  Other formats that PIL
+# can read (PPM, TGA, …) are re-encoded to PNG so every shard holds only common formats.
+FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
+              "BMP": "bmp", "TIFF": "tiff"}
+
+RECORD_FIELDS = {
+    "pair": {"image", "text", "key", "meta"},
+    "qa": {"image", "conversations", "key", "meta"},
+    "mmeb": {"task", "query", "positive", "negatives", "key", "meta"},
+}
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class BadRow(Exception):
+    """A manifest row that is skipped: ``reason`` is a stable category (counted in
+    manifest.json), ``detail`` says what exactly is wrong with this row."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)  # both in args: BadRow travels to pool workers by pickle
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def sanitize_key(key: str) -> str:
+    """A WebDataset-safe key: ``[A-Za-z0-9_-]+`` (a dot would split key from extension)."""
+    return _UNSAFE_KEY.sub("_", key).strip("_")
+
+
+def record_key(record: Any, line: int, stem: str) -> str:
+    """The sample key: the record's ``"key"`` (sanitised) or ``{manifest stem}-{line:09d}``."""
+    if isinstance(record, dict) and record.get("key") not in (None, ""):
+        key = sanitize_key(str(record["key"]))
+        if key:
+            return key
+    return f"{sanitize_key(stem) or 'row'}-{line:09d}"
+
+
+# ------------------------------------------------------------------------------------ images
+def load_image(value: Any, base_dir: str, max_side: Optional[int] = None) -> tuple[str, bytes]:
+    """Read, validate (full decode) and possibly shrink one image.
+
+    Returns ``(extension, bytes)``: the original bytes and their real format unless the image
+    is larger than ``max_side`` (or in a format outside :data:`FORMAT_EXT`), in which case the
+    re-encoded bytes.  Raises :class:`BadRow` for a missing/unreadable/undecodable/tiny image.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow("schema", f"image must be a non-empty path string, got {value!r}")
+    path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BadRow("missing_image", f"{path} does not exist") from None
+    except OSError as e:
+        raise BadRow("unreadable_image", f"{path}: {e.strerror or e}") from None
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        w, h = img.size
+        shrink = bool(max_side) and max(w, h) > max_side
+        if shrink and fmt in ("JPEG", "MPO"):
+            # Decode at a reduced DCT scale (≥ the target size): far cheaper for big photos.
+            img.draft("RGB", _target_size(w, h, max_side))
+        img.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, …)
+        raise BadRow("undecodable_image", f"{path}: {type(e).__name__}: {e}") from None
+    if min(w, h) < MIN_SIDE:
+        raise BadRow("image_too_small", f"{path} is {w}x{h} px; both sides must be >= {MIN_SIDE}")
+    ext = FORMAT_EXT.get(fmt)
+    if shrink or ext is None:
+        return _reencode(img, max_side if shrink else None, jpeg=shrink)
+    return ext, data
+
+
+def _target_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _reencode(img: Image.Image, max_side: Optional[int], jpeg: bool) -> tuple[str, bytes]:
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")  # CMYK, P, LA, RGBA, I;16 … → RGB (JPEG has no alpha)
+    if max_side and max(img.size) > max_side:
+        img = img.resize(_target_size(*img.size, max_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    if jpeg:
+        img.save(buf, format="JPEG", quality=REENCODE_QUALITY)
+        return "jpg", buf.getvalue()
+    img.save(buf, format="PNG")
+    return "png", buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------- records
+def _text(value: Any, what: str, allow_none: bool = False) -> Optional[str]:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise BadRow("schema", f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BadRow("empty_text", f"{what} is empty")
+    return value.strip()
+
+
+def _check_fields(record: Any, kind: str) -> dict:
+    if not isinstance(record, dict):
+        raise BadRow("schema", f"a record must be a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - RECORD_FIELDS[kind])
+    if unknown:
+        raise BadRow("schema", f"unknown field(s) {unknown} for kind {kind}; "
+                               f"allowed: {sorted(RECORD_FIELDS[kind])}")
+    meta = record.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise BadRow("schema", f"meta must be an object, got {type(meta).__name__}")
+    return record
+
+
+def _side(value: Any, name: str, base_dir: str, max_side: Optional[int],
+          members: dict) -> dict:
+    """One mmeb side → ``{"text", "image"}`` (image = member extension); image bytes go into
+    ``members`` under ``{name}.{ext}``."""
+    if not isinstance(value, dict):
+        raise BadRow("schema", f"{name} must be an object with text and/or image")
+    unknown = sorted(set(value) - {"text", "image"})
+    if unknown:
+        raise BadRow("schema", f"{name} has unknown field(s) {unknown}; allowed: image, text")
+    text, image = value.get("text"), value.get("image")
+    if text is None and image in (None, ""):
+        raise BadRow("schema", f"{name} has neither text nor image")
+    member = None
+    if image not in (None, ""):
+        ext, data = load_image(image, base_dir, max_side)
+        member = f"{name}.{ext}"
+        members[member] = data
+        if text is not None and not isinstance(text, str):
+            raise BadRow("schema", f"{name}.text must be a string or null")
+        text = normalize_placeholders(text.strip()) if text and text.strip() else None
+    else:
+        text = strip_placeholders(_text(text, f"{name}.text"))
+        if not text:
+            raise BadRow("empty_text", f"{name}.text holds only an image marker and {name} has no image")
+    return {"text": text, "image": member}
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def record_to_sample(record: Any, kind: str, key: str, line: int, base_dir: str,
+                     max_side: Optional[int] = None) -> dict:
+    """Validate one manifest record and build its sample: ``{"__key__": key, ext: bytes, …}``.
+
+    ``line`` is the manifest line (kept in the sample's JSON so a sample can be traced back);
+    image paths are resolved against ``base_dir``.  Raises :class:`BadRow`.
+    """
+    record = _check_fields(record, kind)
+    info: dict[str, Any] = {"key": key, "line": line}
+    if record.get("meta") is not None:
+        info["meta"] = record["meta"]
+    sample: dict[str, Any] = {"__key__": key}
+    if kind == "pair":
+        text = _text(record.get("text"), "text")
+        ext, data = load_image(record.get("image"), base_dir, max_side)
+        sample[ext] = data
+        sample["txt"] = text.encode("utf-8")
+    elif kind == "qa":
+        conv = record.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            raise BadRow("schema", "conversations must be a non-empty list of {question, answer}")
+        turns = []
+        for i, turn in enumerate(conv):
+            if not isinstance(turn, dict) or set(turn) - {"question", "answer"}:
+                raise BadRow("schema", f"conversations[{i}] must be {{'question': str, 'answer': str}}")
+            turns.append({"question": normalize_placeholders(_text(turn.get("question"), f"conversations[{i}].question")),
+                          "answer": _text(turn.get("answer"), f"conversations[{i}].answer")})
+        ext, data = load_image(record.get("image"), base_dir, max_side)
+        sample[ext] = data
+        info["conversations"] = turns
+    elif kind == "mmeb":
+        task = record.get("task")
+        if not isinstance(task, str) or not task.strip():
+            raise BadRow("schema", "task must be a non-empty string")
+        negatives = record.get("negatives") or []
+        if not isinstance(negatives, list):
+            raise BadRow("schema", "negatives must be a list of sides")
+        members: dict[str, bytes] = {}
+        info["task"] = task.strip()
+        info["query"] = _side(record.get("query"), "query", base_dir, max_side, members)
+        info["positive"] = _side(record.get("positive"), "positive", base_dir, max_side, members)
+        info["negatives"] = [_side(n, f"negative_{i}", base_dir, max_side, members)
+                             for i, n in enumerate(negatives)]
+        sample.update(members)
+    else:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    sample["json"] = _json_bytes(info)
+    return sample

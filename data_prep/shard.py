@@ -1,0 +1,492 @@
+"""Manifest → validated, deterministic, resumable WebDataset shards.
+
+    python data_prep/shard.py --input data/cc3m/pairs.jsonl --output data/cc3m/shards --kind pair \\
+        --samples-per-shard 5000 --workers 16 --max-image-side 1024
+    python data_prep/shard.py --input data/stage1/qa.jsonl --output data/stage1/shards --kind qa
+    python data_prep/shard.py --input data/stage2/mmeb.jsonl --output data/stage2/shards --kind mmeb \\
+        --shuffle-seed 0 --prefix train
+
+Manifest: JSON Lines (CSV and Parquet too for ``pair``, columns ``image``/``text`` or as named by
+``--image-column``/``--text-column``; a ``key`` column is the key, other columns go to ``meta``).
+Image paths are absolute or relative to the manifest's folder.  Record schemas and the sample
+layout in the tars: ``data_prep/samples.py``.
+
+Output in ``--output``:
+
+* ``{prefix}-000000.tar`` … WebDataset shards; ``{prefix}-NNNNNN_stats.json`` per shard
+  (samples, skipped rows with reasons, bytes, sha256, the fingerprint a rerun compares);
+* ``sizes.json`` shard file name → sample count (open_clip's convention; ``pipeline/data.py``
+  plans exact epochs from it; entries of other prefixes in the folder are kept);
+* ``manifest.json`` brace pattern, totals, skipped rows by reason, arguments, tool version;
+* ``errors.jsonl`` one line per skipped row: manifest line, key, reason, detail.
+
+Behaviour:
+
+* Rows are assigned to shards before validation (row ``i`` of the manifest, or of its
+  permutation by ``--shuffle-seed``, goes to shard ``i // N``), so a shard's content depends only
+  on its rows: shards are written in parallel, the tars are byte-identical whatever
+  ``--workers`` is (fixed member mtime/uid/gid/mode, members sorted), and a shard with bad
+  rows simply holds fewer than ``N`` samples.
+* Bad rows (missing/unreadable/undecodable image, image under 8 px, empty text, schema
+  violation, invalid JSON, duplicate key) are skipped and counted; ``--strict`` turns the
+  first one into exit status 1 with the same message.  An unusable invocation (no such
+  manifest, unknown column, unknown kind, …) exits 2 with one line.
+* Each tar is written to a temporary name and renamed; its stats file is written last and
+  marks it complete.  A rerun skips complete shards whose rows and settings are unchanged
+  and redoes missing or partial ones (delete a ``_stats.json`` to force one shard again).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pipeline  # noqa: E402
+from data_prep.samples import KINDS, BadRow, record_key, record_to_sample  # noqa: E402
+
+FORMAT_VERSION = 1
+# Common world sizes are powers of two up to 8 GPUs per node (times the node count); a shard
+# count that is a multiple of 8 splits evenly over all of them.
+WORLD_MULTIPLE = 8
+TAR_MTIME = 0  # fixed member metadata: byte-identical tars on every machine and rerun
+
+
+class UsageError(Exception):
+    """The invocation cannot work at all: exit status 2, one line."""
+
+
+class StrictError(Exception):
+    """--strict and a row had to be skipped: exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of usage + error
+        raise UsageError(f"{message} (see --help)")
+
+
+@dataclass
+class Row:
+    line: int                 # 1-based manifest line (CSV: line where the row ends; Parquet: row)
+    record: Any               # the parsed record, or a BadRow found while reading (JSON, duplicate)
+    raw: str                  # the row as read: what a shard's fingerprint covers
+    key: str
+
+
+# ---------------------------------------------------------------------------------- manifest
+def read_manifest(path: Path, kind: str, image_column: str = "image", text_column: str = "text") -> list[Row]:
+    """Parse every row of a JSON Lines / CSV / Parquet manifest (see module docstring)."""
+    if not path.exists():
+        raise UsageError(f"--input {path}: no such manifest")
+    if path.is_dir():
+        raise UsageError(f"--input {path} is a folder; pass the manifest file (.jsonl/.csv/.parquet)")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".parquet", ".pq"):
+        if kind != "pair":
+            raise UsageError(f"--input {path}: CSV/Parquet manifests hold --kind pair only; "
+                             f"write {kind} records as JSON Lines")
+        rows = _read_table(path, image_column, text_column)
+    else:
+        rows = _read_jsonl(path)
+    if not rows:
+        raise UsageError(f"--input {path}: the manifest has no records")
+    seen: dict[str, int] = {}
+    for r in rows:  # keys must be unique: WebDataset groups tar members by key
+        if isinstance(r.record, BadRow):
+            continue
+        if r.key in seen:
+            r.record = BadRow("duplicate_key", f"key {r.key!r} already used on line {seen[r.key]}")
+        else:
+            seen[r.key] = r.line
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows, stem = [], path.stem
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, 1):
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                record = BadRow("invalid_json", f"{e.msg} (column {e.colno})")
+            rows.append(Row(line, record, text, record_key(record, line, stem)))
+    return rows
+
+
+def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            _check_columns(path, columns, image_column, text_column)
+            table = [(reader.line_num, row) for row in reader]
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            t = pq.read_table(path)
+        except Exception as e:
+            raise UsageError(f"--input {path}: not a readable Parquet file ({e})") from None
+        columns = list(t.column_names)
+        _check_columns(path, columns, image_column, text_column)
+        table = list(enumerate(t.to_pylist(), 1))
+    rows = []
+    for line, row in table:
+        record = {"image": row[image_column], "text": row[text_column]}
+        if row.get("key") not in (None, ""):
+            record["key"] = str(row["key"])
+        meta = {c: row[c] for c in columns if c not in (image_column, text_column, "key")}
+        if meta:
+            record["meta"] = meta
+        raw = json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
+        rows.append(Row(line, record, raw, record_key(record, line, path.stem)))
+    return rows
+
+
+def _check_columns(path: Path, columns: list[str], image_column: str, text_column: str) -> None:
+    missing = [c for c in (image_column, text_column) if c not in columns]
+    if missing:
+        raise UsageError(f"--input {path}: unknown column(s) {missing}; the file has {columns} "
+                         f"(name the right ones with --image-column/--text-column)")
+
+
+# -------------------------------------------------------------------------------- shard work
+@dataclass
+class Settings:
+    kind: str
+    base_dir: str
+    out_dir: str
+    max_side: Optional[int]
+    strict: bool
+    manifest: str
+
+
+@dataclass
+class ShardTask:
+    index: int
+    name: str                 # "{prefix}-NNNNNN.tar"
+    rows: list[Row]
+    fingerprint: str
+
+
+def shard_fingerprint(rows: list[Row], settings: Settings) -> str:
+    """What a shard's content is a function of (besides the image files themselves)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT_VERSION, settings.kind, settings.max_side, settings.base_dir]).encode())
+    for r in rows:
+        bad = r.record.reason if isinstance(r.record, BadRow) else None
+        h.update(json.dumps([r.line, r.key, bad, r.raw], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def stats_path(out_dir: str, tar_name: str) -> str:
+    return os.path.join(out_dir, tar_name[: -len(".tar")] + "_stats.json")
+
+
+def is_complete(task: ShardTask, out_dir: str) -> bool:
+    """A shard is complete when its stats file (written last) matches this run's rows and
+    settings and the tar on disk has the size the stats recorded."""
+    try:
+        with open(stats_path(out_dir, task.name), encoding="utf-8") as f:
+            stats = json.load(f)
+        return (stats.get("fingerprint") == task.fingerprint
+                and os.path.getsize(os.path.join(out_dir, task.name)) == stats.get("bytes"))
+    except (OSError, ValueError):
+        return False
+
+
+class _HashingFile:
+    """File wrapper that hashes and counts what the tar writer streams through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        if self.f.closed:  # an aborted shard (--strict): tarfile's __del__ flushes into the void
+            return len(b)
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+_SETTINGS: Optional[Settings] = None
+_PROGRESS = None  # callable(n) in-process, or a multiprocessing queue in pool workers
+
+
+def _init_worker(settings: Settings, queue) -> None:
+    global _SETTINGS, _PROGRESS
+    _SETTINGS, _PROGRESS = settings, queue
+
+
+def _tick(n: int) -> None:
+    if _PROGRESS is None or n == 0:
+        return
+    if callable(_PROGRESS):
+        _PROGRESS(n)
+    else:
+        _PROGRESS.put(n)
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Validate and convert a shard's rows, write the tar (tmp name → rename), then its stats."""
+    from webdataset import TarWriter  # heavy (imports torch): only where shards are written
+
+    s = _SETTINGS
+    tar_path = os.path.join(s.out_dir, task.name)
+    tmp = f"{tar_path}.tmp{os.getpid()}"
+    errors, skipped, samples, pending = [], Counter(), 0, 0
+    try:
+        with open(tmp, "wb") as raw:
+            f = _HashingFile(raw)
+            tw = TarWriter(f, encoder=False, mtime=TAR_MTIME, user="coma", group="coma", mode=0o444)
+            for row in task.rows:
+                try:
+                    if isinstance(row.record, BadRow):
+                        raise row.record
+                    sample = record_to_sample(row.record, s.kind, row.key, row.line, s.base_dir, s.max_side)
+                except BadRow as e:
+                    if s.strict:
+                        raise StrictError(f"{s.manifest}:{row.line}: {e.reason}: {e.detail}") from None
+                    errors.append({"line": row.line, "key": row.key, "reason": e.reason,
+                                   "detail": e.detail, "shard": task.name})
+                    skipped[e.reason] += 1
+                else:
+                    tw.write(sample)
+                    samples += 1
+                pending += 1
+                if pending == 32:
+                    _tick(pending)
+                    pending = 0
+            tw.close()
+        os.replace(tmp, tar_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _tick(pending)
+    stats = {"shard": task.name, "index": task.index, "rows": len(task.rows), "samples": samples,
+             "skipped": dict(sorted(skipped.items())), "errors": errors, "bytes": f.size,
+             "sha256": f.sha.hexdigest(), "fingerprint": task.fingerprint, "format": FORMAT_VERSION}
+    write_json_atomic(stats_path(s.out_dir, task.name), stats)
+    return stats
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _run_tasks(tasks: list[ShardTask], settings: Settings, workers: int, bar) -> None:
+    if workers <= 1 or len(tasks) <= 1:
+        _init_worker(settings, bar.update)
+        for t in tasks:
+            write_shard(t)
+        return
+    # fork: workers inherit the imported modules (webdataset, imported by run(), pulls in
+    # torch: ~2 s per worker under spawn).
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    queue = ctx.Queue()
+
+    def drain():
+        for n in iter(queue.get, None):
+            bar.update(n)
+
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(settings, queue)) as pool:
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        try:
+            # Ordered: with --strict the error surfacing first is that of the earliest shard.
+            for _ in pool.imap(write_shard, tasks):
+                pass
+        finally:
+            pool.terminate()
+            queue.put(None)
+            reader.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------ output
+def brace_pattern(prefix: str, n: int) -> str:
+    return f"{prefix}-000000.tar" if n == 1 else f"{prefix}-{{000000..{n - 1:06d}}}.tar"
+
+
+def shard_count_advice(rows: int, n_shards: int) -> Optional[str]:
+    """A warning when ``n_shards`` is not a multiple of :data:`WORLD_MULTIPLE`, with the
+    ``--samples-per-shard`` that fixes it; None when it is fine."""
+    if n_shards % WORLD_MULTIPLE == 0:
+        return None
+    msg = (f"{n_shards} shard(s) is not a multiple of {WORLD_MULTIPLE}: on 2, 4 or 8 GPUs per node "
+           f"(x nodes) x DataLoader workers, ranks get unequal numbers of whole shards "
+           f"(pipeline/data.py balances samples by reading partial shards; plain webdataset "
+           f"split_by_node would not)")
+    for m in sorted({WORLD_MULTIPLE * max(1, math.ceil(n_shards / WORLD_MULTIPLE)),
+                     WORLD_MULTIPLE * max(1, n_shards // WORLD_MULTIPLE)}):
+        spp = math.ceil(rows / m)
+        if spp >= 1 and math.ceil(rows / spp) == m:
+            return f"{msg}; --samples-per-shard {spp} gives {m} shards"
+    return msg + f"; with {rows} rows no --samples-per-shard gives a multiple of {WORLD_MULTIPLE}"
+
+
+def _merge_sizes(out_dir: str, prefix: str, sizes: dict[str, int]) -> dict[str, int]:
+    path = os.path.join(out_dir, "sizes.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = {}
+    ours = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
+    merged = {k: v for k, v in old.items() if not ours.match(k)}
+    merged.update(sizes)
+    return dict(sorted(merged.items()))
+
+
+# -------------------------------------------------------------------------------------- main
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="manifest: .jsonl (any kind), .csv / .parquet (pair)")
+    p.add_argument("--output", required=True, help="output folder (created)")
+    p.add_argument("--kind", default="pair", choices=KINDS)
+    p.add_argument("--samples-per-shard", type=int, default=1000, metavar="N")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="K")
+    p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+    p.add_argument("--shuffle-seed", type=int, default=None, metavar="S",
+                   help="permute rows with this seed before cutting shards (default: manifest order)")
+    p.add_argument("--max-image-side", type=int, default=None, metavar="PX",
+                   help="re-encode images whose longer side exceeds PX (JPEG q95, aspect kept)")
+    p.add_argument("--strict", action="store_true", help="exit 1 at the first row that would be skipped")
+    p.add_argument("--image-column", default="image", help="CSV/Parquet image column (default: image)")
+    p.add_argument("--text-column", default="text", help="CSV/Parquet caption column (default: text)")
+    args = p.parse_args(argv)
+    if args.samples_per_shard < 1:
+        raise UsageError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.max_image_side is not None and args.max_image_side < 8:
+        raise UsageError(f"--max-image-side must be >= 8 px, got {args.max_image_side}")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", args.prefix):
+        raise UsageError(f"--prefix {args.prefix!r}: use letters, digits, '_', '-', '.'")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    manifest = Path(args.input)
+    out_dir = os.path.abspath(args.output)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--output {out_dir} exists and is not a folder")
+    rows = read_manifest(manifest, args.kind, args.image_column, args.text_column)
+    settings = Settings(kind=args.kind, base_dir=str(manifest.resolve().parent), out_dir=out_dir,
+                        max_side=args.max_image_side, strict=args.strict, manifest=str(manifest))
+
+    order = list(range(len(rows)))
+    if args.shuffle_seed is not None:
+        random.Random(args.shuffle_seed).shuffle(order)
+    n = args.samples_per_shard
+    tasks = []
+    for i in range(0, len(order), n):
+        chunk = [rows[j] for j in order[i:i + n]]
+        tasks.append(ShardTask(i // n, f"{args.prefix}-{i // n:06d}.tar", chunk,
+                               shard_fingerprint(chunk, settings)))
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # leftovers of an interrupted run
+        if name.startswith(f"{args.prefix}-") and ".tmp" in name:
+            os.unlink(os.path.join(out_dir, name))
+    todo = [t for t in tasks if not is_complete(t, out_dir)]
+    advice = shard_count_advice(len(rows), len(tasks))
+    if advice:
+        print(f"warning: {advice}", file=sys.stderr)
+
+    if todo:
+        import webdataset  # noqa: F401  (slow first import, kept out of the timing and the workers)
+    t0 = time.perf_counter()
+    with tqdm(total=len(rows), unit="sample", desc=f"shard {args.prefix}", disable=None,
+              mininterval=0.5, smoothing=0.1) as bar:
+        bar.update(sum(len(t.rows) for t in tasks) - sum(len(t.rows) for t in todo))
+        _run_tasks(todo, settings, args.workers, bar)
+    elapsed = time.perf_counter() - t0
+
+    all_stats = []
+    for t in tasks:
+        with open(stats_path(out_dir, t.name), encoding="utf-8") as f:
+            all_stats.append(json.load(f))
+    sizes = {s["shard"]: s["samples"] for s in all_stats}
+    skipped = Counter()
+    for s in all_stats:
+        skipped.update(s["skipped"])
+    errors = sorted((e for s in all_stats for e in s["errors"]), key=lambda e: e["line"])
+    total = sum(sizes.values())
+    stale = sorted(f for f in os.listdir(out_dir)
+                   if re.fullmatch(rf"{re.escape(args.prefix)}-\d{{6}}\.tar", f) and f not in sizes)
+
+    write_json_atomic(os.path.join(out_dir, "sizes.json"), _merge_sizes(out_dir, args.prefix, sizes))
+    with open(os.path.join(out_dir, "errors.jsonl.tmp"), "w", encoding="utf-8") as f:
+        for e in errors:
+            f.write(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(os.path.join(out_dir, "errors.jsonl.tmp"), os.path.join(out_dir, "errors.jsonl"))
+    write_json_atomic(os.path.join(out_dir, "manifest.json"), {
+        "tool": "data_prep/shard.py", "version": pipeline.__version__, "format": FORMAT_VERSION,
+        "kind": args.kind, "pattern": brace_pattern(args.prefix, len(tasks)), "shards": len(tasks),
+        "samples": total, "rows": len(rows), "skipped": dict(sorted(skipped.items())),
+        "skipped_total": sum(skipped.values()), "sizes": "sizes.json", "errors": "errors.jsonl",
+        "args": {k: v for k, v in vars(args).items()},
+    })
+
+    done = len(todo)
+    rate = sum(len(t.rows) for t in todo) / elapsed if done and elapsed > 0 else 0.0
+    print(f"{total} {args.kind} samples in {len(tasks)} shards -> {out_dir}/{brace_pattern(args.prefix, len(tasks))} "
+          f"({done} written at {rate:.0f} rows/s, {len(tasks) - done} already complete)")
+    if skipped:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+        print(f"skipped {sum(skipped.values())} of {len(rows)} rows ({reasons}); "
+              f"see {os.path.join(out_dir, 'errors.jsonl')}")
+    if stale:
+        print(f"warning: {len(stale)} older shard(s) beyond this run's {len(tasks)} remain in {out_dir} "
+              f"(e.g. {stale[0]}); they are not in sizes.json, delete them", file=sys.stderr)
+    if total == 0:
+        print(f"error: no usable row in {manifest}; see {os.path.join(out_dir, 'errors.jsonl')}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 --strict or nothing usable, 2 usage)."""
+    try:
+        return run(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StrictError as e:
+        print(f"error (--strict): {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

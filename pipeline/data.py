@@ -1,0 +1,655 @@
+"""Streaming WebDataset loader: exact epochs, the same number of batches on every rank,
+corrupt data skipped and counted, exact mid-epoch resume.
+
+Public API
+----------
+::
+
+    from pipeline.data import build_loader
+
+    loader = build_loader("data/qa/train-{000000..000007}.tar", kind="qa", batch_size=8,
+                          rank=rank, world_size=world, num_workers=2, seed=0)
+    for epoch in range(loader.epoch, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:                 # len(loader) batches, identical on every rank
+            ...
+        metrics.update(loader.metrics())     # data/corrupt_samples, data/corrupt_shards, data/padded_samples
+    ckpt["data"] = loader.state_dict()       # at any step, mid-epoch included
+    loader.load_state_dict(ckpt["data"])     # the next iter(loader) continues exactly there
+
+``build_loader(shards, kind, batch_size, ...)`` — ``shards`` is a brace pattern, a list of
+patterns or shard paths, a shard folder written by ``data_prep/shard.py`` (its
+``manifest.json`` names the pattern), several sources joined by ``::`` (open_clip style, with
+``weights="1::2"``), or a list of ``pipeline.config.DataSource``.  :func:`loader_from_config`
+builds the same from ``cfg.data``.  ``rank``/``world_size`` come from the caller (the engine
+passes them); by default from the launcher environment (``RANK``/``WORLD_SIZE``, SLURM).
+This module never calls ``torch.distributed``.
+
+Samples (what ``collate_fn`` receives, a list of these per batch; the default collate returns
+that list).  Images are decoded to RGB ``PIL.Image``::
+
+    pair  {"image": PIL, "text": str, "meta": dict | None, "__key__", "__source__", "__pad__"}
+    qa    {"image": PIL, "conversations": [{"question", "answer"}, ...], "meta", ...}
+    mmeb  {"task": str, "query": {"text": str | None, "image": PIL | None}, "positive": {...},
+           "negatives": [{...}, ...], "meta", ...}
+
+``__pad__`` is True for a sample that repeats an earlier one to keep the counts equal (see
+below); a trainer may down-weight it, evaluation must ignore it.
+
+How an epoch is cut (deterministic mode)
+----------------------------------------
+Every rank reads ``sizes.json`` beside the shards (written by ``shard.py``; shards missing
+from it are counted by scanning their tar headers), so every rank computes the same plan
+without any collective:
+
+1. the shard list is permuted from ``(seed, epoch)``; the epoch is the concatenation of those
+   shards, ``N`` samples (integer source weights repeat a source, ``max_samples`` caps one);
+2. split by node: rank ``r`` gets the contiguous sample range ``[r*q, (r+1)*q)`` with
+   ``q = ceil(N / W)`` (``drop_last=False``: the last ranks pad the < W missing samples with
+   repeats) or ``q = floor(N / (W*b)) * b`` (``drop_last=True``: the < W*b leftover samples
+   of this epoch's order are not used);
+3. split by worker: the rank's ``B = ceil(q / b)`` batches are dealt round-robin to the
+   DataLoader workers (batch ``j`` to worker ``j % K``, the order the DataLoader returns
+   them), each worker reading the contiguous sub-range that fills its batches;
+4. each worker shuffles its samples in a buffer seeded from ``(seed, epoch, rank, worker)``,
+   optionally groups them into task-homogeneous runs (``task_batch_size``), decodes and
+   collates.
+
+So every sample is read exactly once per epoch across ranks x workers, and every rank yields
+exactly ``B`` batches of the same sizes — ranks never disagree on the step count (a mismatch
+hangs ZeRO-3 at the epoch's end).  Ranks may start inside a shard: a reader skips the first
+samples of a shard by headers only.  A shard that is missing, truncated or shorter than
+``sizes.json`` says, and a sample that fails to decode, is skipped with a warning and counted;
+its slot is filled with a repeat (``__pad__``), so the counts stay equal.
+
+Resampled mode (``resampled=True``): each worker draws shards with replacement (probability
+∝ source weight x shard size) from a stream seeded by ``(seed, epoch, rank, worker)``;
+``epoch_samples`` (global, default ``N``) sets the epoch length — ``webdataset``'s
+``with_epoch``, but per rank and already divided among the workers.
+
+Resume: ``state_dict()`` is ``{"epoch", "batches"}`` (batches consumed this epoch, the same
+on every rank) plus the plan's parameters.  Worker ``k`` replays its stream and discards its
+first ``batches_k * b`` samples before decoding, so the continuation is exactly what the
+uninterrupted run would have produced.  With another world size, worker count or batch size
+the plan differs: the loader warns and resumes at the same fraction of the epoch.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+KINDS = ("pair", "qa", "mmeb")
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm"}
+COUNTERS = ("corrupt_samples", "corrupt_shards", "padded_samples")
+
+
+# ------------------------------------------------------------------------------------ sources
+@dataclass
+class Source:
+    name: str
+    urls: list[str]
+    weight: float = 1.0
+    max_samples: Optional[int] = None
+
+
+def _expand_pattern(pattern: str) -> list[str]:
+    import braceexpand
+
+    pattern = pattern.strip()
+    if os.path.isdir(pattern):  # a shard.py output folder
+        with open(os.path.join(pattern, "manifest.json"), encoding="utf-8") as f:
+            pattern = os.path.join(pattern, json.load(f)["pattern"])
+    urls = []
+    for p in braceexpand.braceexpand(pattern):
+        urls.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
+    return urls
+
+
+def expand_sources(shards: Any, weights: Any = None) -> list[Source]:
+    """Normalise the accepted shard specifications (see module docstring) to sources."""
+    if isinstance(shards, str):
+        items: list[Any] = shards.split("::")
+    elif isinstance(shards, (list, tuple)):
+        items = list(shards)
+    else:
+        raise TypeError(f"shards must be a pattern string or a list, got {type(shards).__name__}")
+    if isinstance(weights, str):
+        weights = [float(w) for w in weights.split("::")]
+    if weights is not None and len(weights) != len(items):
+        raise ValueError(f"{len(weights)} weights for {len(items)} sources ({shards!r})")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"shards": item}
+        elif not isinstance(item, dict):  # a DataSource dataclass
+            item = {k: getattr(item, k) for k in ("shards", "weight", "max_samples", "name")}
+        pattern = item["shards"]
+        urls = _expand_pattern(pattern)
+        if not urls:
+            raise ValueError(f"shard pattern {pattern!r} matches no shard")
+        w = weights[i] if weights is not None else item.get("weight", 1.0)
+        name = item.get("name") or os.path.basename(os.path.dirname(urls[0])) or f"source{i}"
+        out.append(Source(name, urls, float(w), item.get("max_samples")))
+    return out
+
+
+def shard_sizes(urls: Sequence[str]) -> list[int]:
+    """Sample counts from the ``sizes.json`` beside each shard; a shard missing from it (or a
+    folder without one) is counted from its tar headers, with a warning."""
+    cache: dict[str, dict] = {}
+    out = []
+    for url in urls:
+        d = os.path.dirname(url)
+        if d not in cache:
+            try:
+                with open(os.path.join(d, "sizes.json"), encoding="utf-8") as f:
+                    cache[d] = json.load(f)
+            except (OSError, ValueError):
+                cache[d] = {}
+        n = cache[d].get(os.path.basename(url))
+        if n is None:
+            log.warning("%s is not in %s/sizes.json: counting its samples from the tar headers "
+                        "(write shards with data_prep/shard.py to avoid this)", url, d or ".")
+            n = _count_samples(url)
+        out.append(int(n))
+    return out
+
+
+def _count_samples(url: str) -> int:
+    keys = set()
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for m in tf:
+                if m.isfile():
+                    keys.add(_split_name(m.name)[0])
+    except (OSError, tarfile.TarError) as e:
+        log.warning("cannot count samples of %s (%s): treated as empty", url, e)
+    return len(keys)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``dir/key.ext.ext2`` → (``dir/key``, ``ext.ext2``), webdataset's convention."""
+    d, base = os.path.split(name)
+    key, _, ext = base.partition(".")
+    return (f"{d}/{key}" if d else key), ext
+
+
+# --------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Piece:
+    shard: int   # index into the loader's shard list
+    skip: int    # samples passed over (headers only) at the start of the shard
+    take: int    # samples read after them
+
+
+@dataclass
+class WorkerPlan:
+    pieces: list[Piece]
+    batch_sizes: list[int]   # this worker's batches, in order
+    real: int                # samples the pieces hold; the rest of sum(batch_sizes) is padding
+
+    @property
+    def quota(self) -> int:
+        return sum(self.batch_sizes)
+
+
+@dataclass
+class Plan:
+    """Pure function of (shards, sizes, seed, epoch, rank, world, workers, batch): what every
+    worker of one rank reads in one epoch."""
+    shard_urls: list[str]
+    shard_source: list[int]
+    sizes: list[int]
+    sources: list[Source]
+    batch_size: int
+    world_size: int
+    num_workers: int
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = True
+    resampled: bool = False
+    epoch_samples: Optional[int] = None
+    total: int = field(init=False)
+
+    def __post_init__(self):
+        if not self.resampled:
+            for s in self.sources:
+                if s.weight != int(s.weight) or s.weight < 1:
+                    raise ValueError(f"source {s.name}: weight {s.weight} needs resampled=True "
+                                     "(an exact epoch can only repeat a source a whole number of times)")
+        # N, the same every epoch: the shard order changes, the caps and repeats do not
+        self.total = sum(self.sizes) if self.resampled else sum(t for _, t in self.sequence(0))
+
+    def sequence(self, epoch: int) -> list[tuple[int, int]]:
+        """The epoch's shards in order as (shard, samples taken)."""
+        order = []
+        for i, src in enumerate(self.shard_source):
+            order.extend([i] * int(self.sources[src].weight))
+        if self.shuffle:
+            random.Random(f"{self.seed}:shards:{epoch}").shuffle(order)
+        used = Counter()
+        seq = []
+        for i in order:
+            src = self.sources[self.shard_source[i]]
+            take = self.sizes[i]
+            if src.max_samples is not None:
+                take = min(take, src.max_samples - used[src.name])
+            if take > 0:
+                used[src.name] += take
+                seq.append((i, take))
+        return seq
+
+    def per_rank(self) -> int:
+        """Samples per rank per epoch (q), the same on every rank."""
+        W, b = self.world_size, self.batch_size
+        if self.resampled:
+            return math.ceil(math.ceil((self.epoch_samples or self.total) / W) / b) * b
+        if self.drop_last:
+            return self.total // (W * b) * b
+        return math.ceil(self.total / W)
+
+    def batches(self) -> int:
+        return math.ceil(self.per_rank() / self.batch_size)
+
+    def worker(self, epoch: int, rank: int, k: int) -> WorkerPlan:
+        q, b, K = self.per_rank(), self.batch_size, self.num_workers
+        B = self.batches()
+        all_sizes = [b] * B
+        if B:
+            all_sizes[-1] = q - (B - 1) * b
+        mine = all_sizes[k::K]
+        if self.resampled:
+            return WorkerPlan([], mine, sum(mine))
+        # this worker's sub-range of the rank's range: the batches of workers < k come first
+        start = rank * q + sum(sum(all_sizes[i::K]) for i in range(k))
+        end_real = min(rank * q + q, self.total)
+        lo, hi = min(start, end_real), min(start + sum(mine), end_real)
+        pieces, pos = [], 0
+        for shard, take in self.sequence(epoch):
+            a, z = max(lo, pos), min(hi, pos + take)
+            if a < z:
+                pieces.append(Piece(shard, a - pos, z - a))
+            pos += take
+            if pos >= hi:
+                break
+        return WorkerPlan(pieces, mine, hi - lo)
+
+
+# ------------------------------------------------------------------------------------ reading
+def _open_tar(url: str):
+    if os.path.exists(url):
+        return tarfile.open(url, "r:")  # seekable: skipped members are never read
+    from webdataset.gopen import gopen  # pipe:, http(s):, … streamed
+
+    return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+
+
+def _task_of(raw: dict) -> str:
+    try:
+        return json.loads(raw["json"])["task"]
+    except Exception:
+        return ""
+
+
+def decode_sample(raw: dict, kind: str) -> dict:
+    """Raw tar members (extension → bytes) → a sample as documented above.  Raises on
+    anything undecodable."""
+    def image(member: str) -> Image.Image:
+        img = Image.open(io.BytesIO(raw[member]))
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+    info = json.loads(raw["json"]) if "json" in raw else {}
+    out = {"__key__": raw["__key__"], "__source__": raw["__source__"],
+           "__pad__": raw.get("__pad__", False), "meta": info.get("meta")}
+    if kind == "mmeb":
+        def side(s: dict) -> dict:
+            return {"text": s.get("text"), "image": image(s["image"]) if s.get("image") else None}
+
+        out.update(task=info["task"], query=side(info["query"]), positive=side(info["positive"]),
+                   negatives=[side(n) for n in info.get("negatives") or []])
+        return out
+    members = [e for e in raw if e.lower() in IMAGE_EXTS]
+    if len(members) != 1:
+        raise ValueError(f"expected one image member, found {sorted(e for e in raw if not e.startswith('__'))}")
+    out["image"] = image(members[0])
+    if kind == "pair":
+        out["text"] = raw["txt"].decode("utf-8")
+    else:
+        out["conversations"] = info["conversations"]
+    return out
+
+
+def default_collate(samples: list[dict]) -> list[dict]:
+    """The model-free collation: the list of samples itself."""
+    return samples
+
+
+def _identity(x):
+    return x
+
+
+@dataclass
+class _Item:
+    """What a worker hands the main process: the collated batch and its counters so far."""
+    batch: Any
+    worker: int
+    counters: dict
+
+
+class ShardDataset(IterableDataset):
+    """The per-rank stream (an IterableDataset yielding collated batches).  Use
+    :func:`build_loader`; :class:`ShardLoader` sets ``epoch``/``skip_batches`` before each
+    iteration."""
+
+    def __init__(self, sources: list[Source], kind: str, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
+                 drop_last: bool = True, resampled: bool = False, epoch_samples: Optional[int] = None,
+                 task_batch_size: Optional[int] = None, collate_fn: Optional[Callable] = None,
+                 sizes: Optional[Sequence[int]] = None):
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+        if task_batch_size and (kind != "mmeb" or batch_size % task_batch_size):
+            raise ValueError(f"task_batch_size={task_batch_size} needs kind='mmeb' and to divide "
+                             f"batch_size={batch_size}")
+        self.kind, self.rank = kind, rank
+        self.shuffle_buffer, self.task_batch_size = shuffle_buffer, task_batch_size
+        self.collate_fn = collate_fn or default_collate
+        urls = [u for s in sources for u in s.urls]
+        source_of = [i for i, s in enumerate(sources) for _ in s.urls]
+        self.plan = Plan(urls, source_of, list(sizes) if sizes is not None else shard_sizes(urls), sources,
+                         batch_size, world_size, max(1, num_workers), seed, shuffle, drop_last,
+                         resampled, epoch_samples)
+        self.epoch = 0
+        self.skip_batches = 0
+
+    # --------------------------------------------------------------------------- raw stream
+    def _read(self, piece: Piece, ctx: Counter) -> Iterator[dict]:
+        """Up to ``piece.take`` raw samples after skipping ``piece.skip``; any failure or
+        shortfall counts the shard as corrupt (the caller pads)."""
+        url = self.plan.shard_urls[piece.shard]
+        source = self.plan.sources[self.plan.shard_source[piece.shard]].name
+        seen, got, cur = 0, 0, None
+        try:
+            with _open_tar(url) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_name(m.name)
+                    if cur is None or key != cur["__key__"]:
+                        if cur is not None and seen > piece.skip:
+                            yield cur
+                            got += 1
+                            if got == piece.take:
+                                return
+                        seen += 1
+                        cur = {"__key__": key, "__source__": source}
+                    if seen > piece.skip:
+                        cur[ext] = tf.extractfile(m).read()
+            if cur is not None and seen > piece.skip and got < piece.take:
+                yield cur
+                got += 1
+        except (OSError, EOFError, tarfile.TarError) as e:
+            log.warning("shard %s unreadable after %d samples (%s: %s): skipped, slots padded",
+                        url, seen, type(e).__name__, e)
+            ctx["corrupt_shards"] += 1
+            return
+        if got < piece.take:
+            log.warning("shard %s: %d samples where sizes.json promised %d more: skipped, slots padded",
+                        url, got, piece.take)
+            ctx["corrupt_shards"] += 1
+
+    def _fallback(self, ctx: Counter) -> dict:
+        """The first decodable sample of the dataset: the filler for a worker left with nothing."""
+        for i, n in enumerate(self.plan.sizes):
+            for raw in self._read(Piece(i, 0, n), Counter()):
+                try:
+                    decode_sample(raw, self.kind)
+                    return raw
+                except Exception:
+                    continue
+        raise RuntimeError(f"no readable sample in any of the {len(self.plan.sizes)} shards")
+
+    def _raw(self, wp: WorkerPlan, k: int, ctx: Counter) -> Iterator[dict]:
+        produced, keep = 0, []
+        if self.plan.resampled:
+            rng = random.Random(f"{self.plan.seed}:resample:{self.epoch}:{self.rank}:{k}")
+            shards = [i for i, n in enumerate(self.plan.sizes) if n > 0]
+            cum = list(itertools.accumulate(
+                self.plan.sources[self.plan.shard_source[i]].weight * self.plan.sizes[i] for i in shards))
+            misses = 0
+            while produced < wp.quota and shards and misses <= 2 * len(shards):
+                i = rng.choices(shards, cum_weights=cum)[0]
+                before = produced
+                for raw in self._read(Piece(i, 0, self.plan.sizes[i]), ctx):
+                    yield raw
+                    produced += 1
+                    if len(keep) < 16:
+                        keep.append(raw)
+                    if produced == wp.quota:
+                        return
+                misses = misses + 1 if produced == before else 0
+        else:
+            for piece in wp.pieces:
+                for raw in self._read(piece, ctx):
+                    yield raw
+                    produced += 1
+                    if len(keep) < 16:
+                        keep.append(raw)
+        if produced < wp.quota:  # drop_last=False remainder, corrupt or short shards
+            keep = keep or [self._fallback(ctx)]
+            for i in range(wp.quota - produced):
+                ctx["padded_samples"] += 1
+                yield dict(keep[i % len(keep)], __pad__=True)
+
+    # --------------------------------------------------------------------------- stages
+    def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1 or not self.plan.shuffle:
+            yield from it
+            return
+        buf = []
+        for x in it:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(x)
+                continue
+            i = rng.randrange(len(buf))
+            yield buf[i]
+            buf[i] = x
+        rng.shuffle(buf)
+        yield from buf
+
+    def _task_runs(self, it: Iterator[dict]) -> Iterator[dict]:
+        """Reorder into runs of ``task_batch_size`` samples of one task (the tail of the
+        stream, where no task has a full run left, comes out in task order)."""
+        t, pools = self.task_batch_size, {}
+        for x in it:
+            pool = pools.setdefault(_task_of(x), [])
+            pool.append(x)
+            if len(pool) == t:
+                yield from pool
+                pool.clear()
+        for task in sorted(pools):
+            yield from pools[task]
+
+    def _decoded(self, it: Iterator[dict], ctx: Counter) -> Iterator[dict]:
+        """Decode; a sample that fails is replaced by the last good one of the same task (so a
+        task-homogeneous run stays homogeneous), or by the next good one if none yet."""
+        last: dict[str, dict] = {}
+        owed: list[str] = []
+        for raw in it:
+            task = _task_of(raw) if self.kind == "mmeb" else ""
+            try:
+                s = decode_sample(raw, self.kind)
+            except Exception as e:
+                log.warning("sample %s in %s undecodable (%s: %s): replaced by a repeat",
+                            raw.get("__key__"), raw.get("__source__"), type(e).__name__, e)
+                ctx["corrupt_samples"] += 1
+                ctx["padded_samples"] += 1
+                rep = last.get(task) or next(iter(last.values()), None)
+                if rep is None:
+                    owed.append(task)
+                else:
+                    yield dict(rep, __pad__=True)
+                continue
+            last[task] = s
+            yield s
+            while owed:
+                owed.pop()
+                yield dict(s, __pad__=True)
+        if owed:
+            s = decode_sample(self._fallback(ctx), self.kind)
+            for _ in owed:
+                yield dict(s, __pad__=True)
+
+    def __iter__(self) -> Iterator[_Item]:
+        info = get_worker_info()
+        k = info.id if info is not None else 0
+        K = self.plan.num_workers
+        if info is not None and info.num_workers != K:
+            raise RuntimeError(f"ShardDataset planned for {K} workers, DataLoader runs {info.num_workers}")
+        wp = self.plan.worker(self.epoch, self.rank, k)
+        skip = len(range(k, self.skip_batches, K))  # this worker's batches already consumed
+        ctx = Counter()
+        rng = random.Random(f"{self.plan.seed}:buffer:{self.epoch}:{self.rank}:{k}")
+        it = self._shuffled(self._raw(wp, k, ctx), rng)
+        if self.task_batch_size:
+            it = self._task_runs(it)
+        it = self._decoded(itertools.islice(it, sum(wp.batch_sizes[:skip]), None), ctx)
+        for size in wp.batch_sizes[skip:]:
+            batch = list(itertools.islice(it, size))
+            yield _Item(self.collate_fn(batch), k, dict(ctx))
+
+
+# ------------------------------------------------------------------------------------ loader
+class ShardLoader:
+    """Iterates one rank's batches epoch by epoch (see module docstring); wraps a
+    ``torch.utils.data.DataLoader`` over :class:`ShardDataset`."""
+
+    def __init__(self, dataset: ShardDataset, num_workers: int = 2, pin_memory: bool = False,
+                 prefetch_factor: Optional[int] = None):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.epoch, self.batches_done = 0, 0
+        self._done_counters = Counter()          # finished epochs
+        self._worker_counters: dict[int, dict] = {}  # current epoch, latest snapshot per worker
+
+    def __len__(self) -> int:
+        return self.dataset.plan.batches()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate; a different epoch than the current one starts fresh
+        (the same one keeps a restored mid-epoch position)."""
+        if epoch != self.epoch:
+            self._fold()
+            self.epoch, self.batches_done = epoch, 0
+
+    def _fold(self) -> None:
+        for c in self._worker_counters.values():
+            self._done_counters.update(c)
+        self._worker_counters = {}
+
+    def __iter__(self) -> Iterator[Any]:
+        ds = self.dataset
+        ds.epoch, ds.skip_batches = self.epoch, self.batches_done
+        kwargs = {}
+        if self.num_workers > 0 and self.prefetch_factor:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                        pin_memory=self.pin_memory, **kwargs)
+        for item in dl:
+            self._worker_counters[item.worker] = item.counters
+            self.batches_done += 1
+            yield item.batch
+        if self.batches_done >= len(self):
+            self._fold()
+            self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def metrics(self) -> dict[str, int]:
+        """Cumulative data-health counters for the trainer's metrics (``data/…`` keys)."""
+        total = Counter(self._done_counters)
+        for c in self._worker_counters.values():
+            total.update(c)
+        return {f"data/{k}": int(total.get(k, 0)) for k in COUNTERS}
+
+    def _plan_params(self) -> dict:
+        p = self.dataset.plan
+        return {"world_size": p.world_size, "num_workers": p.num_workers, "batch_size": p.batch_size,
+                "seed": p.seed, "shuffle": p.shuffle, "drop_last": p.drop_last, "resampled": p.resampled,
+                "total_samples": p.total, "batches_per_epoch": len(self)}
+
+    def state_dict(self) -> dict:
+        """Where this rank stands; equal on every rank (they consume batches in lockstep), so
+        rank 0's copy in the checkpoint restores all of them."""
+        m = self.metrics()
+        return {"epoch": self.epoch, "batches": self.batches_done,
+                "counters": {k: m[f"data/{k}"] for k in COUNTERS}, **self._plan_params()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, batches = int(state["epoch"]), int(state["batches"])
+        self._done_counters = Counter(state.get("counters", {}))
+        self._worker_counters = {}
+        mine = self._plan_params()
+        changed = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
+        if changed:
+            old = state.get("batches_per_epoch") or 1
+            batches = min(len(self), round(batches * len(self) / old))
+            log.warning("loader state saved with %s; resuming at batch %d of %d of epoch %d, "
+                        "not the exact sample sequence", ", ".join(f"{k}={a} (now {b})" for k, (a, b)
+                                                                  in changed.items()),
+                        batches, len(self), self.epoch)
+        self.batches_done = batches
+
+
+def build_loader(shards: Any, kind: str, batch_size: int, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, num_workers: int = 2, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1000, drop_last: bool = True,
+                 resampled: bool = False, epoch_samples: Optional[int] = None,
+                 task_batch_size: Optional[int] = None, weights: Any = None,
+                 collate_fn: Optional[Callable[[list[dict]], Any]] = None,
+                 pin_memory: bool = False, prefetch_factor: Optional[int] = None) -> ShardLoader:
+    """The loader for one rank.  ``batch_size`` is per rank (the micro batch); ``shuffle=False,
+    drop_last=False`` is the evaluation setting (every sample once, in shard order per
+    worker).  See the module docstring for everything else."""
+    if rank is None or world_size is None:
+        from pipeline.dist import read_env
+
+        env = read_env()
+        rank = env.rank if rank is None else rank
+        world_size = env.world_size if world_size is None else world_size
+    ds = ShardDataset(expand_sources(shards, weights), kind, batch_size, rank, world_size, num_workers,
+                      seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
+                      resampled=resampled, epoch_samples=epoch_samples, task_batch_size=task_batch_size,
+                      collate_fn=collate_fn)
+    return ShardLoader(ds, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+def loader_from_config(data_cfg, batch_size: int, rank: Optional[int] = None,
+                       world_size: Optional[int] = None, collate_fn: Optional[Callable] = None,
+                       **overrides) -> ShardLoader:
+    """:func:`build_loader` from a ``pipeline.config.DataConfig`` (``cfg.data``)."""
+    if not data_cfg.sources:
+        raise ValueError("data.sources is empty: set data.sources[0].shards to a shard pattern or folder")
+    kwargs = dict(kind=data_cfg.kind, batch_size=batch_size, rank=rank, world_size=world_size,
+                  num_workers=data_cfg.workers, seed=data_cfg.seed, shuffle_buffer=data_cfg.shuffle_buffer,
+                  resampled=data_cfg.resampled, task_batch_size=data_cfg.task_batch_size,
+                  collate_fn=collate_fn)
+    kwargs.update(overrides)
+    return build_loader(list(data_cfg.sources), **kwargs)

@@ -1,0 +1,269 @@
+"""data_prep/shard.py: manifest → shards → loader round trips, bad rows, determinism, reruns."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from data_prep import shard
+from datagen import dataset, make_images, records, write_jsonl
+from pipeline.data import build_loader
+
+
+def run_shard(manifest, out, *extra) -> int:
+    return shard.main(["--input", str(manifest), "--output", str(out), "--workers", "1", *map(str, extra)])
+
+
+def read_all(out, kind):
+    """Every sample of a shard folder, in shard order (loader, no shuffle, one process)."""
+    loader = build_loader(str(out), kind=kind, batch_size=1000, rank=0, world_size=1, num_workers=0,
+                          shuffle=False, drop_last=False)
+    return [s for batch in loader for s in batch]
+
+
+def pixels(img) -> np.ndarray:
+    return np.asarray(img.convert("RGB"))
+
+
+# ---------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("kind", ["pair", "qa", "mmeb"])
+def test_round_trip_jsonl(tmp_path, kind):
+    manifest = dataset(tmp_path, kind, 6)
+    assert run_shard(manifest, tmp_path / "out", "--kind", kind, "--samples-per-shard", 4) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["pattern"] == "train-{000000..000001}.tar" and m["samples"] == 6 and m["skipped_total"] == 0
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"train-000000.tar": 4, "train-000001.tar": 2}
+    assert (tmp_path / "out" / "errors.jsonl").read_text() == ""
+
+    src = [json.loads(line) for line in manifest.read_text().splitlines()]
+    got = read_all(tmp_path / "out", kind)
+    assert [s["__key__"] for s in got] == [f"{kind}-{i:09d}" for i in range(1, 7)]
+    for rec, s in zip(src, got):
+        if kind == "pair":
+            assert s["text"] == rec["text"] and s["meta"] == rec["meta"]
+            assert (pixels(s["image"]) == pixels(Image.open(tmp_path / rec["image"]))).all()
+        elif kind == "qa":
+            # the placeholder contract: foreign markers become <image>
+            assert s["conversations"][0]["question"] == rec["conversations"][0]["question"].replace("<|image_1|>", "<image>")
+            assert s["conversations"][1] == rec["conversations"][1]
+            assert (pixels(s["image"]) == pixels(Image.open(tmp_path / rec["image"]))).all()
+        else:
+            assert s["task"] == rec["task"] and len(s["negatives"]) == len(rec["negatives"])
+            for side in ("query", "positive"):
+                want = rec[side]
+                assert s[side]["text"] == want.get("text")
+                if want.get("image"):
+                    assert (pixels(s[side]["image"]) == pixels(Image.open(tmp_path / want["image"]))).all()
+                else:
+                    assert s[side]["image"] is None
+
+
+def test_tar_layout_is_webdataset_standard(tmp_path):
+    manifest = dataset(tmp_path, "mmeb", 2)
+    assert run_shard(manifest, tmp_path / "out", "--kind", "mmeb") == 0
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tf:
+        members = tf.getmembers()
+    assert [m.name for m in members] == [
+        "mmeb-000000001.json", "mmeb-000000001.negative_0.png", "mmeb-000000001.positive.png",
+        "mmeb-000000002.json", "mmeb-000000002.query.png"]
+    assert {(m.mtime, m.uid, m.gid, m.mode) for m in members} == {(0, 0, 0, 0o444)}
+    import webdataset as wds  # plain webdataset reads it too
+
+    first = next(iter(wds.WebDataset(str(tmp_path / "out" / "train-000000.tar"), shardshuffle=False)))
+    assert json.loads(first["json"])["positive"]["image"] == "positive.png"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_round_trip_table_manifests(tmp_path, fmt):
+    names = make_images(tmp_path / "images", 3)
+    rows = [{"img": f"images/{n}", "caption": f"cap {i}", "key": f"k.{i}", "source": "web"}
+            for i, n in enumerate(names)]
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    args = ["--image-column", "img", "--text-column", "caption"]
+    assert run_shard(path, tmp_path / "out", *args) == 0
+    got = read_all(tmp_path / "out", "pair")
+    assert [(s["__key__"], s["text"], s["meta"]) for s in got] == [
+        (f"k_{i}", f"cap {i}", {"source": "web"}) for i in range(3)]
+    # a column that does not exist is an unusable invocation
+    assert run_shard(path, tmp_path / "out2", "--text-column", "text", "--image-column", "img") == 2
+
+
+# ------------------------------------------------------------------------------------- bad rows
+def _bad_manifest(tmp_path):
+    names = make_images(tmp_path / "images", 4)
+    (tmp_path / "images" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    Image.new("RGB", (4, 30)).save(tmp_path / "images" / "tiny.png")
+    good = records("pair", names)
+    rows = [
+        good[0],                                                    # line 1 ok
+        {"image": "images/missing.png", "text": "x"},               # 2 missing_image
+        {"image": "images/garbage.png", "text": "x"},               # 3 undecodable_image
+        {"image": "images/tiny.png", "text": "x"},                  # 4 image_too_small
+        {"image": f"images/{names[1]}", "text": "   "},             # 5 empty_text
+        {"image": f"images/{names[1]}", "txt": "typo"},             # 6 schema (unknown field)
+        "{not json",                                                # 7 invalid_json
+        {"image": f"images/{names[2]}", "text": 5},                 # 8 schema (text not a string)
+        dict(good[2], key="dup"),                                   # 9 ok
+        dict(good[3], key="dup"),                                   # 10 duplicate_key
+        good[1],                                                    # 11 ok
+    ]
+    return write_jsonl(tmp_path / "bad.jsonl", rows)
+
+
+def test_bad_rows_are_skipped_counted_and_listed(tmp_path, capsys):
+    manifest = _bad_manifest(tmp_path)
+    assert run_shard(manifest, tmp_path / "out", "--samples-per-shard", 4) == 0
+    out = tmp_path / "out"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["samples"] == 3 and m["rows"] == 11
+    assert m["skipped"] == {"duplicate_key": 1, "empty_text": 1, "image_too_small": 1, "invalid_json": 1,
+                            "missing_image": 1, "schema": 2, "undecodable_image": 1}
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["reason"]) for e in errors] == [
+        (2, "missing_image"), (3, "undecodable_image"), (4, "image_too_small"), (5, "empty_text"),
+        (6, "schema"), (7, "invalid_json"), (8, "schema"), (10, "duplicate_key")]
+    assert errors[0]["key"] == "bad-000000002" and "missing.png" in errors[0]["detail"]
+    assert sum(json.loads((out / "sizes.json").read_text()).values()) == 3
+    assert "skipped 8 of 11 rows" in capsys.readouterr().out
+    assert sorted(s["__key__"] for s in read_all(out, "pair")) == ["bad-000000001", "bad-000000011", "dup"]
+
+
+def test_strict_stops_at_first_bad_row(tmp_path, capsys):
+    manifest = _bad_manifest(tmp_path)
+    assert run_shard(manifest, tmp_path / "out", "--strict") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error (--strict): ") and f"{manifest}:2: missing_image:" in err
+    assert not [f for f in os.listdir(tmp_path / "out") if ".tmp" in f]
+
+
+def test_unusable_invocations_exit_2_with_one_line(tmp_path, capsys):
+    manifest = dataset(tmp_path, "pair", 2)
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("image,text\nimages/img000.png,hi\n")
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    cases = [
+        (["--input", str(tmp_path / "nope.jsonl")], "no such manifest"),
+        (["--input", str(manifest), "--kind", "video"], "invalid choice"),
+        (["--input", str(csv_path), "--text-column", "caption"], "unknown column"),
+        (["--input", str(csv_path), "--kind", "qa"], "pair only"),
+        (["--input", str(empty)], "no records"),
+        (["--input", str(manifest), "--samples-per-shard", "0"], "--samples-per-shard"),
+        (["--input", str(tmp_path)], "is a folder"),
+    ]
+    for argv, words in cases:
+        assert shard.main(argv + ["--output", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and words in err, (argv, err)
+    # and as a real command line
+    r = subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "--input", "/nonexistent.jsonl",
+                        "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such manifest" in r.stderr
+
+
+# ------------------------------------------------------------------ determinism, reruns, repair
+def _tree(folder) -> dict[str, bytes]:
+    return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder)) if f != "manifest.json"}
+
+
+def test_byte_identical_whatever_the_worker_count(tmp_path):
+    manifest = dataset(tmp_path, "mmeb", 23)
+    outs = []
+    for workers in (1, 3):
+        out = tmp_path / f"out{workers}"
+        assert shard.main(["--input", str(manifest), "--output", str(out), "--kind", "mmeb",
+                           "--samples-per-shard", "5", "--workers", str(workers), "--shuffle-seed", "7"]) == 0
+        outs.append(_tree(out))
+    assert outs[0] == outs[1]
+    assert sum(f.endswith(".tar") for f in outs[0]) == 5
+    # the seed really permutes rows: shard 0 is not the first five manifest lines
+    keys = [s["__key__"] for s in read_all(tmp_path / "out1", "mmeb")][:5]
+    assert keys != [f"mmeb-{i:09d}" for i in range(1, 6)] and len(set(keys)) == 5
+
+
+def test_rerun_skips_complete_shards_and_repairs_missing_or_partial(tmp_path, capsys):
+    manifest = dataset(tmp_path, "pair", 10)
+    out = tmp_path / "out"
+    assert run_shard(manifest, out, "--samples-per-shard", 3) == 0
+    before = _tree(out)
+    mtimes = {f: os.stat(out / f).st_mtime_ns for f in before if f.endswith(".tar")}
+    capsys.readouterr()
+
+    assert run_shard(manifest, out, "--samples-per-shard", 3) == 0  # idempotent
+    assert "(0 written at 0 rows/s, 4 already complete)" in capsys.readouterr().out
+    assert _tree(out) == before
+    assert {f: os.stat(out / f).st_mtime_ns for f in mtimes} == mtimes
+
+    os.unlink(out / "train-000001.tar")                           # deleted shard
+    with open(out / "train-000002.tar", "r+b") as f:              # partial shard (a crash mid-copy)
+        f.truncate(1000)
+    (out / "train-000003.tar.tmp123").write_bytes(b"half")         # leftover of a killed run
+    capsys.readouterr()
+    assert run_shard(manifest, out, "--samples-per-shard", 3) == 0
+    assert "2 written" in capsys.readouterr().out
+    assert _tree(out) == before
+    assert os.stat(out / "train-000000.tar").st_mtime_ns == mtimes["train-000000.tar"]
+
+    # changed rows → only the shard holding them is redone
+    lines = manifest.read_text().splitlines()
+    lines[9] = json.dumps(dict(json.loads(lines[9]), text="a new caption"))
+    manifest.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert run_shard(manifest, out, "--samples-per-shard", 3) == 0
+    assert "1 written" in capsys.readouterr().out
+    assert [s["text"] for s in read_all(out, "pair")][9] == "a new caption"
+
+
+def test_max_image_side_reencodes_large_images(tmp_path):
+    (tmp_path / "images").mkdir()
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8))
+    big.convert("CMYK").save(tmp_path / "images" / "cmyk.jpg", format="JPEG")
+    big.convert("P").save(tmp_path / "images" / "pal.png")
+    big.resize((30, 12)).save(tmp_path / "images" / "small.png")
+    rows = [{"image": f"images/{n}", "text": n} for n in ("cmyk.jpg", "pal.png", "small.png")]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    assert run_shard(manifest, tmp_path / "out", "--max-image-side", 50) == 0
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf}
+    for key in ("m-000000001", "m-000000002"):
+        img = Image.open(io.BytesIO(members[f"{key}.jpg"]))
+        assert img.format == "JPEG" and img.mode == "RGB" and img.size == (50, 20)
+    # not larger than the limit: original bytes kept
+    assert members["m-000000003.png"] == (tmp_path / "images" / "small.png").read_bytes()
+
+
+def test_world_size_warning(tmp_path, capsys):
+    manifest = dataset(tmp_path, "pair", 24)
+    assert run_shard(manifest, tmp_path / "a", "--samples-per-shard", 4) == 0   # 6 shards
+    err = capsys.readouterr().err
+    assert "6 shard(s) is not a multiple of 8" in err and "--samples-per-shard 3 gives 8 shards" in err
+    assert run_shard(manifest, tmp_path / "b", "--samples-per-shard", 3) == 0   # 8 shards: quiet
+    assert "warning" not in capsys.readouterr().err
+    assert run_shard(manifest, tmp_path / "c", "--samples-per-shard", 2) == 0   # 12 shards
+    err = capsys.readouterr().err
+    assert "12 shard(s)" in err and "gives 8 shards" in err or "gives 16 shards" in err
+
+
+def test_sizes_json_keeps_other_prefixes(tmp_path):
+    manifest = dataset(tmp_path, "pair", 3)
+    assert run_shard(manifest, tmp_path / "out", "--prefix", "train") == 0
+    assert run_shard(manifest, tmp_path / "out", "--prefix", "val") == 0
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"train-000000.tar": 3, "val-000000.tar": 3}
