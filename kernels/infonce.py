@@ -183,14 +183,79 @@ def combine(row_loss, col_loss, reduction):
     return per_query
 
 
+def per_query_losses(query, key, scale: float, positive_index, symmetric, ops):
+    """Forward without a graph: (per-query losses [n], row_lse [n], col_lse [m] | None, dots [n])
+    in the accumulation dtype; dots_i = q_i · k_{p_i} (kept for d logit_scale)."""
+    row_lse, col_lse = ops.stats(query, key, scale, symmetric)
+    acc = acc_dtype(query.dtype)
+    row_lse = row_lse.to(acc)
+    col_lse = col_lse.to(acc) if symmetric else None
+    dots = (query.to(acc) * key.index_select(0, positive_index).to(acc)).sum(-1)
+    pos = scale * dots
+    row_loss = row_lse - pos
+    col_loss = col_lse.index_select(0, positive_index) - pos if symmetric else None
+    per_query = row_loss if col_loss is None else 0.5 * (row_loss + col_loss)
+    return per_query, row_lse, col_lse, dots
+
+
+def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse, col_lse, dots, weight):
+    """Gradients of Σ_i weight_i · loss_i w.r.t. (query, key, logit_scale), all in the
+    accumulation dtype (one rounding to the input dtype happens at the caller).
+
+    Per query i the loss is row_lse_i − pos_i (q→k) or ½(row_lse_i + col_lse_{p_i}) − pos_i
+    (symmetric), so: row coefficient a_i = α·w_i, column coefficient b_j = Σ_{i: p_i = j} α·w_i
+    (α = ½ if symmetric else 1), and every query's positive logit has weight −w_i."""
+    acc = row_lse.dtype
+    alpha = 0.5 if symmetric else 1.0
+    row_coef = (alpha * weight).to(acc)
+    col_coef = None
+    if symmetric:
+        col_coef = torch.zeros(key.shape[0], dtype=acc, device=key.device).index_add_(0, positive_index, row_coef)
+    dq, dk, ds = ops.softmax_grads(query, key, scale, row_lse, row_coef, col_lse, col_coef)
+    dq, dk, ds = dq.to(acc), dk.to(acc), ds.to(acc)
+    w = weight.to(acc)
+    # positive logits: d(−s · q_i·k_{p_i})
+    dq.addcmul_(key.index_select(0, positive_index).to(acc), w[:, None], value=-scale)
+    dk.index_add_(0, positive_index, query.to(acc) * w[:, None], alpha=-scale)
+    ds = ds - (w * dots).sum()
+    return dq, dk, ds
+
+
+def _weights(grad_out, n, reduction, device, dtype):
+    if reduction == "mean":
+        return grad_out.to(dtype).expand(n) / n
+    if reduction == "sum":
+        return grad_out.to(dtype).expand(n)
+    return grad_out.to(dtype)
+
+
+class FusedInfoNCE(torch.autograd.Function):
+    """The whole loss as one Function: forward keeps only the LSE statistics and the positive
+    dot products; backward recomputes the tiles and adds the positive term in the accumulation
+    dtype, so each gradient is rounded to the input dtype exactly once."""
+
+    @staticmethod
+    def forward(ctx, query, key, logit_scale, positive_index, symmetric, reduction, ops):
+        scale = float(logit_scale)
+        per_query, row_lse, col_lse, dots = per_query_losses(query, key, scale, positive_index, symmetric, ops)
+        ctx.save_for_backward(query, key, positive_index, row_lse, col_lse if symmetric else row_lse[:0], dots)
+        ctx.cfg = (scale, symmetric, reduction, ops, logit_scale.dtype)
+        out = combine(per_query, None, reduction)
+        return out.to(query.dtype) if reduction == "none" else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, pidx, row_lse, col_lse, dots = ctx.saved_tensors
+        scale, symmetric, reduction, ops, s_dtype = ctx.cfg
+        w = _weights(grad_out, query.shape[0], reduction, query.device, row_lse.dtype)
+        dq, dk, ds = loss_grads(query, key, scale, pidx, symmetric, ops, row_lse,
+                                col_lse if symmetric else None, dots, w)
+        return dq.to(query.dtype), dk.to(key.dtype), ds.to(s_dtype), None, None, None, None
+
+
 def infonce_forward(query, key, logit_scale, positive_index, symmetric, reduction, ops) -> torch.Tensor:
     """The autograd path of ``fused_infonce`` for a tiled backend (``ops``)."""
-    row_lse, col_lse = LSEStats.apply(query, key, logit_scale, ops, symmetric)
-    pos = positive_logits(query, key, logit_scale, positive_index)
-    row_loss = row_lse.to(pos.dtype) - pos
-    col_loss = col_lse.to(pos.dtype).index_select(0, positive_index) - pos if symmetric else None
-    out = combine(row_loss, col_loss, reduction)
-    return out.to(query.dtype) if reduction == "none" else out.to(acc_dtype(query.dtype))
+    return FusedInfoNCE.apply(query, key, logit_scale, positive_index, symmetric, reduction, ops)
 
 
 # ------------------------------------------------------------------------------ no autograd
@@ -207,27 +272,8 @@ def infonce_loss_and_grads(query, key, logit_scale, positive_index, symmetric, o
     """
     n = query.shape[0]
     scale = float(logit_scale)
-    row_lse, col_lse = ops.stats(query, key, scale, symmetric)
-    acc = row_lse.dtype
-    kp = key.index_select(0, positive_index).to(acc)
-    qa = query.to(acc)
-    dots = (qa * kp).sum(-1)                     # q_i · k_{p_i}
-    pos = scale * dots
-    row_loss = row_lse - pos
-    col_loss = col_lse.index_select(0, positive_index) - pos if symmetric else None
-    loss = combine(row_loss, col_loss, "mean")
-
-    g = (1.0 if grad_scale is None else float(grad_scale)) / n
-    alpha = 0.5 if symmetric else 1.0
-    row_coef = torch.full((n,), alpha * g, dtype=acc, device=query.device)
-    col_coef = None
-    if symmetric:
-        col_coef = torch.zeros(key.shape[0], dtype=acc, device=query.device)
-        col_coef.index_add_(0, positive_index, torch.full_like(row_coef, alpha * g))
-    dq, dk, ds = ops.softmax_grads(query, key, scale, row_lse, row_coef, col_lse if symmetric else None, col_coef)
-    # positive term: d(−pos_i) with weight t_i = (row + column coefficient of query i)
-    t = g * (2 * alpha if symmetric else 1.0)
-    dq.add_(kp, alpha=-scale * t)
-    dk.index_add_(0, positive_index, qa, alpha=-scale * t)
-    ds = ds - t * dots.sum()
-    return loss, dq.to(query.dtype), dk.to(key.dtype), ds.to(logit_scale.dtype)
+    per_query, row_lse, col_lse, dots = per_query_losses(query, key, scale, positive_index, symmetric, ops)
+    w = torch.full((n,), (1.0 if grad_scale is None else float(grad_scale)) / n, dtype=row_lse.dtype,
+                   device=query.device)
+    dq, dk, ds = loss_grads(query, key, scale, positive_index, symmetric, ops, row_lse, col_lse, dots, w)
+    return per_query.mean(), dq.to(query.dtype), dk.to(key.dtype), ds.to(logit_scale.dtype)

@@ -188,3 +188,12 @@ def test_auto_picks_torch_on_cpu_and_import_is_lazy(repo_root):
             "'kernels.distributed'); bad = [m for m in lazy if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"importing kernels pulled in {r.stdout} {r.stderr[-500:]}"
+
+
+def test_autocast_does_not_lower_torch_backend_precision():
+    q, k, s = make(40, 60, 32, torch.float32, 33.3)
+    want = run("torch", q, k, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run("torch", q, k, s)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-7)
