@@ -45,6 +45,27 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+@contextlib.contextmanager
+def _zero3_construction_off():
+    """Build plain (unpartitioned) modules even while the engine's ``HfDeepSpeedConfig`` is alive.
+
+    The export runs on rank 0 alone; with ZeRO-3 detected, transformers would partition the
+    skeleton and peft would broadcast its trainable-token rows from rank 0 — a collective the
+    other ranks never join (a hang).  The weights come in whole as a state dict, so neither is
+    wanted here."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def merged_backbone(model: CoMaModel, state_dict: Optional[dict] = None) -> torch.nn.Module:
     """A fresh CPU copy of the HF model holding ``state_dict`` (default: the model's own), with
     any LoRA/DoRA and trainable-token deltas merged into the base weights.
@@ -61,19 +82,20 @@ def merged_backbone(model: CoMaModel, state_dict: Optional[dict] = None) -> torc
     cfg = copy.deepcopy(hf.config)
     cfg.get_text_config()._attn_implementation = model.base_attn  # the saved model needs no project code
     dtype = next(iter(sd.values())).dtype if next(iter(sd.values())).is_floating_point() else torch.float32
-    with _default_dtype(dtype if dtype.is_floating_point else torch.float32):
-        skel = type(hf)(cfg)
-    if model.is_peft:
-        from peft import get_peft_model
+    with _zero3_construction_off():
+        with _default_dtype(dtype if dtype.is_floating_point else torch.float32):
+            skel = type(hf)(cfg)
+        if model.is_peft:
+            from peft import get_peft_model
 
-        peft_cfg = copy.deepcopy(model.backbone.peft_config["default"])
-        wrapped = get_peft_model(skel, peft_cfg)
-        missing, unexpected = wrapped.load_state_dict(sd, strict=False)
-        _check_load(missing, unexpected)
-        skel = wrapped.merge_and_unload()
-    else:
-        missing, unexpected = skel.load_state_dict(sd, strict=False)
-        _check_load(missing, unexpected)
+            peft_cfg = copy.deepcopy(model.backbone.peft_config["default"])
+            wrapped = get_peft_model(skel, peft_cfg)
+            missing, unexpected = wrapped.load_state_dict(sd, strict=False)
+            _check_load(missing, unexpected)
+            skel = wrapped.merge_and_unload()
+        else:
+            missing, unexpected = skel.load_state_dict(sd, strict=False)
+            _check_load(missing, unexpected)
     return skel.eval()
 
 

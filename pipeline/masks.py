@@ -251,6 +251,30 @@ def compression_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     return compression_attention_rows(query, key, value, layout, scale, dropout)
 
 
+class _BaseView:
+    """An attention module as the base implementation should see it: every attribute of the
+    module, except a config whose ``_attn_implementation`` is the base name."""
+
+    def __init__(self, module, config):
+        self.__dict__["_module"] = module
+        self.__dict__["config"] = config
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _as_base(module, base: str):
+    view = module.__dict__.get("_coma_base_view")
+    if view is None or view.config._attn_implementation != base:
+        import copy
+
+        cfg = copy.copy(module.config)
+        cfg._attn_implementation = base
+        view = _BaseView(module, cfg)
+        module.__dict__["_coma_base_view"] = view  # plain attribute: not a submodule, not in state_dict
+    return view
+
+
 def make_attention_forward(base: str):
     """An attention function for transformers' ``AttentionInterface``: with a
     :class:`CompressionLayout` in its kwargs it runs :func:`compression_attention`, otherwise
@@ -265,7 +289,10 @@ def make_attention_forward(base: str):
                                scaling: Optional[float] = None, **kwargs):
         layout = kwargs.pop(LAYOUT_KWARG, None)
         if layout is None:
-            return base_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            # transformers' flash wrapper loads its kernel by ``module.config._attn_implementation``,
+            # which names us, not flash: show it the module with the base name.
+            mod = _as_base(module, base) if use_flash else module
+            return base_fn(mod, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return compression_attention(query, key, value, layout, scale, dropout, use_flash), None
 

@@ -69,6 +69,15 @@ def test_export_from_a_gathered_state_dict(tmp_path):
             p.zero_()
     out = export_model(model, tmp_path / "e", state_dict=sd)
     torch.testing.assert_close(Embedder.from_pretrained(out).encode(ITEMS), expected, atol=2e-5, rtol=1e-4)
+    # while the engine's HfDeepSpeedConfig (ZeRO-3) is alive, rank 0 exports alone: nothing in
+    # the export may partition or broadcast (no process group exists here, so a collective fails)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    assert ds.is_zero3()
+    out3 = export_model(model, tmp_path / "e3", state_dict=sd)
+    del ds
+    torch.testing.assert_close(Embedder.from_pretrained(out3).encode(ITEMS), expected, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="backbone"):
         export_model(model, tmp_path / "bad", state_dict={"x": torch.zeros(1)})
 
