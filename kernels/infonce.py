@@ -86,8 +86,9 @@ class RowKernelOps(abc.ABC):
     ``launch_grad(...)``: dA += out_scale · G B  with G from the statistics       (fp32 buffer)
 
     Each is called twice, the second time with Q and K swapped (column statistics are row
-    statistics of S ᵀ; dK is "dQ" of the transposed problem).  Subclasses (Triton, CUDA)
-    implement ``row_lse`` and ``launch_grad``; the bookkeeping is here.
+    statistics of Sᵀ; dK is "dQ" of the transposed problem).  The CUDA backend implements
+    ``row_lse`` and ``launch_grad``; the bookkeeping is here.  (The Triton backend does one
+    pass per direction instead: see :mod:`kernels.infonce_triton`.)
     """
 
     name = "rowkernel"

@@ -1,26 +1,31 @@
-"""Triton kernels for the two tiled InfoNCE primitives (see :mod:`kernels.infonce`).
+"""Triton kernels for the tiled InfoNCE primitives (maths in :mod:`kernels.infonce`).
 
-Two kernels, each used twice (once with the roles of Q and K swapped):
+Forward, ``_stats_kernel`` (one pass, both directions): a 2-D grid of (BLOCK_M rows of Q) ×
+(a contiguous split of the key columns).  Each program streams its keys in BLOCK_N tiles; a
+tile's logits  s · Q_blk K_tileᵀ  are built from BLOCK_K slices of D in an fp32 accumulator
+(tensor cores for fp16/bf16) and never leave registers.  It keeps an online (max, sum-exp) per
+row over its columns,
+        m' = max(m, max_j S_ij),   l' = l · exp(m − m') + Σ_j exp(S_ij − m'),
+and, when symmetric, writes each tile's per-column (max, sum-exp) over its BLOCK_M rows.  The
+host merges the partials with a log-sum-exp: row_lse [n] and col_lse [m].  Partials cost
+8·n·splits + 8·m·⌈n/BLOCK_M⌉ bytes — O(n·m / BLOCK_M), against 2·n·m for bf16 logits.
 
-``_lse_kernel(A, B)``   one program per BLOCK_M rows of A; streams B in BLOCK_N tiles, each
-    tile's logits  s · A_blk B_tileᵀ  built from BLOCK_K slices of D (fp32 accumulator), and
-    keeps an online (max, sum-exp) per row:
-        m' = max(m, max_j S_ij),   l' = l · exp(m − m') + Σ_j exp(S_ij − m')
-    → row_lse = m + log l.  Called as (Q, K) for the per-row and, when symmetric, as (K, Q)
-    for the per-column statistics.  Nothing of size n×m is written.
+Backward, ``_grad_tile_kernel`` on row chunks of C rows (C·m ≈ COMA_INFONCE_TRITON_CHUNK_ELEMS,
+default 64 Mi elements: 128 MiB in bf16): a 2-D grid over (row block, key tile) recomputes each
+logits tile once and turns it into the softmax-gradient weights
+        G_ij = a_i · exp(S_ij − row_lse_i) + b_j · exp(S_ij − col_lse_j)
+(the column term only when symmetric), written in the input dtype to a [C, m] chunk buffer,
+plus Σ G ⊙ (Q Kᵀ) per tile for d logit_scale.  The two products that consume G,
+dQ_chunk = s·G K and dK += s·Gᵀ Q_chunk, are plain GEMMs (cuBLAS via torch.mm, fp32
+accumulation, dK summed across chunks in fp32).  So the backward recomputes S once (not once
+per direction), does no atomics and no read-modify-write of D-wide accumulators (D may be
+thousands: a fused dA accumulator would not fit in registers), and is deterministic.  G is
+normalised to max |coefficient| = 1 before it is rounded to fp16/bf16 (the coefficients are
+O(1/n), below fp16's normal range at large n) and the norm is folded back into s.
 
-``_grad_kernel(A, B)``  one program per BLOCK_M rows of A; for every tile of B it recomputes
-    the logits and the softmax weights
-        G_ij = a_i · exp(S_ij − lse_i) + b_j · exp(S_ij − lse'_j)
-    (either term optional) and accumulates  dA_blk += s · G B_tile  into an fp32 buffer that
-    only this program owns (D is processed in BLOCK_K slices, so any D fits: no atomics, the
-    result is deterministic).  Called as (Q, K) → dQ and ds partials, and (K, Q) → dK.
-    G is normalised to max |coef| = 1 before the low-precision tensor-core dot (coefficients
-    are O(1/n), tiny for fp16) and the norm is folded back into the output scale.
-
-Under TRITON_INTERPRET=1 (CPU) bf16 ``tl.dot`` is broken upstream, so bf16 tiles are
-converted to fp32 before the dot when interpreting (the ``UPCAST`` constexpr).  fp32 inputs
-on a GPU use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is set.
+Under TRITON_INTERPRET=1 (CPU) bf16 ``tl.dot`` is broken upstream, so bf16 tiles are converted
+to fp32 before the dot when interpreting (the ``UPCAST`` constexpr) and G is kept in fp32.
+fp32 inputs on a GPU use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is set.
 """
 from __future__ import annotations
 
@@ -28,14 +33,14 @@ import os
 
 import torch
 
-from .infonce import RowKernelOps
-
 try:
     import triton
     import triton.language as tl
 except ImportError as exc:  # pragma: no cover - triton ships with Linux torch wheels
     raise RuntimeError(f"backend='triton' needs the triton package ({exc}); pip install triton, "
                        "or use backend='torch'") from exc
+
+_CHUNK_ELEMS = 1 << 26
 
 
 def _interpreting() -> bool:
@@ -63,80 +68,70 @@ def _dot_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
 
 
 @triton.jit
-def _lse_kernel(A, B, LSE, n_rows, n_cols, D, stride_a, stride_b, scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: row · stride may pass 2³¹
-    rmask = rows < n_rows
+def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, cols_per_split, scale,
+                  COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: row · stride may pass 2³¹
+    rmask = rows < n
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, n_cols, BLOCK_N):
+    c_start = split * cols_per_split
+    c_end = tl.minimum(c_start + cols_per_split, m)
+    for c0 in range(c_start, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        cmask = cols < n_cols
-        acc = _dot_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+        cmask = cols < c_end
+        acc = _dot_tile(Q, K, rows, cols, rmask, cmask, D, stride_q, stride_k,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-        s = tl.where(cmask[None, :], acc * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))           # finite: every tile has a valid column
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        s = acc * scale
+        s_r = tl.where(cmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_r, axis=1))           # finite: every tile has a valid column
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_r - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(LSE + rows, m_i + tl.log(l_i), mask=rmask)
+        if COL:
+            s_c = tl.where(rmask[:, None], s, float("-inf"))
+            c_max = tl.max(s_c, axis=0)                          # finite: every block has a valid row
+            c_sum = tl.sum(tl.exp(s_c - c_max[None, :]), axis=0)
+            tl.store(PMAX + pid_m * m + cols, c_max, mask=cmask)
+            tl.store(PSUM + pid_m * m + cols, c_sum, mask=cmask)
+    tl.store(RMAX + split * n + rows, m_i, mask=rmask)
+    tl.store(RSUM + split * n + rows, l_i, mask=rmask)
 
 
 @triton.jit
-def _grad_kernel(A, B, DA, DS, RLSE, RCOEF, CLSE, CCOEF, n_rows, n_cols, D,
-                 stride_a, stride_b, stride_da, scale, out_scale,
-                 HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, WANT_DS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: row · stride may pass 2³¹
-    rmask = rows < n_rows
-    kk = tl.arange(0, BLOCK_K)
-    if HAS_ROW:
-        rlse = tl.load(RLSE + rows, mask=rmask, other=0.0)
-        rcoef = tl.load(RCOEF + rows, mask=rmask, other=0.0)
-    ds_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        cmask = cols < n_cols
-        acc = _dot_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
-        valid = rmask[:, None] & cmask[None, :]
-        s = tl.where(valid, acc * scale, float("-inf"))     # exp(-inf) = 0 on padding: no inf·0
-        g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if HAS_ROW:
-            g += rcoef[:, None] * tl.exp(s - rlse[:, None])
-        if HAS_COL:
-            clse = tl.load(CLSE + cols, mask=cmask, other=0.0)
-            ccoef = tl.load(CCOEF + cols, mask=cmask, other=0.0)
-            g += ccoef[None, :] * tl.exp(s - clse[None, :])
-        if WANT_DS:
-            ds_acc += tl.sum(g * acc, axis=1)
-        if UPCAST:
-            gd = g
-        else:
-            gd = g.to(A.dtype.element_ty)
-        for k0 in range(0, D, BLOCK_K):
-            dmask = (k0 + kk) < D
-            b = tl.load(B + cols[:, None] * stride_b + (k0 + kk)[None, :],
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-            if UPCAST:
-                b = b.to(tl.float32)
-            upd = tl.dot(gd, b, input_precision=PRECISION)
-            ptr = DA + rows[:, None] * stride_da + (k0 + kk)[None, :]
-            omask = rmask[:, None] & dmask[None, :]
-            tl.store(ptr, tl.load(ptr, mask=omask, other=0.0) + upd * out_scale, mask=omask)
-    if WANT_DS:
-        tl.store(DS + rows, ds_acc, mask=rmask)
+def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, row0, row1, m, D,
+                      stride_q, stride_k, stride_g, scale,
+                      HAS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + local
+    rmask = rows < row1
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < m
+    acc = _dot_tile(Q, K, rows, cols, rmask, cmask, D, stride_q, stride_k,
+                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+    valid = rmask[:, None] & cmask[None, :]
+    s = tl.where(valid, acc * scale, float("-inf"))            # exp(-inf) = 0 on padding: no inf·0
+    rlse = tl.load(RLSE + rows, mask=rmask, other=0.0)
+    rcoef = tl.load(RCOEF + rows, mask=rmask, other=0.0)
+    g = rcoef[:, None] * tl.exp(s - rlse[:, None])
+    if HAS_COL:
+        clse = tl.load(CLSE + cols, mask=cmask, other=0.0)
+        ccoef = tl.load(CCOEF + cols, mask=cmask, other=0.0)
+        g += ccoef[None, :] * tl.exp(s - clse[None, :])
+    tl.store(DSP + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
+    tl.store(G + local[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=valid)
 
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-class TritonOps(RowKernelOps):
-    """Host side of the Triton kernels: tile choice and launches (maths in the module docstring)."""
+class TritonOps:
+    """Host side: tile choice, partial-statistics merge, row chunks and the two GEMMs."""
 
     name = "triton"
 
@@ -145,6 +140,8 @@ class TritonOps(RowKernelOps):
         self.upcast = interpret and dtype == torch.bfloat16
         tf32 = dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32
         self.precision = "tf32" if tf32 else "ieee"
+        # G in the input dtype feeds tensor-core GEMMs; fp32 when interpreting (CPU bf16 mm is slow)
+        self.g_dtype = torch.float32 if interpret else dtype
 
     @classmethod
     def for_inputs(cls, device: torch.device, dtype: torch.dtype) -> "TritonOps":
@@ -165,35 +162,89 @@ class TritonOps(RowKernelOps):
             raise RuntimeError(f"backend='triton' cannot run on device {device}; use backend='torch'")
         return cls(interpret, dtype)
 
-    def _blocks(self, n_rows: int, n_cols: int, D: int, grad: bool):
-        bk = max(16, min(_pow2(D), 64))
+    def _tiles(self, n: int, m: int, D: int, elem: int):
         if self.interpret:
-            # The interpreter's cost is per program × per tile: few, large tiles.
-            bm = max(16, min(128, _pow2(n_rows)))
-            bn = max(16, min(128, _pow2(n_cols)))
-            return bm, bn, max(16, min(_pow2(D), 256)), {}
-        if grad:
-            return 128, 64, bk, {"num_warps": 8, "num_stages": 2}
-        return 128, 128 if bk <= 32 else 64, bk, {"num_warps": 8, "num_stages": 3}
+            # the interpreter's cost is per program × per tile: few, large tiles
+            return (max(16, min(128, _pow2(n))), max(16, min(128, _pow2(m))), max(16, min(_pow2(D), 256)), {})
+        bk = max(16, min(_pow2(D), 64 if elem <= 2 else 32))
+        return 128, 128, bk, {"num_warps": 8, "num_stages": 3}
 
-    def row_lse(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        """lse_i = log Σ_j exp(scale · a_i·b_j); a [r, D], b [c, D] contiguous → [r] fp32."""
-        r, c, d = a.shape[0], b.shape[0], a.shape[1]
-        out = torch.empty(r, dtype=torch.float32, device=a.device)
-        bm, bn, bk, kw = self._blocks(r, c, d, grad=False)
-        _lse_kernel[(triton.cdiv(r, bm),)](a, b, out, r, c, d, a.stride(0), b.stride(0), float(scale),
-                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=self.upcast,
-                                          PRECISION=self.precision, **kw)
-        return out
+    def stats(self, query, key, scale: float, col: bool):
+        q, k = query.contiguous(), key.contiguous()
+        (n, d), m = q.shape, k.shape[0]
+        bm, bn, bk, kw = self._tiles(n, m, d, q.element_size())
+        row_blocks = triton.cdiv(n, bm)
+        if os.environ.get("COMA_INFONCE_TRITON_SPLITS"):      # forced (tests)
+            splits = int(os.environ["COMA_INFONCE_TRITON_SPLITS"])
+        elif self.interpret:
+            splits = 1
+        else:  # split the key columns too, so that small n still fills every SM
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            splits = triton.cdiv(2 * sms, row_blocks)
+        splits = max(1, min(splits, triton.cdiv(m, bn)))
+        cols_per_split = triton.cdiv(triton.cdiv(m, splits), bn) * bn
+        splits = triton.cdiv(m, cols_per_split)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        rmax, rsum = torch.empty(splits, n, **f32), torch.empty(splits, n, **f32)
+        pmax = torch.empty(row_blocks, m, **f32) if col else rmax
+        psum = torch.empty(row_blocks, m, **f32) if col else rsum
+        _stats_kernel[(row_blocks, splits)](q, k, rmax, rsum, pmax, psum, n, m, d, q.stride(0), k.stride(0),
+                                            cols_per_split, float(scale), COL=col, BLOCK_M=bm, BLOCK_N=bn,
+                                            BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)
+        return _merge(rmax, rsum), (_merge(pmax, psum) if col else None)
 
-    def launch_grad(self, a, b, da, ds, scale, out_scale, rlse, rcoef, clse, ccoef, want_ds):
-        r, c, d = a.shape[0], b.shape[0], a.shape[1]
-        has_row, has_col = rlse is not None, clse is not None
-        rl, rc = (rlse, rcoef) if has_row else (da, da)      # pointer slots unused when a term is absent
-        cl, cc = (clse, ccoef) if has_col else (da, da)
-        bm, bn, bk, kw = self._blocks(r, c, d, grad=True)
-        _grad_kernel[(triton.cdiv(r, bm),)](a, b, da, ds, rl, rc, cl, cc, r, c, d,
-                                           a.stride(0), b.stride(0), da.stride(0), scale, out_scale,
-                                           HAS_ROW=has_row, HAS_COL=has_col, WANT_DS=want_ds,
-                                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                           UPCAST=self.upcast, PRECISION=self.precision, **kw)
+    def softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse=None, col_coef=None):
+        q, k = query.contiguous(), key.contiguous()
+        (n, d), m = q.shape, k.shape[0]
+        has_col = col_lse is not None
+        norm = float(row_coef.abs().max())
+        if has_col:
+            norm = max(norm, float(col_coef.abs().max()))
+        dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
+        if norm == 0.0:
+            return dq, dk, dq.new_zeros(())
+        f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
+        rl, rc = f32(row_lse), f32(row_coef / norm)
+        cl, cc = (f32(col_lse), f32(col_coef / norm)) if has_col else (rl, rc)
+        bm, bn, bk, kw = self._tiles(n, m, d, q.element_size())
+        budget = int(os.environ.get("COMA_INFONCE_TRITON_CHUNK_ELEMS", _CHUNK_ELEMS))
+        chunk = min(triton.cdiv(n, bm) * bm, max(bm, budget // max(m, 1) // bm * bm))
+        gbuf = torch.empty(chunk, m, dtype=self.g_dtype, device=q.device)
+        qg, kg = q.to(self.g_dtype), k.to(self.g_dtype)          # no-ops unless interpreting bf16/fp16
+        out_scale = float(scale) * norm
+        ds = torch.zeros((), dtype=torch.float32, device=q.device)
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            grid = (triton.cdiv(r1 - r0, bm), triton.cdiv(m, bn))
+            dsp = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
+            g = gbuf[: r1 - r0]
+            _grad_tile_kernel[grid](q, k, g, dsp, rl, rc, cl, cc, r0, r1, m, d, q.stride(0), k.stride(0),
+                                    g.stride(0), float(scale), HAS_COL=has_col, BLOCK_M=bm, BLOCK_N=bn,
+                                    BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)
+            ds += dsp.sum()
+            torch.mul(_mm_f32(g, kg), out_scale, out=dq[r0:r1])
+            dk.add_(_mm_f32(g.t(), qg[r0:r1]), alpha=out_scale)
+        return dq, dk, ds * norm
+
+
+_OUT_DTYPE_MM = [True]
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result.  cuBLAS accumulates fp16/bf16 products in fp32 anyway;
+    ``out_dtype`` (torch ≥ 2.8, CUDA) keeps that sum unrounded, else one rounding happens."""
+    if a.dtype == torch.float32 or not a.is_cuda:
+        return torch.mm(a, b).float()
+    if _OUT_DTYPE_MM[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _OUT_DTYPE_MM[0] = False
+    return torch.mm(a, b).float()
+
+
+def _merge(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
+    """log Σ_p psum_p · exp(pmax_p − M) + M over the partials (dim 0) → fp32 LSE."""
+    top = pmax.max(dim=0).values
+    return top + torch.log((psum * torch.exp(pmax - top)).sum(dim=0))

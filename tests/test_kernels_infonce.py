@@ -197,3 +197,14 @@ def test_autocast_does_not_lower_torch_backend_precision():
         got = run("torch", q, k, s)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_triton_column_splits_and_row_chunks(monkeypatch):
+    # forward with the key columns split over programs, backward over several row chunks
+    monkeypatch.setenv("COMA_INFONCE_TRITON_SPLITS", "3")
+    monkeypatch.setenv("COMA_INFONCE_TRITON_CHUNK_ELEMS", "1")
+    q, k, s = make(300, 410, 24, torch.float16, 33.3)
+    pidx = torch.randint(0, 410, (300,), generator=torch.Generator().manual_seed(5))
+    for sym in (False, True):
+        got = run("triton", q, k, s, symmetric=sym, positive_index=pidx)
+        assert_close(got, reference(q, k, s, symmetric=sym, positive_index=pidx), torch.float16, f"sym={sym}")
