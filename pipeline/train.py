@@ -255,35 +255,109 @@ def _num_samples(batch: Any) -> int:
     return int(batch["input_ids"].shape[0])
 
 
+class Loop:
+    """The per-step machinery of :func:`train` (fetch, step, bookkeeping, logging, checkpoint),
+    separate so benchmarks/throughput.py times exactly what training runs."""
+
+    def __init__(self, cfg: Config, built, source, metrics: Metrics, ckpt: Optional[CheckpointManager],
+                 total: int, state: Optional[TrainState] = None):
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg, self.built, self.source, self.metrics, self.ckpt = cfg, built, source, metrics, ckpt
+        self.eng = built.engine
+        self.total = total
+        self.state = state or TrainState()
+        self.runner = StepRunner(cfg, self.eng, built.plan)
+        self.world = dist.get_world_size()
+        self.fm = FlopsModel.from_model(getattr(built.model, "backbone", built.model),
+                                        train_llm_weights=not cfg.model.lora.enabled,
+                                        train_vit=not cfg.model.freeze_vision)
+        self.peak = peak_flops(get_accelerator().device_name() + " " + _device_label(), cfg.train.peak_tflops)
+        self.passes = 2 if (cfg.train.stage == 2 and built.plan.cache_chunk is not None) else 1
+        self.config_yaml = to_yaml(cfg)
+        self.window = _Window()
+        self._it: Optional[Iterator] = None
+
+    def save(self) -> None:
+        st = self.state
+        client = {"step": st.step, "samples_seen": st.samples_seen, "skipped_steps": st.skipped_steps,
+                  "config": to_dict(self.cfg)}
+        rank_state = {"rng": rng_state(), "loader": self.source.state_dict()}
+        path = self.ckpt.save(self.eng, st.step, client, rank_state, self.config_yaml)
+        st.last_checkpoint = str(path)
+        log.info("checkpoint %s", path)
+
+    def step(self) -> dict:
+        """One optimizer step on every rank, with its logging and checkpoint hooks."""
+        cfg, st = self.cfg, self.state
+        if self._it is None:
+            self._it = iter(self.source)
+        t0 = time.perf_counter()
+        parts = next(self._it)  # a list: micro-batches (stage 1) or cache chunks (stage 2)
+        t_data = time.perf_counter() - t0
+        out = self.runner.stage1(parts, st) if cfg.train.stage == 1 else self.runner.stage2(parts, st)
+        n_samples = sum(_num_samples(p) for p in parts)
+        st.step += 1
+        st.samples_seen += n_samples * self.world
+        finite = math.isfinite(out["loss"])
+        if not out["applied"] or not finite:
+            st.skipped_steps += 1
+            st.bad_in_row += 1
+            log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row, %d total)",
+                        st.step, out["loss"], st.bad_in_row, st.skipped_steps)
+            if st.bad_in_row >= cfg.train.max_bad_steps:
+                raise TrainingStopped(
+                    f"{st.bad_in_row} non-finite steps in a row (limit train.max_bad_steps="
+                    f"{cfg.train.max_bad_steps}) at step {st.step}; last good checkpoint: "
+                    f"{st.last_checkpoint or 'none (no checkpoint saved yet)'}. Lower optim.lr or check the "
+                    f"data, then resume with --train.resume=PATH")
+        else:
+            st.bad_in_row = 0
+        tokens, seqs, patches = _count_tokens(parts)
+        flops = self.fm.step_flops(seqs, patches, forward_passes=self.passes)
+        self.window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, out["loss"] if finite else None)
+        if st.step % cfg.train.log_every == 0 or st.step == self.total:
+            self.last_logged = _log_window(self.metrics, self.window, st, self.eng, self.source, self.peak)
+            self.window = _Window()
+        if self.ckpt is not None and st.step % cfg.train.save_every == 0 and st.step < self.total:
+            self.save()
+        return out
+
+
 def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     """Run one stage end to end on every rank; returns the run directory.  ``model_loader`` /
-    ``loader_factory`` replace ``pipeline.model.load_model`` / :func:`make_loader` (benchmarks)."""
-    env = dist.init(cfg.train.dist_timeout_s)
-    run_dir = Path(cfg.train.run_root) / cfg.train.name
-    setup_logging(run_dir, env.rank)
+    ``loader_factory`` replace ``pipeline.model.load_model`` / :func:`make_loader`."""
+    from pipeline import engine as engine_mod
+
+    # Configuration errors first, before any process group exists: every rank reaches the same
+    # verdict from the same config and launcher environment, and exits 2 with one line.
     if not cfg.model.init:
         raise ConfigError("model.init is empty: set it to a Hugging Face VLM directory or hub id, or a previous "
                           "stage's export (e.g. --model.init=runs/NAME/export)")
+    world = dist.read_env().world_size
+    engine_mod.build_ds_config(cfg, world)
+    plan = engine_mod.plan_batches(cfg, world)
+    env = dist.init(cfg.train.dist_timeout_s)
+    run_dir = Path(cfg.train.run_root) / cfg.train.name
+    setup_logging(run_dir, env.rank)
     seed_all(cfg.train.seed, cfg.train.deterministic)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
     ckpt = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
-    resume_path = resolve_resume(cfg.train.resume, ckpt.root)
-
-    from pipeline import engine as engine_mod
-
-    plan = engine_mod.plan_batches(cfg, env.world_size)
+    try:
+        resume_path = resolve_resume(cfg.train.resume, ckpt.root)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     source = (loader_factory or make_loader)(cfg, plan, env)
     total = cfg.train.max_steps or source.steps_per_epoch * cfg.train.epochs
     if total <= 0:
         raise ConfigError(f"nothing to train: train.max_steps={cfg.train.max_steps}, "
                           f"{source.steps_per_epoch} steps per epoch × train.epochs={cfg.train.epochs}")
     built = engine_mod.build(cfg, env.world_size, total, model_loader=model_loader)
-    eng = built.engine
     state = TrainState()
     if resume_path is not None:
-        client, rank_state = ckpt.load(eng, resume_path)
+        client, rank_state = ckpt.load(built.engine, resume_path)
         state.step = int(client.get("step", 0))
         state.samples_seen = int(client.get("samples_seen", 0))
         state.skipped_steps = int(client.get("skipped_steps", 0))
@@ -297,67 +371,17 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
         # A different seed per rank from here on (dropout); the model init above was identical.
         seed_all(cfg.train.seed + 1000 * env.rank, cfg.train.deterministic)
 
-    from deepspeed.accelerator import get_accelerator
-
-    lora = cfg.model.lora.enabled
-    fm = FlopsModel.from_model(built.model.backbone if hasattr(built.model, "backbone") else built.model,
-                               train_llm_weights=not lora, train_vit=not cfg.model.freeze_vision)
-    peak = peak_flops(get_accelerator().device_name() + " " + _device_label(), cfg.train.peak_tflops)
     metrics = Metrics(run_dir, enabled=env.rank == 0, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
                       wandb_project=cfg.train.wandb_project, run_name=cfg.train.name, config=to_dict(cfg))
-    runner = StepRunner(cfg, eng, plan)
-    config_yaml = to_yaml(cfg)
+    loop = Loop(cfg, built, source, metrics, ckpt, total, state)
     log.info("run %s: stage %d, %d steps, world %d, run dir %s", cfg.train.name, cfg.train.stage, total,
              env.world_size, run_dir)
-
-    def save():
-        client = {"step": state.step, "samples_seen": state.samples_seen, "skipped_steps": state.skipped_steps,
-                  "config": to_dict(cfg)}
-        rank_state = {"rng": rng_state(), "loader": source.state_dict()}
-        path = ckpt.save(eng, state.step, client, rank_state, config_yaml)
-        state.last_checkpoint = str(path)
-        log.info("checkpoint %s", path)
-
-    window = _Window()
-    batches_it = iter(source)
-    eng.train()
+    built.engine.train()
     try:
         while state.step < total:
-            t0 = time.perf_counter()
-            parts = next(batches_it)  # a list: micro-batches (stage 1) or cache chunks (stage 2)
-            t_data = time.perf_counter() - t0
-            if cfg.train.stage == 1:
-                out = runner.stage1(parts, state)
-            else:
-                out = runner.stage2(parts, state)
-            n_samples = sum(_num_samples(p) for p in parts)
-            state.step += 1
-            state.samples_seen += n_samples * env.world_size
-            finite = math.isfinite(out["loss"])
-            if not out["applied"] or not finite:
-                state.skipped_steps += 1
-                state.bad_in_row += 1
-                log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row, %d total)",
-                            state.step, out["loss"], state.bad_in_row, state.skipped_steps)
-                if state.bad_in_row >= cfg.train.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{state.bad_in_row} non-finite steps in a row (limit train.max_bad_steps="
-                        f"{cfg.train.max_bad_steps}) at step {state.step}; last good checkpoint: "
-                        f"{state.last_checkpoint or 'none (no checkpoint saved yet)'}. Lower optim.lr, check the "
-                        f"data, then resume with --train.resume=PATH")
-            else:
-                state.bad_in_row = 0
-            tokens, seqs, patches = _count_tokens(parts)
-            passes = 2 if (cfg.train.stage == 2 and plan.cache_chunk is not None) else 1
-            flops = fm.step_flops(seqs, patches, forward_passes=passes)
-            window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, out["loss"] if finite else None)
-            if state.step % cfg.train.log_every == 0 or state.step == total:
-                _log_window(metrics, window, state, eng, source, peak, total)
-                window = _Window()
-            if state.step % cfg.train.save_every == 0 and state.step < total:
-                save()
-        if state.last_checkpoint is None or not state.last_checkpoint.endswith(f"step-{state.step}"):
-            save()
+            loop.step()
+        if state.last_checkpoint is None or Path(state.last_checkpoint).name != f"step-{state.step}":
+            loop.save()
         export_dir = export_engine(built, run_dir / "export")
         log.info("done: %d steps, %d skipped; export in %s", state.step, state.skipped_steps, export_dir)
     finally:
@@ -398,8 +422,8 @@ class _Window:
             self.losses.append(loss)
 
 
-def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, peak: Optional[float],
-                total: int) -> None:
+def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, peak: Optional[float]) -> dict:
+    """Reduce the window over ranks (collective: every rank calls it) and log on rank 0."""
     loss = sum(w.losses) / len(w.losses) if w.losses else float("nan")
     local = {
         "loss": loss if w.losses else 0.0, "has_loss": 1.0 if w.losses else 0.0,
@@ -428,7 +452,9 @@ def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, pe
         "data/samples_seen": float(state.samples_seen),
         "train/skipped_steps": float(state.skipped_steps),
     }
-    metrics.log(state.step, {k: v for k, v in vals.items() if v is not None})
+    vals = {k: v for k, v in vals.items() if v is not None}
+    metrics.log(state.step, vals)
+    return vals
 
 
 # ------------------------------------------------------------------------------------- export
@@ -455,9 +481,79 @@ def export_engine(built, out_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- data
-def make_loader(cfg: Config, plan, env):
-    """The per-rank batch source: see :class:`pipeline.data` (filled in below)."""
-    raise NotImplementedError
+class ChunkCollate:
+    """Stage-2 collate_fn: a rank's per-step samples → list of contrastive chunk batches of
+    ``chunk`` samples (one element when the batch is one forward).  Runs in the DataLoader
+    workers, so collation overlaps the step."""
+
+    def __init__(self, collator, chunk: int):
+        self.collator, self.chunk = collator, chunk
+
+    def __call__(self, samples: list) -> list:
+        return [self.collator(samples[i:i + self.chunk]) for i in range(0, len(samples), self.chunk)]
+
+
+class LoaderSource:
+    """One step's worth of batches at a time from :mod:`pipeline.data`'s ``ShardLoader``,
+    epoch after epoch: stage 1 yields ``accumulation`` micro-batches, stage 2 the per-rank
+    batch as cache chunks.  Every rank yields the same number of steps (the loader equalises
+    batch counts across ranks; corrupt samples are replaced by repeats and counted)."""
+
+    def __init__(self, cfg: Config, plan, env, collator):
+        from pipeline.data import loader_from_config
+
+        self.stage = cfg.train.stage
+        self.acc = plan.accumulation if self.stage == 1 else 1
+        if self.stage == 1:
+            batch, collate = plan.micro, collator
+        else:
+            batch, collate = plan.per_rank, ChunkCollate(collator, plan.cache_chunk or plan.per_rank)
+        try:
+            self.loader = loader_from_config(cfg.data, batch, rank=env.rank, world_size=env.world_size,
+                                             collate_fn=collate, drop_last=True)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data.sources: {e}") from None
+        self.steps_per_epoch = len(self.loader) // self.acc
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.sources: an epoch has {len(self.loader)} batches of {batch} per rank, fewer "
+                              f"than one optimizer step ({self.acc}); add data or lower train.global_batch_size")
+
+    @property
+    def skipped_samples(self) -> int:
+        return int(self.loader.metrics().get("data/corrupt_samples", 0))
+
+    def _batches(self) -> Iterator:
+        while True:  # ShardLoader moves to the next epoch by itself at the end of one
+            yield from self.loader
+
+    def __iter__(self) -> Iterator[list]:
+        it = self._batches()
+        while True:
+            batch = next(it)
+            yield [batch] + [next(it) for _ in range(self.acc - 1)] if self.stage == 1 else batch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def make_loader(cfg: Config, plan, env) -> LoaderSource:
+    """The per-rank batch source of a run: shards from ``cfg.data`` through the model's
+    collator (stage 1: ``[X][C][D]`` + labels; stage 2: query/candidate chunks)."""
+    from pipeline.collate import Collator
+    from pipeline.processing import Processor
+
+    m = cfg.model
+    proc = Processor.from_pretrained(m.init, m.num_compression_tokens, m.family, m.min_pixels, m.max_pixels)
+    kind = cfg.data.kind
+    mode = "stage1" if cfg.train.stage == 1 else "contrastive"
+    try:
+        collator = Collator(proc, m, kind=kind, mode=mode)
+    except ValueError as e:
+        raise ConfigError(f"data.kind={kind} with train.stage={cfg.train.stage}: {e}") from None
+    return LoaderSource(cfg, plan, env, collator)
 
 
 # ---------------------------------------------------------------------------------------- CLI

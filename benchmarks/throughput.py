@@ -1,0 +1,262 @@
+"""Training throughput of the real pipeline vs a bare loop on the same engine.
+
+    # CPU, 2 ranks over gloo, tiny model (what was measured here)
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/throughput.py --config launch/configs/stage1_tiny.yaml
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/throughput.py --config launch/configs/stage2_tiny.yaml \\
+        --model.init=runs/stage1_tiny/export
+    # GPU node, real shards, 3B
+    deepspeed benchmarks/throughput.py --config launch/configs/stage1_qwen2_5_vl_3b.yaml --data real --steps 20
+
+Per invocation, on one DeepSpeed engine:
+
+* **pipeline**: :class:`pipeline.train.Loop` exactly as training runs it — the batch source
+  (``--data real``: pipeline/data.py over the config's shards; ``synthetic``: random images and
+  templated text through the same collator in DataLoader workers), FLOPs/token accounting,
+  the metrics window reduced over ranks and logged every ``train.log_every`` steps (console,
+  metrics.jsonl, TensorBoard into a temporary directory).  Checkpoint saves are not in the
+  timed steps (they are periodic I/O, measured separately by their own log lines).
+* **bare**: the same engine and step function (``StepRunner``) on batches collated in advance,
+  no loader, no logging, no hooks.
+
+Blocks of ``--steps`` pipeline steps and ``--steps`` bare steps alternate ``--rounds`` times
+after ``--warmup`` steps of each, so drift on a shared machine hits both; the reported step
+time is the median over blocks of the block means (max over ranks: the slowest rank sets the
+pace).  Targets: pipeline ≤ 1.05 × bare, data wait ≤ 5 % of the step.
+
+One JSON row per run appended to ``benchmarks/results/throughput.jsonl`` (git sha, device, world
+size, ZeRO stage, batch, mean sequence length, versions, samples/s, tokens/s, TFLOPs and MFU per
+GPU, peak memory, data-wait share, both step times and their ratio); a table is printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ synthetic data
+class SyntheticSource:
+    """Random images and templated text in pipeline/data.py's decoded-sample format, collated
+    by the model's collator in DataLoader workers; yields one step's list of parts."""
+
+    WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+    def __init__(self, cfg, plan, env, processor, image_size: int = 56):
+        import torch
+
+        from pipeline.collate import Collator
+
+        kind = "qa" if cfg.train.stage == 1 else "mmeb"
+        self.collator = Collator(processor, cfg.model, kind=kind)
+        self.cfg, self.plan, self.env, self.image_size = cfg, plan, env, image_size
+        self.part = plan.micro if cfg.train.stage == 1 else (plan.cache_chunk or plan.per_rank)
+        self.steps_per_epoch = 10**9
+        self.skipped_samples = 0
+        self._loader = torch.utils.data.DataLoader(
+            _SyntheticStream(self), batch_size=None, num_workers=max(cfg.data.workers, 0),
+            prefetch_factor=4 if cfg.data.workers > 0 else None, persistent_workers=cfg.data.workers > 0)
+
+    def sample(self, i: int) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(i)
+        s = self.image_size
+        img = Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8))
+        w = self.WORDS[i % 10]
+        if self.cfg.train.stage == 1:
+            return {"__key__": f"syn{i}", "kind": "qa", "image": img, "meta": {},
+                    "conversations": [{"question": "What digit is shown?", "answer": w},
+                                      {"question": "Is it even or odd?", "answer": "even" if i % 2 == 0 else "odd"}]}
+        return {"__key__": f"syn{i}", "kind": "mmeb", "task": "synthetic", "meta": {},
+                "query": {"text": "<image> Represent the given image.", "image": img},
+                "positive": {"text": f"a handwritten {w}", "image": None}, "negatives": []}
+
+    def __iter__(self):
+        return iter(self._loader)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class _SyntheticStream(torch.utils.data.IterableDataset):
+    def __init__(self, src: SyntheticSource):
+        super().__init__()
+        self.src = src
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        src, step = self.src, wid
+        while True:
+            base = (step * src.env.world_size + src.env.rank) * src.plan.per_rank
+            samples = [src.sample(base + j) for j in range(src.plan.per_rank)]
+            yield [src.collator(samples[j:j + src.part]) for j in range(0, len(samples), src.part)]
+            step += nw
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _pop_flag(argv: list, name: str, default, cast=str):
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            v = argv[i + 1]
+            del argv[i:i + 2]
+            return cast(v)
+        if a.startswith(name + "="):
+            del argv[i]
+            return cast(a.split("=", 1)[1])
+    return default
+
+
+def main(argv: list) -> int:
+    import torch
+
+    from pipeline import dist
+    from pipeline.config import load_config
+    from pipeline.engine import build, plan_batches, zero_stage
+    from pipeline.metrics import Metrics
+    from pipeline.train import Loop, StepRunner, TrainState, _count_tokens, make_loader, parse_cli, seed_all, setup_logging
+
+    argv = list(argv)
+    warmup = _pop_flag(argv, "--warmup", 3, int)
+    steps = _pop_flag(argv, "--steps", 10, int)
+    rounds = _pop_flag(argv, "--rounds", 3, int)
+    data = _pop_flag(argv, "--data", "synthetic")
+    image_size = _pop_flag(argv, "--image-size", 56, int)
+    out_path = Path(_pop_flag(argv, "--out", str(REPO / "benchmarks/results/throughput.jsonl")))
+    if data not in ("synthetic", "real"):
+        print("--data must be synthetic or real", file=sys.stderr)
+        return 2
+    cfg_path = _pop_flag(argv, "--config", None)
+    stage = load_config(cfg_path).train.stage if cfg_path else 1
+    cfg = parse_cli(stage, (["--config", cfg_path] if cfg_path else []) + argv)
+    total = warmup * 2 + steps * rounds * 2 + 1
+    cfg.train.max_steps = total
+    cfg.train.save_every = 10**9
+
+    env = dist.init(cfg.train.dist_timeout_s)
+    setup_logging(None, env.rank)
+    seed_all(cfg.train.seed)
+    plan = plan_batches(cfg, env.world_size)
+    built = build(cfg, env.world_size, total)
+    seed_all(cfg.train.seed + 1000 * env.rank)
+    if data == "synthetic":
+        source = SyntheticSource(cfg, plan, env, built.model.processor, image_size)
+    else:
+        source = make_loader(cfg, plan, env)
+    tmp = tempfile.mkdtemp(prefix="coma-bench-")
+    metrics = Metrics(tmp, enabled=env.rank == 0, tensorboard=cfg.train.tensorboard)
+    loop = Loop(cfg, built, source, metrics, None, total, TrainState())
+    runner = StepRunner(cfg, built.engine, plan)
+    bare_state = TrainState()
+    built.engine.train()
+
+    # Batches for the bare loop, collated up front from the same source (not timed).
+    it = iter(source)
+    bare_batches = [next(it) for _ in range(min(steps, 8))]
+    tok_per_step, seqs, _ = _count_tokens(bare_batches[0])
+
+    def bare_block(n):
+        for i in range(n):
+            parts = bare_batches[i % len(bare_batches)]
+            (runner.stage1 if cfg.train.stage == 1 else runner.stage2)(parts, bare_state)
+
+    def pipe_block(n):
+        for _ in range(n):
+            loop.step()
+
+    def timed(fn, n) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn(n)
+        dist.barrier()
+        return (time.perf_counter() - t0) / n
+
+    pipe_block(warmup)
+    bare_block(warmup)
+    # One metrics window per timed block: the loop logs (and reduces over ranks) at its end.
+    cfg.train.log_every = steps
+    loop.state.step = 0
+    pipe_t, bare_t, logged = [], [], []
+    for _ in range(rounds):
+        loop.window = type(loop.window)()
+        pipe_t.append(timed(pipe_block, steps))
+        if getattr(loop, "last_logged", None):
+            logged.append(loop.last_logged)
+        bare_t.append(timed(bare_block, steps))
+    pipe_s, bare_s = statistics.median(pipe_t), statistics.median(bare_t)
+    red = dist.all_reduce_dict({"pipe": pipe_s, "bare": bare_s}, "max")
+    last = logged[-1] if logged else {}
+    metrics.close()
+
+    if env.rank == 0:
+        import deepspeed
+        import transformers
+        from deepspeed.accelerator import get_accelerator
+
+        dev = get_accelerator().device_name()
+        if dev != "cpu" and torch.cuda.is_available():
+            dev = torch.cuda.get_device_name()
+        else:
+            dev = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "\
+                  f"{torch.get_num_threads()} threads/rank)"
+        row = {
+            "bench": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": _git_sha(),
+            "device": dev, "world_size": env.world_size, "zero_stage": zero_stage(built.ds_config),
+            "stage": cfg.train.stage, "model": cfg.model.init, "dtype": cfg.model.dtype, "data": data,
+            "global_batch": plan.global_batch, "per_rank_batch": plan.per_rank, "micro": plan.micro,
+            "accumulation": plan.accumulation, "cache_chunk": plan.cache_chunk,
+            "mean_seq_len": sum(seqs) / max(len(seqs), 1), "tokens_per_step_per_rank": tok_per_step,
+            "warmup": warmup, "steps": steps, "rounds": rounds,
+            "pipeline_step_s": red["pipe"], "bare_step_s": red["bare"], "overhead_ratio": red["pipe"] / red["bare"],
+            "samples_per_s_per_gpu": last.get("throughput/samples_per_s_per_gpu"),
+            "tokens_per_s_per_gpu": last.get("throughput/tokens_per_s_per_gpu"),
+            "tflops_per_gpu": last.get("throughput/tflops_per_gpu"), "mfu": last.get("throughput/mfu"),
+            "peak_memory_gib": last.get("memory/peak_gib"), "data_wait_share": last.get("time/data_wait_share"),
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        fmt = lambda v, f="{:.4g}": "n/a" if v is None else f.format(v)  # noqa: E731
+        print("\n| metric | value |\n|---|---|")
+        for k, f in [("device", "{}"), ("world_size", "{}"), ("zero_stage", "{}"), ("stage", "{}"),
+                     ("global_batch", "{}"), ("mean_seq_len", "{:.1f}"), ("bare_step_s", "{:.4f}"),
+                     ("pipeline_step_s", "{:.4f}"), ("overhead_ratio", "{:.3f}"), ("data_wait_share", "{:.2%}"),
+                     ("samples_per_s_per_gpu", "{:.2f}"), ("tokens_per_s_per_gpu", "{:.0f}"),
+                     ("tflops_per_gpu", "{:.4g}"), ("mfu", "{:.2%}"), ("peak_memory_gib", "{:.2f}")]:
+            print(f"| {k} | {fmt(row[k], f)} |")
+        ok = row["overhead_ratio"] <= 1.05 and (row["data_wait_share"] or 0) <= 0.05
+        print(f"\ntarget (pipeline <= 1.05x bare, data wait <= 5%): {'met' if ok else 'NOT met'}; row appended to {out_path}")
+    dist.barrier()
+    dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    sys.exit(main(args))
