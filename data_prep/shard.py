@@ -291,12 +291,24 @@ def write_shard(task: ShardTask) -> dict:
     return stats
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes) -> bool:
+    """Write via a temporary name + rename, unless the file already holds exactly ``data``
+    (so a rerun leaves unchanged files, and their mtimes, alone).  True when written."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return False
+    except OSError:
+        pass
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+    return True
+
+
+def write_json_atomic(path: str, obj: Any) -> bool:
+    return write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
 def _run_tasks(tasks: list[ShardTask], settings: Settings, workers: int, bar) -> None:
@@ -444,10 +456,8 @@ def run(args: argparse.Namespace) -> int:
                    if re.fullmatch(rf"{re.escape(args.prefix)}-\d{{6}}\.tar", f) and f not in sizes)
 
     write_json_atomic(os.path.join(out_dir, "sizes.json"), _merge_sizes(out_dir, args.prefix, sizes))
-    with open(os.path.join(out_dir, "errors.jsonl.tmp"), "w", encoding="utf-8") as f:
-        for e in errors:
-            f.write(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(os.path.join(out_dir, "errors.jsonl.tmp"), os.path.join(out_dir, "errors.jsonl"))
+    write_atomic(os.path.join(out_dir, "errors.jsonl"),
+                 "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in errors).encode())
     write_json_atomic(os.path.join(out_dir, "manifest.json"), {
         "tool": "data_prep/shard.py", "version": pipeline.__version__, "format": FORMAT_VERSION,
         "kind": args.kind, "pattern": brace_pattern(args.prefix, len(tasks)), "shards": len(tasks),

@@ -28,7 +28,7 @@ This module never calls ``torch.distributed``.
 Samples (what ``collate_fn`` receives, a list of these per batch; the default collate returns
 that list).  Images are decoded to RGB ``PIL.Image``::
 
-    pair  {"image": PIL, "text": str, "meta": dict | None, "__key__", "__source__", "__pad__"}
+    pair  {"image": PIL, "text": str, "kind": "pair", "meta": dict, "__key__", "__source__", "__pad__"}
     qa    {"image": PIL, "conversations": [{"question", "answer"}, ...], "meta", ...}
     mmeb  {"task": str, "query": {"text": str | None, "image": PIL | None}, "positive": {...},
            "negatives": [{...}, ...], "meta", ...}
@@ -141,8 +141,10 @@ def expand_sources(shards: Any, weights: Any = None) -> list[Source]:
             item = {k: getattr(item, k) for k in ("shards", "weight", "max_samples", "name")}
         pattern = item["shards"]
         urls = _expand_pattern(pattern)
-        if not urls:
-            raise ValueError(f"shard pattern {pattern!r} matches no shard")
+        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+        if not urls or local and not any(os.path.exists(u) for u in local):
+            raise ValueError(f"shard pattern {pattern!r} matches no shard on disk (write shards with "
+                             "data_prep/shard.py, or check the path)")
         w = weights[i] if weights is not None else item.get("weight", 1.0)
         name = item.get("name") or os.path.basename(os.path.dirname(urls[0])) or f"source{i}"
         out.append(Source(name, urls, float(w), item.get("max_samples")))
@@ -317,7 +319,7 @@ def decode_sample(raw: dict, kind: str) -> dict:
 
     info = json.loads(raw["json"]) if "json" in raw else {}
     out = {"__key__": raw["__key__"], "__source__": raw["__source__"],
-           "__pad__": raw.get("__pad__", False), "meta": info.get("meta")}
+           "__pad__": raw.get("__pad__", False), "kind": kind, "meta": info.get("meta") or {}}
     if kind == "mmeb":
         def side(s: dict) -> dict:
             return {"text": s.get("text"), "image": image(s["image"]) if s.get("image") else None}
@@ -521,10 +523,13 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[_Item]:
         info = get_worker_info()
-        k = info.id if info is not None else 0
         K = self.plan.num_workers
         if info is not None and info.num_workers != K:
             raise RuntimeError(f"ShardDataset planned for {K} workers, DataLoader runs {info.num_workers}")
+        # The DataLoader asks its workers round-robin starting at worker 0, and the next batch
+        # due is batch skip_batches, dealt to plan worker skip_batches % K: rotate so that
+        # DataLoader worker 0 plays that plan worker (matters after a mid-epoch resume).
+        k = ((info.id if info is not None else 0) + self.skip_batches) % K
         wp = self.plan.worker(self.epoch, self.rank, k)
         skip = len(range(k, self.skip_batches, K))  # this worker's batches already consumed
         ctx = Counter()
@@ -599,7 +604,10 @@ class ShardLoader:
         """Where this rank stands; equal on every rank (they consume batches in lockstep), so
         rank 0's copy in the checkpoint restores all of them."""
         m = self.metrics()
-        return {"epoch": self.epoch, "batches": self.batches_done,
+        epoch, batches = self.epoch, self.batches_done
+        if batches >= len(self):  # the last batch was handed out: the next one opens the next epoch
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches,
                 "counters": {k: m[f"data/{k}"] for k in COUNTERS}, **self._plan_params()}
 
     def load_state_dict(self, state: dict) -> None:

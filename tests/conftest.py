@@ -29,3 +29,14 @@ def free_port() -> int:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def builtin_dir(tmp_path_factory) -> Path:
+    """The bundled digits dataset (data_prep/builtin.py), built once per test session:
+    images, pair/qa/mmeb/eval manifests and shards; see its builtin.json."""
+    from data_prep.builtin import build
+
+    out = tmp_path_factory.mktemp("builtin")
+    build(out, workers=2)
+    return out

@@ -1,0 +1,257 @@
+"""pipeline/data.py: exact epochs across ranks x workers, equal batch counts, corrupt data,
+resume, task-homogeneous runs, resampled mixtures."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import pytest
+
+from conftest import REPO
+from data_prep import shard
+from datagen import dataset
+from pipeline.config import DataConfig, DataSource
+from pipeline.data import Plan, Source, build_loader, loader_from_config
+
+
+def make_shards(root, kind, n, spp, name="shards"):
+    manifest = dataset(root, kind, n, size=(10, 8))
+    assert shard.main(["--input", str(manifest), "--output", str(root / name), "--kind", kind,
+                       "--samples-per-shard", str(spp), "--workers", "1"]) == 0
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """17 pair samples in 3 uneven shards (7, 7, 3)."""
+    return make_shards(tmp_path_factory.mktemp("pairs"), "pair", 17, 7, name="pairs")
+
+
+@pytest.fixture(scope="module")
+def mmeb(tmp_path_factory):
+    """40 mmeb samples (tasks t2i / i2t alternating) in 5 shards (9, 9, 9, 9, 4)."""
+    return make_shards(tmp_path_factory.mktemp("mmeb"), "mmeb", 40, 9)
+
+
+def keys(batches):
+    return [[(s["__key__"], s["__pad__"]) for s in b] for b in batches]
+
+
+ALL_PAIRS = {f"pair-{i:09d}" for i in range(1, 18)}
+
+RANK_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.data import build_loader
+shards, rank, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+res = {}
+for drop_last in (False, True):
+    loader = build_loader(shards, kind="pair", batch_size=3, rank=rank, world_size=2, num_workers=2,
+                          seed=5, shuffle_buffer=4, drop_last=drop_last)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        res[f"{drop_last}-{epoch}"] = {"len": len(loader),
+                                       "batches": [[(s["__key__"], s["__pad__"]) for s in b] for b in loader]}
+json.dump(res, open(out, "w"))
+"""
+
+
+def test_exactly_once_two_ranks_two_workers_real_processes(pairs, tmp_path):
+    """Two rank processes, each with two DataLoader worker processes, over 3 uneven shards."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(REPO), str(pairs), str(r), str(tmp_path / f"r{r}.json")],
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    res = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1)]
+    for epoch in (0, 1):
+        # drop_last=False: 17 samples over 2 ranks → 9 slots each, one padded repeat
+        r0, r1 = (r[f"False-{epoch}"] for r in res)
+        assert r0["len"] == r1["len"] == len(r0["batches"]) == len(r1["batches"]) == 3
+        assert [len(b) for b in r0["batches"]] == [len(b) for b in r1["batches"]] == [3, 3, 3]
+        real = [k for r in (r0, r1) for b in r["batches"] for k, pad in b if not pad]
+        assert len(real) == 17 and set(real) == ALL_PAIRS
+        assert sum(pad for r in (r0, r1) for b in r["batches"] for _, pad in b) == 1
+        # drop_last=True: floor(17 / (2*3)) = 2 full batches per rank, all distinct
+        d0, d1 = (r[f"True-{epoch}"] for r in res)
+        assert d0["len"] == d1["len"] == len(d0["batches"]) == len(d1["batches"]) == 2
+        used = [k for r in (d0, d1) for b in r["batches"] for k, pad in b]
+        assert len(used) == len(set(used)) == 12 and not any(p for r in (d0, d1) for b in r["batches"] for _, p in b)
+    assert res[0]["False-0"]["batches"] != res[0]["False-1"]["batches"]  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_plan_covers_every_sample_once_with_equal_batches(drop_last):
+    """The plan (what every rank computes from sizes.json) over many shapes, uneven shards."""
+    sizes = [7, 7, 3, 0, 11]
+    src = [Source("s", [f"s{i}.tar" for i in range(len(sizes))])]
+    for world in (1, 2, 3, 4, 8):
+        for workers in (1, 2, 3):
+            for b in (1, 2, 5):
+                plan = Plan([f"s{i}.tar" for i in range(5)], [0] * 5, sizes, src, b, world, workers,
+                            seed=1, drop_last=drop_last)
+                seen = Counter()
+                per_rank = []
+                for rank in range(world):
+                    wps = [plan.worker(3, rank, k) for k in range(workers)]
+                    # the DataLoader's round-robin order: batch j from worker j % K
+                    order = [wps[j % workers].batch_sizes[j // workers] for j in range(plan.batches())]
+                    per_rank.append(order)
+                    for wp in wps:
+                        assert wp.real <= wp.quota
+                        for p in wp.pieces:
+                            assert p.skip + p.take <= sizes[p.shard]
+                            seen.update((p.shard, p.skip + i) for i in range(p.take))
+                assert all(o == per_rank[0] for o in per_rank), (world, workers, b)
+                assert max(seen.values(), default=1) == 1
+                if drop_last:
+                    assert all(s == b for s in per_rank[0]) and len(seen) > 28 - world * b
+                else:
+                    assert len(seen) == 28 and sum(per_rank[0]) * world - 28 < world
+
+
+def test_equal_batch_counts_uneven_shards_real_workers(pairs):
+    for world in (2, 3):
+        counts = []
+        for rank in range(world):
+            loader = build_loader(str(pairs), kind="pair", batch_size=2, rank=rank, world_size=world,
+                                  num_workers=2, drop_last=False)
+            got = keys(loader)
+            counts.append((len(loader), len(got), [len(b) for b in got]))
+        assert all(c == counts[0] for c in counts) and counts[0][0] == counts[0][1], counts
+
+
+def test_resume_reproduces_the_uninterrupted_run(mmeb):
+    def make():
+        return build_loader(str(mmeb), kind="mmeb", batch_size=4, rank=1, world_size=2, num_workers=2,
+                            seed=3, shuffle_buffer=6, task_batch_size=2)
+
+    full = make()
+    reference = []
+    for epoch in (0, 1):
+        full.set_epoch(epoch)
+        reference += keys(full)
+    n = len(full)
+    assert n == 5 and len(reference) == 2 * n
+
+    for stop in (1, 3, n, n + 2):  # mid-epoch, the epoch's end, inside the next epoch
+        first = make()
+        seen = []
+        for epoch in (0, 1):
+            first.set_epoch(epoch)
+            for batch in first:
+                seen += keys([batch])
+                if len(seen) == stop:
+                    break
+            if len(seen) == stop:
+                break
+        state = json.loads(json.dumps(first.state_dict()))  # it must survive a checkpoint
+        resumed = make()
+        resumed.load_state_dict(state)
+        for epoch in range(state["epoch"], 2):
+            resumed.set_epoch(epoch)
+            seen += keys(resumed)
+        assert seen == reference, stop
+
+
+def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(pairs, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(pairs, bad)
+    with open(bad / "train-000000.tar", "r+b") as f:      # a truncated tar (copy died half-way)
+        f.truncate(os.path.getsize(bad / "train-000000.tar") // 2)
+    with tarfile.open(pairs / "train-000001.tar") as src, tarfile.open(bad / "train-000001.tar", "w") as dst:
+        for m in src:                                     # one sample's image bytes garbled
+            data = src.extractfile(m).read()
+            if m.name == "pair-000000010.png":
+                data = b"\x89PNG garbage" + data[40:]
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+
+    results = []
+    for rank in (0, 1):
+        loader = build_loader(str(bad), kind="pair", batch_size=3, rank=rank, world_size=2, num_workers=2,
+                              drop_last=False)
+        got = keys(loader)
+        assert len(got) == len(loader) == 3 and [len(b) for b in got] == [3, 3, 3]
+        results.append((got, loader.metrics()))
+    m = Counter()
+    for _, metrics in results:
+        m.update(metrics)
+    assert m["data/corrupt_samples"] == 1 and m["data/corrupt_shards"] >= 1
+    real = {k for got, _ in results for b in got for k, pad in b if not pad}
+    assert "pair-000000010" not in real and len(real) < 17 and real <= ALL_PAIRS
+
+    # the warning names the shard (single process, so the log record reaches caplog)
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    loader = build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, drop_last=False)
+    assert len(keys(loader)) == len(loader) == 6
+    text = caplog.text
+    assert "train-000000.tar" in text and "pair-000000010" in text
+    assert loader.metrics()["data/corrupt_samples"] == 1
+
+    os.unlink(bad / "train-000002.tar")                   # a shard gone after sizes.json was written
+    loader = build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, drop_last=False)
+    assert len(keys(loader)) == 6 and loader.metrics()["data/corrupt_shards"] == 2
+
+
+def test_task_homogeneous_sub_batches(mmeb):
+    loader = build_loader(str(mmeb), kind="mmeb", batch_size=6, rank=0, world_size=1, num_workers=2,
+                          task_batch_size=3, drop_last=True)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6
+    for b in batches[:-1]:  # the tail of each worker's stream may mix tasks
+        for i in range(0, 6, 3):
+            assert len({s["task"] for s in b[i:i + 3]}) == 1
+    sample = batches[0][0]
+    assert sample["kind"] == "mmeb" and set(sample["query"]) == {"text", "image"}
+    with pytest.raises(ValueError, match="divide"):
+        build_loader(str(mmeb), kind="mmeb", batch_size=4, rank=0, world_size=1, task_batch_size=3)
+
+
+def test_resampled_epochs_and_weights(tmp_path, pairs):
+    other = make_shards(tmp_path, "pair", 17, 7, name="others")
+    spec = f"{pairs}::{other}"
+    for rank in (0, 1):
+        loader = build_loader(spec, kind="pair", batch_size=4, rank=rank, world_size=2, num_workers=2,
+                              resampled=True, epoch_samples=30)
+        a = keys(loader)
+        assert len(loader) == len(a) == 4  # ceil(ceil(30 / 2) / 4) batches, on both ranks
+        assert all(len(b) == 4 for b in a)
+        loader.set_epoch(0)
+        assert keys(loader) == a            # same (seed, epoch, rank) → same stream
+        loader.set_epoch(1)
+        assert keys(loader) != a
+
+    loader = build_loader(spec, kind="pair", batch_size=50, rank=0, world_size=1, num_workers=0,
+                          resampled=True, epoch_samples=800, weights="1::3")
+    by_source = Counter(s["__source__"] for b in loader for s in b)
+    assert sum(by_source.values()) == 800
+    assert 2.0 < by_source["others"] / by_source["pairs"] < 4.5  # drawn ∝ weight x size, sizes equal
+
+
+def test_sources_weights_caps_and_config(tmp_path, pairs):
+    other = make_shards(tmp_path, "pair", 17, 7, name="others")
+    two = build_loader(f"{pairs}::{other}", kind="pair", batch_size=5, rank=0, world_size=1, num_workers=0,
+                       weights="1::2", drop_last=False)
+    samples = [s for b in two for s in b]
+    assert len(samples) == 51 and not any(s["__pad__"] for s in samples)
+    # an integer weight repeats a source within the exact epoch
+    assert Counter(Counter((s["__source__"], s["__key__"]) for s in samples).values()) == {1: 17, 2: 17}
+
+    cfg = DataConfig(kind="pair", sources=[DataSource(shards=str(pairs), name="a", max_samples=10),
+                                           DataSource(shards=str(other), name="b")], workers=0, seed=1)
+    loader = loader_from_config(cfg, batch_size=4, rank=0, world_size=1, drop_last=False)
+    samples = [s for b in loader for s in b]
+    assert Counter(s["__source__"] for s in samples) == {"a": 10, "b": 17}
+    with pytest.raises(ValueError, match="resampled"):
+        build_loader(f"{pairs}::{other}", kind="pair", batch_size=4, rank=0, world_size=1, weights="1::0.5")
+    with pytest.raises(ValueError, match="matches no shard"):
+        build_loader(str(tmp_path / "nothing-{0..3}.tar"), kind="pair", batch_size=4, rank=0, world_size=1)
