@@ -30,7 +30,6 @@ Identical inputs (same text, same image pixels) are embedded once, whichever sid
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -259,76 +258,47 @@ def evaluate(samples: Iterable[dict], encode: Encode, batch_size: int = 32,
 
 
 # ------------------------------------------------------------------------------ I/O helpers
-def shard_urls(spec: str) -> list[str]:
-    """A brace pattern (``eval-{000000..000003}.tar``), a single .tar, a ``::``-separated list, or a
-    shard folder (its ``manifest.json`` pattern, else every ``*.tar`` in it) → existing shard paths."""
-    import webdataset as wds
+def _check_shards_exist(spec: str) -> None:
+    """The training loader treats an unreadable shard as empty (a run must not die for one); an
+    evaluation must not quietly score fewer queries, so a missing local shard is an error here."""
+    import braceexpand
 
     if os.path.isdir(spec):
-        man = os.path.join(spec, "manifest.json")
-        pattern = None
-        if os.path.isfile(man):
-            with open(man, encoding="utf-8") as f:
-                pattern = json.load(f).get("pattern")
-        if pattern:
-            urls = [os.path.join(spec, u) for u in wds.shardlists.expand_urls(pattern)]
-        else:
-            urls = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith(".tar"))
-    else:
-        urls = [u for part in spec.split("::") for u in wds.shardlists.expand_urls(part)]
-    if not urls:
-        raise FileNotFoundError(f"no shards found for {spec!r}")
-    missing = [u for u in urls if not os.path.isfile(u)]
+        return
+    urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part.strip())]
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist, e.g. {missing[0]}; "
                                 "check the pattern (brace ranges are inclusive) or run data_prep/shard.py")
-    return urls
 
 
-def _decode_side(sample: dict, side: dict, where: str) -> dict:
-    from PIL import Image
+def read_mmeb_shards(spec: str, max_samples: Optional[int] = None, batch_size: int = 64) -> list[dict]:
+    """Every ``mmeb`` sample of the shards (a brace pattern, a .tar, a ``::`` list or a shard
+    folder), read once in shard order by the project's loader (:func:`pipeline.data.build_loader`
+    in its evaluation setting: one process, no shuffle, no dropped or padded samples).
 
-    name = side.get("image")
-    image = None
-    if name:
-        if name not in sample:
-            raise ValueError(f"{where}: json names image '{name}' but the shard has no such file")
-        try:
-            image = Image.open(io.BytesIO(sample[name])).convert("RGB")
-        except Exception as e:  # PIL raises several types for bad bytes
-            raise ValueError(f"{where}: image '{name}' does not decode ({e})") from None
-    return {"text": side.get("text"), "image": image}
-
-
-def read_mmeb_shards(spec: str, max_samples: Optional[int] = None) -> list[dict]:
-    """Every ``mmeb`` sample of the shards, in shard order, decoded as pipeline/data.py decodes them
-    (``{"__key__", "kind", "task", "query", "positive", "negatives", "meta"}``, images RGB PIL).
-
-    Evaluation reads each sample exactly once in one process, with no shuffling and no node or
-    worker splitting, so this is a plain ordered read rather than the training loader.
+    Corrupt samples are skipped by the loader; their number is logged as a warning, since the
+    scores then cover fewer queries.  Returns decoded samples as pipeline/data.py documents them.
     """
-    import webdataset as wds
+    from pipeline.data import build_loader
 
-    urls = shard_urls(spec)
-    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    out = []
-    for raw in ds:
-        where = f"{raw.get('__url__', '?')} sample {raw.get('__key__')!r}"
-        if "json" not in raw:
-            raise ValueError(f"{where}: no .json member; mmeb shards are written by data_prep/shard.py --kind mmeb")
-        meta = json.loads(raw["json"])
-        # shard.py's JSON names no kind; the fields tell (data_prep/samples.py's layout table).
-        kind = meta.get("kind") or ("mmeb" if "query" in meta else "qa" if "conversations" in meta else "pair")
-        if kind != "mmeb" or "positive" not in meta:
-            raise ValueError(f"{where}: a {kind!r} sample; evaluation needs 'mmeb' shards "
-                             "(data_prep/shard.py --kind mmeb)")
-        out.append({"__key__": raw["__key__"], "kind": "mmeb", "task": meta.get("task") or "default",
-                    "query": _decode_side(raw, meta["query"], where),
-                    "positive": _decode_side(raw, meta["positive"], where),
-                    "negatives": [_decode_side(raw, n, where) for n in meta.get("negatives") or []],
-                    "meta": meta.get("meta") or {}})
-        if max_samples and len(out) >= max_samples:
-            break
+    _check_shards_exist(spec)
+    loader = build_loader(spec, kind="mmeb", batch_size=batch_size, rank=0, world_size=1, num_workers=0,
+                          shuffle=False, drop_last=False)
+    out: list[dict] = []
+    try:
+        for batch in loader:
+            out.extend(s for s in batch if not s["__pad__"])
+            if max_samples and len(out) >= max_samples:
+                out = out[:max_samples]
+                break
+    except RuntimeError as e:  # the loader found nothing decodable as mmeb (e.g. qa or pair shards)
+        raise ValueError(f"{spec}: {e}; evaluation needs shards written by data_prep/shard.py --kind mmeb") from None
+    bad = {k: v for k, v in loader.metrics().items() if v and "corrupt" in k}
+    if bad:
+        import warnings
+
+        warnings.warn(f"{spec}: the loader skipped corrupt data {bad}; scores cover the remaining samples")
     if not out:
         raise ValueError(f"the shards of {spec!r} hold no samples")
     return out

@@ -130,47 +130,42 @@ def test_item_table_dedups_by_content():
     assert len(t) == 3
 
 
-def write_mmeb_shard(path, n_bad_kind=False):
-    """A shard in data_prep/shard.py's mmeb layout: KEY.query.png, KEY.positive.png, KEY.neg0.png, KEY.json."""
-    import io
+def write_mmeb_shards(out, kind="mmeb"):
+    """Two samples through the real data_prep/shard.py (one per shard): a t2i query with an own
+    negative, and an image query whose positive is a class name (no negatives -> pool)."""
     import json
 
-    import webdataset as wds
+    from data_prep import shard
 
-    def png(rgb):
-        b = io.BytesIO()
-        Image.new("RGB", (6, 6), rgb).save(b, format="PNG")
-        return b.getvalue()
-
-    with wds.TarWriter(str(path)) as w:
-        # t2i: query text, image candidates
-        w.write({"__key__": "s0", "positive.png": png((255, 0, 0)), "neg0.png": png((0, 255, 0)),
-                 "json": json.dumps({"key": "s0", "kind": "mmeb", "task": "t2i", "query": {"text": "p1", "image": None},
-                                     "positive": {"text": None, "image": "positive.png"},
-                                     "negatives": [{"text": None, "image": "neg0.png"}], "meta": {}}).encode()})
-        # classification-like: image query, text positive, no negatives -> pool
-        w.write({"__key__": "s1", "query.png": png((0, 255, 0)),
-                 "json": json.dumps({"key": "s1", "task": "cls", **({"kind": "qa"} if n_bad_kind else {}),
-                                     "query": {"text": "<image> which class?", "image": "query.png"},
-                                     "positive": {"text": "n1", "image": None}, "meta": {"y": 1}}).encode()})
+    out.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(out / "red.png")
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(out / "green.png")
+    recs = [{"key": "s0", "task": "t2i", "query": {"text": "p1", "image": None},
+             "positive": {"text": None, "image": "red.png"}, "negatives": [{"text": None, "image": "green.png"}]},
+            {"key": "s1", "task": "cls", "query": {"text": "<|image_1|> which class?", "image": "green.png"},
+             "positive": {"text": "n1", "image": None}, "meta": {"y": 1}}]
+    if kind == "qa":
+        recs = [{"key": "q0", "image": "red.png", "conversations": [{"question": "colour?", "answer": "red"}]}]
+    (out / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert shard.main(["--input", str(out / "m.jsonl"), "--output", str(out / "shards"), "--kind", kind,
+                       "--prefix", "eval", "--samples-per-shard", "1", "--workers", "1"]) == 0
+    return out / "shards"
 
 
 def test_read_mmeb_shards_and_evaluate(tmp_path):
-    from pipeline.evaluate import read_mmeb_shards, shard_urls
+    from pipeline.evaluate import read_mmeb_shards
 
-    write_mmeb_shard(tmp_path / "eval-000000.tar")
-    write_mmeb_shard(tmp_path / "eval-000001.tar")
-    samples = read_mmeb_shards(str(tmp_path / "eval-{000000..000001}.tar"))
-    assert [s["__key__"] for s in samples] == ["s0", "s1", "s0", "s1"]
-    s0, s1 = samples[:2]
+    d = write_mmeb_shards(tmp_path / "ok")
+    samples = read_mmeb_shards(str(d / "eval-{000000..000001}.tar"))
+    assert [s["__key__"] for s in samples] == ["s0", "s1"]
+    s0, s1 = samples
     assert s0["positive"]["image"].getpixel((0, 0)) == (255, 0, 0) and s0["query"]["image"] is None
     assert s1["query"]["text"] == "<image> which class?" and s1["meta"] == {"y": 1} and s1["negatives"] == []
-    assert len(read_mmeb_shards(str(tmp_path), max_samples=3)) == 3  # a folder of shards works too
+    assert [s["__key__"] for s in read_mmeb_shards(str(d), max_samples=1)] == ["s0"]  # a shard folder works too
     res = evaluate(samples, FakeEncoder(), progress=False)
     assert res["tasks"]["t2i"]["candidate_mode"] == "own" and res["tasks"]["cls"]["candidate_mode"] == "pool"
     assert res["tasks"]["t2i"]["precision@1"] == 1.0  # p1=[1,0] matches red, not green
-    with pytest.raises(FileNotFoundError, match="do not exist"):
-        shard_urls(str(tmp_path / "eval-{000000..000002}.tar"))
-    write_mmeb_shard(tmp_path / "bad.tar", n_bad_kind=True)
-    with pytest.raises(ValueError, match="a 'qa' sample"):
-        read_mmeb_shards(str(tmp_path / "bad.tar"))
+    with pytest.raises(Exception, match="eval-000002"):
+        read_mmeb_shards(str(d / "eval-{000000..000002}.tar"))
+    with pytest.raises(ValueError, match="mmeb"):
+        read_mmeb_shards(str(write_mmeb_shards(tmp_path / "qa", kind="qa")))

@@ -1,6 +1,5 @@
 """The evaluation entry points end to end with a real (tiny, untrained) exported model:
 launch/evaluate.py on mmeb shards of real digit scans, launch/eval_mmeb.py on an MMEB-layout copy."""
-import io
 import json
 
 import numpy as np
@@ -34,34 +33,28 @@ def digits(n):
     return out
 
 
-def png(img):
-    b = io.BytesIO()
-    img.save(b, format="PNG")
-    return b.getvalue()
-
-
 def test_evaluate_cli_with_tiny_model(export_dir, tmp_path):
-    import webdataset as wds
-
     import launch.evaluate as cli
+    from data_prep import shard
     from pipeline.evaluate import load_encoder, read_mmeb_shards
 
     data = digits(6)
-    with wds.TarWriter(str(tmp_path / "eval-000000.tar")) as w:
-        for i, (img, y) in enumerate(data):
-            # t2i with own negatives (the next two digits), and classification against the task pool
-            w.write({"__key__": f"t2i{i}", "positive.png": png(img), "negative_0.png": png(data[(i + 1) % 6][0]),
-                     "negative_1.png": png(data[(i + 2) % 6][0]),
-                     "json": json.dumps({"key": f"t2i{i}", "task": "t2i", "query": {"text": f"a handwritten {WORDS[y]}", "image": None},
-                                         "positive": {"text": None, "image": "positive.png"},
-                                         "negatives": [{"text": None, "image": "negative_0.png"},
-                                                       {"text": None, "image": "negative_1.png"}]}).encode()})
-            w.write({"__key__": f"cls{i}", "query.png": png(img),
-                     "json": json.dumps({"key": f"cls{i}", "task": "classification",
-                                         "query": {"text": "<image> Which digit is this?", "image": "query.png"},
-                                         "positive": {"text": WORDS[y], "image": None}, "negatives": []}).encode()})
+    for i, (img, _) in enumerate(data):
+        img.save(tmp_path / f"d{i}.png")
+    recs = []
+    for i, (_, y) in enumerate(data):
+        # t2i with own negatives (the next two digits), and classification against the task pool
+        recs.append({"key": f"t2i{i}", "task": "t2i", "query": {"text": f"a handwritten {WORDS[y]}", "image": None},
+                     "positive": {"text": None, "image": f"d{i}.png"},
+                     "negatives": [{"text": None, "image": f"d{(i + k) % 6}.png"} for k in (1, 2)]})
+        recs.append({"key": f"cls{i}", "task": "classification",
+                     "query": {"text": "<image> Which digit is this?", "image": f"d{i}.png"},
+                     "positive": {"text": WORDS[y], "image": None}})
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert shard.main(["--input", str(tmp_path / "eval.jsonl"), "--output", str(tmp_path / "shards"), "--kind", "mmeb",
+                       "--prefix", "eval", "--samples-per-shard", "12", "--workers", "1"]) == 0
     out = tmp_path / "run" / "scores.json"
-    rc = cli.main(["--model", export_dir, "--data", str(tmp_path / "eval-{000000..000000}.tar"), "--out", str(out),
+    rc = cli.main(["--model", export_dir, "--data", str(tmp_path / "shards" / "eval-{000000..000000}.tar"), "--out", str(out),
                    "--batch-size", "4", "--device", "cpu", "--plot"])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -71,7 +64,7 @@ def test_evaluate_cli_with_tiny_model(export_dir, tmp_path):
     assert (tmp_path / "run" / "precision_at_1.png").stat().st_size > 1000
 
     # Recompute one t2i rank and one classification rank straight from the Embedder's vectors.
-    samples = read_mmeb_shards(str(tmp_path / "eval-000000.tar"))
+    samples = read_mmeb_shards(str(tmp_path / "shards"))
     encode = load_encoder(export_dir, device="cpu")
     s = samples[0]
     q = encode([{"text": s["query"]["text"]}])[0]
