@@ -26,7 +26,6 @@ its stats.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys

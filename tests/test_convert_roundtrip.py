@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO  # noqa: F401  (puts the repo root on sys.path)
 from data_prep import from_img2dataset, from_llava, from_mmeb_train
 from pipeline.prompts import IMAGE_PLACEHOLDER
-from test_convert import LLAVA_RECORDS, i2d_dir, llava_dir, make_image, read_jsonl  # noqa: F401  (fixtures)
+from test_convert import i2d_dir, llava_dir, make_image, read_jsonl  # noqa: F401  (fixtures)
 
 SHARD_ARGS = "--samples-per-shard 3 --workers 1"
 
