@@ -10,7 +10,7 @@ s = logit_scale,  p_i = positive_index[i].
     k→q loss_i = col_lse_{p_i} − pos_i        (column p_i against all queries, target i)
 
 A tiled backend only provides two primitives over the *softmax* part (positives are
-O(n·D) and computed here with plain torch ops, so autograd handles them):
+O(n·D) and handled here):
 
     stats(Q, K, s, col)  -> row_lse [n] f32, col_lse [m] f32 | None
     softmax_grads(Q, K, s, row_lse, row_coef, col_lse, col_coef) -> dQ f32, dK f32, ds f32
@@ -19,13 +19,13 @@ O(n·D) and computed here with plain torch ops, so autograd handles them):
 
 which is exactly the vector–Jacobian product of (row_lse, col_lse) w.r.t. (Q, K, s) for
 upstream gradients (row_coef, col_coef).  Backends recompute tiles of S instead of storing
-them, so nothing of size n×m is ever kept.  :class:`LSEStats` wraps the primitives in one
-autograd Function; :func:`infonce_forward` composes the loss from it; and
-:func:`infonce_loss_and_grads` does the same maths without autograd for the embedding cache.
+them, so nothing of size n×m is ever kept (torch: :mod:`kernels.infonce_torch`; Triton and
+CUDA: :mod:`kernels.tiled`).  :class:`FusedInfoNCE` is the whole loss as one autograd Function;
+:func:`infonce_loss_and_grads` is the same maths without autograd (embedding cache);
+:class:`LSEStats` exposes the statistics alone with autograd (for :mod:`kernels.distributed`).
 """
 from __future__ import annotations
 
-import abc
 from typing import Optional
 
 import torch
@@ -76,61 +76,6 @@ def check_inputs(query, key, logit_scale, positive_index, reduction) -> torch.Te
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for every input dtype, fp64 stays fp64 (test references)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ------------------------------------------------------------------------------ row-kernel backends
-class RowKernelOps(abc.ABC):
-    """The two primitives from two GPU kernels that each own a block of rows of A and stream B:
-
-    ``row_lse(A, B, s)``: lse_i = log Σ_j exp(s · a_i·b_j)                      → [r] fp32
-    ``launch_grad(...)``: dA += out_scale · G B  with G from the statistics       (fp32 buffer)
-
-    Each is called twice, the second time with Q and K swapped (column statistics are row
-    statistics of Sᵀ; dK is "dQ" of the transposed problem).  The CUDA backend implements
-    ``row_lse`` and ``launch_grad``; the bookkeeping is here.  (The Triton backend does one
-    pass per direction instead: see :mod:`kernels.infonce_triton`.)
-    """
-
-    name = "rowkernel"
-
-    @abc.abstractmethod
-    def row_lse(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        """a [r, D], b [c, D] contiguous, same dtype → [r] fp32 row log-sum-exp of scale · a bᵀ."""
-
-    @abc.abstractmethod
-    def launch_grad(self, a, b, da, ds, scale, out_scale, rlse, rcoef, clse, ccoef, want_ds) -> None:
-        """da [r, D] fp32 += out_scale · G b; ds [r] fp32 = Σ_j G_ij a_i·b_j if want_ds.  The
-        statistics/coefficients are contiguous fp32 vectors, or None for an absent term."""
-
-    def grad_rows(self, a, b, scale, rlse, rcoef, clse, ccoef, want_ds: bool):
-        """dA = scale · G b (fp32 [r, D]) and Σ_ij G_ij a_i·b_j (fp32 0-dim; 0 unless want_ds), with
-        G_ij = rcoef_i exp(S_ij − rlse_i) + ccoef_j exp(S_ij − clse_j); either pair may be None.
-
-        The coefficients are O(1/n): they are divided by their largest magnitude before the
-        kernels (so G is O(1) when it is rounded to fp16/bf16 for the tensor-core product) and
-        the norm is folded back into the output scale."""
-        a, b = a.contiguous(), b.contiguous()
-        r, d = a.shape
-        coefs = [x for x in (rcoef, ccoef) if x is not None]
-        norm = max(float(x.abs().max()) for x in coefs) if coefs else 0.0
-        da = torch.zeros(r, d, dtype=torch.float32, device=a.device)
-        ds = torch.zeros(r if want_ds else 1, dtype=torch.float32, device=a.device)
-        if norm == 0.0 or r == 0 or b.shape[0] == 0:
-            return da, ds.sum()
-        f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()  # noqa: E731
-        self.launch_grad(a, b, da, ds, float(scale), float(scale) * norm, f32(rlse),
-                         None if rcoef is None else f32(rcoef / norm), f32(clse),
-                         None if ccoef is None else f32(ccoef / norm), want_ds)
-        return da, ds.sum() * norm
-
-    def stats(self, query, key, scale: float, col: bool):
-        row = self.row_lse(query.contiguous(), key.contiguous(), scale)
-        return row, (self.row_lse(key.contiguous(), query.contiguous(), scale) if col else None)
-
-    def softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse=None, col_coef=None):
-        dq, ds = self.grad_rows(query, key, scale, row_lse, row_coef, col_lse, col_coef, want_ds=True)
-        dk, _ = self.grad_rows(key, query, scale, col_lse, col_coef, row_lse, row_coef, want_ds=False)
-        return dq, dk, ds
 
 
 # ------------------------------------------------------------------------------ autograd

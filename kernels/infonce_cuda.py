@@ -4,7 +4,7 @@ kernels/csrc/infonce_binding.cpp as the module ``kernels._infonce_cuda``.
 Ahead of time:  ``COMA_BUILD_CUDA=1 pip install -e .`` (setup.py builds the extension).
 Just in time:   otherwise the first use compiles it with ``torch.utils.cpp_extension.load``
 (ninja; cached under TORCH_EXTENSIONS_DIR, ~1 min the first time).
-Same maths and interface as the Triton backend (:class:`kernels.infonce.RowKernelOps`).
+Same tiles, maths and host loop as the Triton backend (:class:`kernels.tiled.TiledOps`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .infonce import RowKernelOps
+from .tiled import TiledOps, cdiv
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "infonce_binding.cpp", CSRC / "infonce_kernels.cu"]
@@ -44,11 +44,15 @@ def load_extension():
         return mod
 
 
-class CudaOps(RowKernelOps):
+class CudaOps(TiledOps):
+    """Host side of the CUDA tile kernels (chunking and GEMMs in :class:`kernels.tiled.TiledOps`)."""
+
     name = "cuda"
 
-    def __init__(self, module):
+    def __init__(self, module, dtype: torch.dtype):
         self.mod = module
+        self.tile = module.tile()
+        self.g_dtype = dtype
 
     @classmethod
     def for_inputs(cls, device: torch.device, dtype: torch.dtype) -> "CudaOps":
@@ -59,14 +63,18 @@ class CudaOps(RowKernelOps):
             raise RuntimeError("backend='cuda': torch reports no usable CUDA device")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise RuntimeError(f"backend='cuda' supports float32/float16/bfloat16 inputs, not {dtype}")
-        return cls(load_extension())
+        return cls(load_extension(), dtype)
 
-    def row_lse(self, a, b, scale):
-        return self.mod.row_lse(a, b, float(scale))
+    def tiles(self, n, m, d, elem):
+        return self.tile, self.tile
 
-    def launch_grad(self, a, b, da, ds, scale, out_scale, rlse, rcoef, clse, ccoef, want_ds):
-        rows = self.mod.rows_per_block()
-        part = torch.zeros(-(-a.shape[0] // rows), dtype=torch.float32, device=a.device) if want_ds else da
-        self.mod.grad_rows(a, b, da, part, rlse, rcoef, clse, ccoef, want_ds, float(scale), float(out_scale))
-        if want_ds:
-            ds[: part.numel()] += part  # ds has one slot per row; the per-block partials fit in front
+    def default_splits(self, row_blocks, col_blocks, device):
+        # 64-row blocks: aim for ~4 resident blocks per SM
+        return cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, row_blocks)
+
+    def launch_stats(self, q, k, scale, col, cols_per_split, rmax, rsum, pmax, psum):
+        self.mod.stats(q, k, rmax, rsum, pmax, psum, col, cols_per_split, scale)
+
+    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, row0, row1, scale, has_col):
+        self.mod.grad_tiles(q, k, g, dsp, rlse, rcoef, clse if has_col else None, ccoef if has_col else None,
+                            row0, row1, scale)

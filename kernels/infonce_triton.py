@@ -10,8 +10,8 @@ and, when symmetric, writes each tile's per-column (max, sum-exp) over its BLOCK
 host merges the partials with a log-sum-exp: row_lse [n] and col_lse [m].  Partials cost
 8·n·splits + 8·m·⌈n/BLOCK_M⌉ bytes — O(n·m / BLOCK_M), against 2·n·m for bf16 logits.
 
-Backward, ``_grad_tile_kernel`` on row chunks of C rows (C·m ≈ COMA_INFONCE_TRITON_CHUNK_ELEMS,
-default 64 Mi elements: 128 MiB in bf16): a 2-D grid over (row block, key tile) recomputes each
+Backward, ``_grad_tile_kernel`` on row chunks of C rows (C·m ≈ COMA_INFONCE_CHUNK_ELEMS_GPU,
+default 64 Mi elements: 128 MiB in bf16; the host loop is :class:`kernels.tiled.TiledOps`): a 2-D grid over (row block, key tile) recomputes each
 logits tile once and turns it into the softmax-gradient weights
         G_ij = a_i · exp(S_ij − row_lse_i) + b_j · exp(S_ij − col_lse_j)
 (the column term only when symmetric), written in the input dtype to a [C, m] chunk buffer,
@@ -33,15 +33,14 @@ import os
 
 import torch
 
+from .tiled import TiledOps, cdiv
+
 try:
     import triton
     import triton.language as tl
 except ImportError as exc:  # pragma: no cover - triton ships with Linux torch wheels
     raise RuntimeError(f"backend='triton' needs the triton package ({exc}); pip install triton, "
                        "or use backend='torch'") from exc
-
-_CHUNK_ELEMS = 1 << 26
-
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -130,8 +129,8 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-class TritonOps:
-    """Host side: tile choice, partial-statistics merge, row chunks and the two GEMMs."""
+class TritonOps(TiledOps):
+    """Host side of the Triton kernels (chunking and GEMMs in :class:`kernels.tiled.TiledOps`)."""
 
     name = "triton"
 
@@ -162,89 +161,31 @@ class TritonOps:
             raise RuntimeError(f"backend='triton' cannot run on device {device}; use backend='torch'")
         return cls(interpret, dtype)
 
-    def _tiles(self, n: int, m: int, D: int, elem: int):
+    def _config(self, n, m, d, elem):
         if self.interpret:
             # the interpreter's cost is per program × per tile: few, large tiles
-            return (max(16, min(128, _pow2(n))), max(16, min(128, _pow2(m))), max(16, min(_pow2(D), 256)), {})
-        bk = max(16, min(_pow2(D), 64 if elem <= 2 else 32))
-        return 128, 128, bk, {"num_warps": 8, "num_stages": 3}
+            return (max(16, min(128, _pow2(n))), max(16, min(128, _pow2(m))), max(16, min(_pow2(d), 256)), {})
+        return 128, 128, max(16, min(_pow2(d), 64 if elem <= 2 else 32)), {"num_warps": 8, "num_stages": 3}
 
-    def stats(self, query, key, scale: float, col: bool):
-        q, k = query.contiguous(), key.contiguous()
+    def tiles(self, n, m, d, elem):
+        return self._config(n, m, d, elem)[:2]
+
+    def default_splits(self, row_blocks, col_blocks, device):
+        if self.interpret:
+            return 1
+        return cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, row_blocks)
+
+    def launch_stats(self, q, k, scale, col, cols_per_split, rmax, rsum, pmax, psum):
         (n, d), m = q.shape, k.shape[0]
-        bm, bn, bk, kw = self._tiles(n, m, d, q.element_size())
-        row_blocks = triton.cdiv(n, bm)
-        if os.environ.get("COMA_INFONCE_TRITON_SPLITS"):      # forced (tests)
-            splits = int(os.environ["COMA_INFONCE_TRITON_SPLITS"])
-        elif self.interpret:
-            splits = 1
-        else:  # split the key columns too, so that small n still fills every SM
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            splits = triton.cdiv(2 * sms, row_blocks)
-        splits = max(1, min(splits, triton.cdiv(m, bn)))
-        cols_per_split = triton.cdiv(triton.cdiv(m, splits), bn) * bn
-        splits = triton.cdiv(m, cols_per_split)
-        f32 = dict(dtype=torch.float32, device=q.device)
-        rmax, rsum = torch.empty(splits, n, **f32), torch.empty(splits, n, **f32)
-        pmax = torch.empty(row_blocks, m, **f32) if col else rmax
-        psum = torch.empty(row_blocks, m, **f32) if col else rsum
-        _stats_kernel[(row_blocks, splits)](q, k, rmax, rsum, pmax, psum, n, m, d, q.stride(0), k.stride(0),
-                                            cols_per_split, float(scale), COL=col, BLOCK_M=bm, BLOCK_N=bn,
-                                            BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)
-        return _merge(rmax, rsum), (_merge(pmax, psum) if col else None)
+        bm, bn, bk, kw = self._config(n, m, d, q.element_size())
+        _stats_kernel[(cdiv(n, bm), rmax.shape[0])](q, k, rmax, rsum, pmax, psum, n, m, d, q.stride(0), k.stride(0),
+                                                    cols_per_split, scale, COL=col, BLOCK_M=bm, BLOCK_N=bn,
+                                                    BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)
 
-    def softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse=None, col_coef=None):
-        q, k = query.contiguous(), key.contiguous()
+    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, row0, row1, scale, has_col):
         (n, d), m = q.shape, k.shape[0]
-        has_col = col_lse is not None
-        norm = float(row_coef.abs().max())
-        if has_col:
-            norm = max(norm, float(col_coef.abs().max()))
-        dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
-        if norm == 0.0:
-            return dq, dk, dq.new_zeros(())
-        f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
-        rl, rc = f32(row_lse), f32(row_coef / norm)
-        cl, cc = (f32(col_lse), f32(col_coef / norm)) if has_col else (rl, rc)
-        bm, bn, bk, kw = self._tiles(n, m, d, q.element_size())
-        budget = int(os.environ.get("COMA_INFONCE_TRITON_CHUNK_ELEMS", _CHUNK_ELEMS))
-        chunk = min(triton.cdiv(n, bm) * bm, max(bm, budget // max(m, 1) // bm * bm))
-        gbuf = torch.empty(chunk, m, dtype=self.g_dtype, device=q.device)
-        qg, kg = q.to(self.g_dtype), k.to(self.g_dtype)          # no-ops unless interpreting bf16/fp16
-        out_scale = float(scale) * norm
-        ds = torch.zeros((), dtype=torch.float32, device=q.device)
-        for r0 in range(0, n, chunk):
-            r1 = min(n, r0 + chunk)
-            grid = (triton.cdiv(r1 - r0, bm), triton.cdiv(m, bn))
-            dsp = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
-            g = gbuf[: r1 - r0]
-            _grad_tile_kernel[grid](q, k, g, dsp, rl, rc, cl, cc, r0, r1, m, d, q.stride(0), k.stride(0),
-                                    g.stride(0), float(scale), HAS_COL=has_col, BLOCK_M=bm, BLOCK_N=bn,
-                                    BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)
-            ds += dsp.sum()
-            torch.mul(_mm_f32(g, kg), out_scale, out=dq[r0:r1])
-            dk.add_(_mm_f32(g.t(), qg[r0:r1]), alpha=out_scale)
-        return dq, dk, ds * norm
-
-
-_OUT_DTYPE_MM = [True]
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result.  cuBLAS accumulates fp16/bf16 products in fp32 anyway;
-    ``out_dtype`` (torch ≥ 2.8, CUDA) keeps that sum unrounded, else one rounding happens."""
-    if a.dtype == torch.float32 or not a.is_cuda:
-        return torch.mm(a, b).float()
-    if _OUT_DTYPE_MM[0]:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            _OUT_DTYPE_MM[0] = False
-    return torch.mm(a, b).float()
-
-
-def _merge(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
-    """log Σ_p psum_p · exp(pmax_p − M) + M over the partials (dim 0) → fp32 LSE."""
-    top = pmax.max(dim=0).values
-    return top + torch.log((psum * torch.exp(pmax - top)).sum(dim=0))
+        bm, bn, bk, kw = self._config(n, m, d, q.element_size())
+        cl, cc = (clse, ccoef) if has_col else (rlse, rcoef)      # pointer slots unused without the term
+        _grad_tile_kernel[(cdiv(row1 - row0, bm), cdiv(m, bn))](
+            q, k, g, dsp, rlse, rcoef, cl, cc, row0, row1, m, d, q.stride(0), k.stride(0), g.stride(0), scale,
+            HAS_COL=has_col, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)

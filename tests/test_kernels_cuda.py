@@ -41,7 +41,7 @@ def test_binding_names_match_setup_py(repo_root):
     for src in ("kernels/csrc/infonce_binding.cpp", "kernels/csrc/infonce_kernels.cu"):
         assert src in setup and (repo_root / src).exists()
     binding = (repo_root / "kernels/csrc/infonce_binding.cpp").read_text()
-    for sym in ("coma_infonce_row_lse", "coma_infonce_grad_rows", "coma_infonce_rows_per_block"):
+    for sym in ("coma_infonce_stats", "coma_infonce_grad_tiles", "coma_infonce_tile"):
         assert sym in binding and sym in CU.read_text()
 
 

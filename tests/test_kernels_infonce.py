@@ -201,8 +201,8 @@ def test_autocast_does_not_lower_torch_backend_precision():
 
 def test_triton_column_splits_and_row_chunks(monkeypatch):
     # forward with the key columns split over programs, backward over several row chunks
-    monkeypatch.setenv("COMA_INFONCE_TRITON_SPLITS", "3")
-    monkeypatch.setenv("COMA_INFONCE_TRITON_CHUNK_ELEMS", "1")
+    monkeypatch.setenv("COMA_INFONCE_SPLITS", "3")
+    monkeypatch.setenv("COMA_INFONCE_CHUNK_ELEMS_GPU", "1")
     q, k, s = make(300, 410, 24, torch.float16, 33.3)
     pidx = torch.randint(0, 410, (300,), generator=torch.Generator().manual_seed(5))
     for sym in (False, True):

@@ -1,6 +1,7 @@
-// torch binding of infonce_kernels.cu: checks, output allocation, the current CUDA stream.
+// torch binding of infonce_kernels.cu: checks, the device guard and the current CUDA stream.
 // Built just-in-time by kernels/infonce_cuda.py (torch.utils.cpp_extension.load + ninja) or
 // ahead of time by setup.py with COMA_BUILD_CUDA=1, as the module kernels._infonce_cuda.
+// Outputs are allocated by the caller (kernels/tiled.py) and filled in place.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -8,17 +9,16 @@
 #include <cuda_runtime.h>
 
 #include <optional>
-#include <vector>
 
 extern "C" {
-int coma_infonce_rows_per_block();
-cudaError_t coma_infonce_row_lse(int dtype, const void* A, const void* B, float* lse, int64_t n_rows, int64_t n_cols,
-                                 int64_t D, int64_t lda, int64_t ldb, float scale, cudaStream_t stream);
-cudaError_t coma_infonce_grad_rows(int dtype, const void* A, const void* B, float* dA, float* ds_part,
-                                   const float* rlse, const float* rcoef, const float* clse, const float* ccoef,
-                                   int has_row, int has_col, int want_ds, int64_t n_rows, int64_t n_cols, int64_t D,
-                                   int64_t lda, int64_t ldb, int64_t ldda, float scale, float out_scale,
-                                   cudaStream_t stream);
+int coma_infonce_tile();
+cudaError_t coma_infonce_stats(int dtype, const void* Q, const void* K, float* rmax, float* rsum, float* pmax,
+                               float* psum, int col, int64_t n, int64_t m, int64_t D, int64_t ldq, int64_t ldk,
+                               int64_t cols_per_split, int splits, float scale, cudaStream_t stream);
+cudaError_t coma_infonce_grad_tiles(int dtype, const void* Q, const void* K, void* G, float* dsp, const float* rlse,
+                                    const float* rcoef, const float* clse, const float* ccoef, int has_col,
+                                    int64_t row0, int64_t row1, int64_t m, int64_t D, int64_t ldq, int64_t ldk,
+                                    int64_t ldg, float scale, cudaStream_t stream);
 }
 
 namespace {
@@ -33,72 +33,75 @@ int dtype_code(const at::Tensor& t) {
   return -1;
 }
 
-void check_pair(const at::Tensor& A, const at::Tensor& B) {
-  TORCH_CHECK(A.is_cuda() && B.is_cuda(), "infonce cuda: inputs must be CUDA tensors");
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(1) == B.size(1), "infonce cuda: expected A [r, D], B [c, D]");
-  TORCH_CHECK(A.scalar_type() == B.scalar_type(), "infonce cuda: A and B must share a dtype");
-  TORCH_CHECK(A.device() == B.device(), "infonce cuda: A and B must be on the same device");
-  TORCH_CHECK(A.stride(1) == 1 && B.stride(1) == 1, "infonce cuda: rows must be contiguous");
+void check_pair(const at::Tensor& Q, const at::Tensor& K) {
+  TORCH_CHECK(Q.is_cuda() && K.is_cuda(), "infonce cuda: inputs must be CUDA tensors");
+  TORCH_CHECK(Q.dim() == 2 && K.dim() == 2 && Q.size(1) == K.size(1), "infonce cuda: expected Q [n, D], K [m, D]");
+  TORCH_CHECK(Q.scalar_type() == K.scalar_type(), "infonce cuda: Q and K must share a dtype");
+  TORCH_CHECK(Q.device() == K.device(), "infonce cuda: Q and K must be on the same device");
+  TORCH_CHECK(Q.stride(1) == 1 && K.stride(1) == 1, "infonce cuda: rows of Q and K must be contiguous");
 }
 
-const float* vec(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n,
-              "infonce cuda: ", name, " must be a contiguous float32 CUDA vector of length ", n);
-  return t->data_ptr<float>();
+float* f32(const at::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() >= numel,
+              "infonce cuda: ", name, " must be a contiguous float32 CUDA tensor of at least ", numel, " elements");
+  return t.data_ptr<float>();
 }
 
 void ok(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "infonce cuda: ", what, " launch failed: ", cudaGetErrorString(err));
 }
 
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 }  // namespace
 
-// lse_i = log Σ_j exp(scale · A_i·B_j): A [r, D], B [c, D] → [r] float32.
-at::Tensor row_lse(const at::Tensor& A_, const at::Tensor& B_, double scale) {
-  const at::Tensor A = A_.contiguous(), B = B_.contiguous();
-  check_pair(A, B);
-  const c10::cuda::CUDAGuard guard(A.device());
-  at::Tensor lse = at::empty({A.size(0)}, A.options().dtype(at::kFloat));
-  ok(coma_infonce_row_lse(dtype_code(A), A.data_ptr(), B.data_ptr(), lse.data_ptr<float>(), A.size(0), B.size(0),
-                          A.size(1), A.stride(0), B.stride(0), static_cast<float>(scale),
-                          c10::cuda::getCurrentCUDAStream().stream()),
-     "row_lse");
-  return lse;
+// rmax/rsum [splits, n]: per-row (max, sum-exp) of scale·Q Kᵀ over each split of cols_per_split
+// keys; pmax/psum [ceil(n / tile), m]: per row block and column (only when col).
+void stats(const at::Tensor& Q, const at::Tensor& K, at::Tensor rmax, at::Tensor rsum, at::Tensor pmax,
+           at::Tensor psum, bool col, int64_t cols_per_split, double scale) {
+  check_pair(Q, K);
+  const int64_t n = Q.size(0), m = K.size(0), splits = rmax.size(0), tile = coma_infonce_tile();
+  TORCH_CHECK(rmax.dim() == 2 && rmax.size(1) == n && cols_per_split > 0 && splits * cols_per_split >= m,
+              "infonce cuda: rmax must be [splits, n] with splits * cols_per_split >= m");
+  const int64_t part = col ? cdiv(n, tile) * m : 0;
+  const c10::cuda::CUDAGuard guard(Q.device());
+  ok(coma_infonce_stats(dtype_code(Q), Q.data_ptr(), K.data_ptr(), f32(rmax, splits * n, "rmax"),
+                        f32(rsum, splits * n, "rsum"), f32(pmax, part, "pmax"), f32(psum, part, "psum"), col, n, m,
+                        Q.size(1), Q.stride(0), K.stride(0), cols_per_split, static_cast<int>(splits),
+                        static_cast<float>(scale), c10::cuda::getCurrentCUDAStream().stream()),
+     "stats");
 }
 
-// dA [r, D] float32 (updated in place) += out_scale · G B, ds_part [ceil(r / rows_per_block)]
-// float32 = per-block Σ G ⊙ (A Bᵀ); G from the optional row (rlse, rcoef) and column (clse, ccoef) terms.
-void grad_rows(const at::Tensor& A_, const at::Tensor& B_, at::Tensor dA, at::Tensor ds_part,
-               const std::optional<at::Tensor>& rlse, const std::optional<at::Tensor>& rcoef,
-               const std::optional<at::Tensor>& clse, const std::optional<at::Tensor>& ccoef, bool want_ds,
-               double scale, double out_scale) {
-  const at::Tensor A = A_.contiguous(), B = B_.contiguous();
-  check_pair(A, B);
-  const int64_t r = A.size(0), c = B.size(0);
-  TORCH_CHECK(dA.is_cuda() && dA.scalar_type() == at::kFloat && dA.is_contiguous() && dA.size(0) == r &&
-                  dA.size(1) == A.size(1),
-              "infonce cuda: dA must be a contiguous float32 [r, D] CUDA tensor");
-  const int64_t blocks = (r + coma_infonce_rows_per_block() - 1) / coma_infonce_rows_per_block();
-  TORCH_CHECK(!want_ds || (ds_part.is_cuda() && ds_part.scalar_type() == at::kFloat && ds_part.numel() >= blocks),
-              "infonce cuda: ds_part must be a float32 CUDA vector of at least ", blocks, " entries");
-  TORCH_CHECK(rlse.has_value() == rcoef.has_value() && clse.has_value() == ccoef.has_value(),
-              "infonce cuda: statistics and coefficients come in pairs");
-  const c10::cuda::CUDAGuard guard(A.device());
-  ok(coma_infonce_grad_rows(dtype_code(A), A.data_ptr(), B.data_ptr(), dA.data_ptr<float>(),
-                            want_ds ? ds_part.data_ptr<float>() : nullptr, vec(rlse, r, "rlse"),
-                            vec(rcoef, r, "rcoef"), vec(clse, c, "clse"), vec(ccoef, c, "ccoef"), rlse.has_value(),
-                            clse.has_value(), want_ds, r, c, A.size(1), A.stride(0), B.stride(0), dA.stride(0),
-                            static_cast<float>(scale), static_cast<float>(out_scale),
-                            c10::cuda::getCurrentCUDAStream().stream()),
-     "grad_rows");
+// G [row1 - row0, m] (Q's dtype for fp16/bf16, float32 for float32) <- softmax-gradient weights of
+// rows [row0, row1); dsp [grid] float32 <- per-tile sum of G * (Q Kᵀ).
+void grad_tiles(const at::Tensor& Q, const at::Tensor& K, at::Tensor G, at::Tensor dsp, const at::Tensor& rlse,
+                const at::Tensor& rcoef, const std::optional<at::Tensor>& clse,
+                const std::optional<at::Tensor>& ccoef, int64_t row0, int64_t row1, double scale) {
+  check_pair(Q, K);
+  const int64_t n = Q.size(0), m = K.size(0), tile = coma_infonce_tile();
+  TORCH_CHECK(0 <= row0 && row0 < row1 && row1 <= n, "infonce cuda: bad row range [", row0, ", ", row1, ")");
+  TORCH_CHECK(G.is_cuda() && G.dim() == 2 && G.size(0) >= row1 - row0 && G.size(1) == m && G.stride(1) == 1 &&
+                  G.scalar_type() == Q.scalar_type(),
+              "infonce cuda: G must be a [rows, m] CUDA tensor with contiguous rows and Q's dtype");
+  TORCH_CHECK(clse.has_value() == ccoef.has_value(), "infonce cuda: clse and ccoef come together");
+  const bool has_col = clse.has_value();
+  const c10::cuda::CUDAGuard guard(Q.device());
+  ok(coma_infonce_grad_tiles(dtype_code(Q), Q.data_ptr(), K.data_ptr(), G.data_ptr(),
+                             f32(dsp, cdiv(row1 - row0, tile) * cdiv(m, tile), "dsp"), f32(rlse, n, "rlse"),
+                             f32(rcoef, n, "rcoef"), has_col ? f32(*clse, m, "clse") : nullptr,
+                             has_col ? f32(*ccoef, m, "ccoef") : nullptr, has_col, row0, row1, m, Q.size(1),
+                             Q.stride(0), K.stride(0), G.stride(0), static_cast<float>(scale),
+                             c10::cuda::getCurrentCUDAStream().stream()),
+     "grad_tiles");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused InfoNCE statistics and gradients (see kernels/csrc/infonce_kernels.cu)";
-  m.def("rows_per_block", &coma_infonce_rows_per_block, "rows of A handled by one thread block");
-  m.def("row_lse", &row_lse, "row log-sum-exp of scale * A @ B.T", py::arg("A"), py::arg("B"), py::arg("scale"));
-  m.def("grad_rows", &grad_rows, "dA += out_scale * G @ B and per-block sum(G * A @ B.T)", py::arg("A"),
-        py::arg("B"), py::arg("dA"), py::arg("ds_part"), py::arg("rlse"), py::arg("rcoef"), py::arg("clse"),
-        py::arg("ccoef"), py::arg("want_ds"), py::arg("scale"), py::arg("out_scale"));
+  m.doc() = "Fused InfoNCE tile kernels (see kernels/csrc/infonce_kernels.cu and kernels/tiled.py)";
+  m.def("tile", &coma_infonce_tile, "rows (= key columns) per thread block");
+  m.def("stats", &stats, "per-row and per-column partial log-sum-exp statistics", py::arg("Q"), py::arg("K"),
+        py::arg("rmax"), py::arg("rsum"), py::arg("pmax"), py::arg("psum"), py::arg("col"),
+        py::arg("cols_per_split"), py::arg("scale"));
+  m.def("grad_tiles", &grad_tiles, "softmax-gradient weights G of a row chunk", py::arg("Q"), py::arg("K"),
+        py::arg("G"), py::arg("dsp"), py::arg("rlse"), py::arg("rcoef"), py::arg("clse"), py::arg("ccoef"),
+        py::arg("row0"), py::arg("row1"), py::arg("scale"));
 }

@@ -1,21 +1,23 @@
-// Fused similarity + InfoNCE kernels: the CUDA twin of kernels/infonce_triton.py.
+// Fused similarity + InfoNCE tile kernels: the CUDA twin of kernels/infonce_triton.py, driven
+// by the same host loop (kernels/tiled.py: partial-statistics merge, row chunks, and the two
+// cuBLAS GEMMs that consume G).
 //
 // Only the CUDA runtime and cuda_fp16.h / cuda_bf16.h are used (no torch headers), so this
 // file compiles with a bare `nvcc -c -arch=sm_90a` and is bound to torch by
 // infonce_binding.cpp, which passes the current stream in explicitly.
 //
-// Maths (kernels/infonce.py):  S = s · A Bᵀ, A [r, D], B [c, D].
-//   row_lse kernel:  lse_i = log Σ_j exp S_ij, one thread block per BM rows of A, streaming B
-//                    in BN-row tiles with an online (max, sum-exp) per row.
-//   grad kernel:     G_ij = a_i exp(S_ij − lse_i) + b_j exp(S_ij − lse'_j)  (either term optional)
-//                    dA  += out_scale · G B   (fp32 buffer owned by the block: no atomics)
-//                    ds_part[block] = Σ_ij G_ij (a_i·b_j)   (for d logit_scale)
-// Every launch recomputes its logits tiles; nothing of size r×c is stored.  All products
-// accumulate in fp32 whatever the input dtype.
+// Maths (kernels/infonce.py):  S = s · Q Kᵀ, Q [n, D], K [m, D].
+//   stats kernel:  grid (row blocks) × (column splits).  Per row, an online (max, sum-exp) over
+//                  the split's columns → rmax/rsum [splits, n]; if symmetric, per tile and
+//                  column the (max, sum-exp) over the block's rows → pmax/psum [row blocks, m].
+//   grad tiles:    grid (row blocks of a chunk) × (key tiles).  G_ij = a_i exp(S_ij − lse_i)
+//                  + b_j exp(S_ij − lse'_j) (second term if symmetric) stored to a [C, m]
+//                  buffer in the input dtype, and Σ_ij G_ij (q_i·k_j) per block (d logit_scale).
+// Every launch recomputes its logits tiles from Q and K; all products accumulate in fp32.
 //
 // Tiling: 256 threads as 16×16; each thread owns a 4×4 micro-tile (rows ty+16i, cols tx+16j,
-// strided so shared-memory reads are broadcast / conflict-free).  D is consumed in BK slices
-// for the logits and in BD slices for the gradient update, so any D (8 … 8192+) works.
+// strided so shared-memory reads are broadcast / conflict-free).  D is consumed in BK slices,
+// so any D (8 … 8192+) works.  The logits tile is SIMT fp32 FMA (no tensor cores).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,11 +32,14 @@ constexpr int TM = 4, TN = 4;
 constexpr int BM = TY * TM;  // 64 rows of A per block
 constexpr int BN = TX * TN;  // 64 rows of B per tile
 constexpr int BK = 16;       // D slice of the logits product
-constexpr int BD = 64;       // D slice of the gradient update
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // acc[i][j] = Σ_d A[r0+ty+TY·i, d] · B[c0+tx+TX·j, d]  (zero outside the matrices)
 template <typename T>
@@ -81,203 +86,155 @@ __device__ __forceinline__ void lse_merge(float& m, float& l, float mo, float lo
   m = mn;
 }
 
+// One thread block: BM rows of Q, the key columns [c_start, c_end) of its split.
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
-    row_lse_kernel(const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ lse, int64_t n_rows,
-                   int64_t n_cols, int64_t D, int64_t lda, int64_t ldb, float scale) {
+    stats_kernel(const T* __restrict__ Q, const T* __restrict__ K, float* __restrict__ rmax, float* __restrict__ rsum,
+                 float* __restrict__ pmax, float* __restrict__ psum, int col, int64_t n, int64_t m, int64_t D,
+                 int64_t ldq, int64_t ldk, int64_t cols_per_split, float scale) {
   __shared__ float As[BK][BM + 1];
   __shared__ float Bs[BK][BN + 1];
+  __shared__ float Ss[BM][BN + 1];  // the scaled logits tile, scanned by rows and by columns
   const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
   const int64_t r0 = (int64_t)blockIdx.x * BM;
-  float m[TM], l[TM];
-#pragma unroll
-  for (int i = 0; i < TM; ++i) m[i] = -INFINITY, l[i] = 0.f;
+  const int64_t c_start = (int64_t)blockIdx.y * cols_per_split;
+  const int64_t c_end = c_start + cols_per_split < m ? c_start + cols_per_split : m;
+  float m_run = -INFINITY, l_run = 0.f;  // threads tid < BM: the state of row r0 + tid
 
-  for (int64_t c0 = 0; c0 < n_cols; c0 += BN) {
+  for (int64_t c0 = c_start; c0 < c_end; c0 += BN) {
     float acc[TM][TN];
-    dot_tile(A, B, n_rows, n_cols, D, lda, ldb, r0, c0, acc, As, Bs);
+    dot_tile(Q, K, n, c_end, D, ldq, ldk, r0, c0, acc, As, Bs);  // columns >= c_end read as 0
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
-      for (int j = 0; j < TN; ++j)
-        if (c0 + tx + TX * j < n_cols) lse_merge(m[i], l[i], acc[i][j] * scale, 1.f);
+      for (int j = 0; j < TN; ++j) Ss[ty + TY * i][tx + TX * j] = acc[i][j] * scale;
+    __syncthreads();
+    const int n_valid_c = (int)(c_end - c0 < BN ? c_end - c0 : BN);
+    const int n_valid_r = (int)(n - r0 < BM ? n - r0 : BM);
+    if (tid < BM) {  // one thread per row: tile max, then sum-exp, then merge (online LSE)
+      if (tid < n_valid_r) {
+        float mt = -INFINITY;
+        for (int c = 0; c < n_valid_c; ++c) mt = fmaxf(mt, Ss[tid][c]);
+        float lt = 0.f;
+        for (int c = 0; c < n_valid_c; ++c) lt += __expf(Ss[tid][c] - mt);
+        lse_merge(m_run, l_run, mt, lt);
+      }
+    } else if (col && tid < BM + BN) {  // one thread per column: this block's partial column LSE
+      const int c = tid - BM;
+      if (c < n_valid_c) {
+        float mt = -INFINITY;
+        for (int r = 0; r < n_valid_r; ++r) mt = fmaxf(mt, Ss[r][c]);
+        float lt = 0.f;
+        for (int r = 0; r < n_valid_r; ++r) lt += __expf(Ss[r][c] - mt);
+        pmax[(int64_t)blockIdx.x * m + c0 + c] = mt;
+        psum[(int64_t)blockIdx.x * m + c0 + c] = lt;
+      }
+    }
+    __syncthreads();  // Ss is rewritten by the next tile
   }
-  // the TX threads sharing a row are 16 consecutive lanes of one warp
-#pragma unroll
-  for (int i = 0; i < TM; ++i)
-    for (int off = TX / 2; off > 0; off >>= 1) {
-      const float mo = __shfl_xor_sync(0xffffffffu, m[i], off, TX);
-      const float lo = __shfl_xor_sync(0xffffffffu, l[i], off, TX);
-      lse_merge(m[i], l[i], mo, lo);
-    }
-  if (tx == 0)
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-      const int64_t r = r0 + ty + TY * i;
-      if (r < n_rows) lse[r] = m[i] + __logf(l[i]);
-    }
+  if (tid < BM && r0 + tid < n) {
+    rmax[(int64_t)blockIdx.y * n + r0 + tid] = m_run;
+    rsum[(int64_t)blockIdx.y * n + r0 + tid] = l_run;
+  }
 }
 
-template <typename T>
+// One thread block: a BM × BN tile of rows [row0, row1) of Q against keys [c0, c0 + BN).
+template <typename T, typename GT>
 __global__ void __launch_bounds__(THREADS)
-    grad_kernel(const T* __restrict__ A, const T* __restrict__ B, float* __restrict__ dA, float* __restrict__ ds_part,
-                const float* __restrict__ rlse, const float* __restrict__ rcoef, const float* __restrict__ clse,
-                const float* __restrict__ ccoef, int has_row, int has_col, int want_ds, int64_t n_rows,
-                int64_t n_cols, int64_t D, int64_t lda, int64_t ldb, int64_t ldda, float scale, float out_scale) {
+    grad_tile_kernel(const T* __restrict__ Q, const T* __restrict__ K, GT* __restrict__ G, float* __restrict__ dsp,
+                     const float* __restrict__ rlse, const float* __restrict__ rcoef, const float* __restrict__ clse,
+                     const float* __restrict__ ccoef, int has_col, int64_t row0, int64_t row1, int64_t m, int64_t D,
+                     int64_t ldq, int64_t ldk, int64_t ldg, float scale) {
   __shared__ float As[BK][BM + 1];
   __shared__ float Bs[BK][BN + 1];
-  __shared__ float Gs[BM][BN + 1];  // softmax weights of the current tile
-  __shared__ float Bt[BN][BD + 1];  // a D slice of the current B tile
   __shared__ float red[THREADS / 32];
   const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
-  const int64_t r0 = (int64_t)blockIdx.x * BM;
+  const int64_t r0 = row0 + (int64_t)blockIdx.x * BM;
+  const int64_t c0 = (int64_t)blockIdx.y * BN;
+  float acc[TM][TN];
+  dot_tile(Q, K, row1, m, D, ldq, ldk, r0, c0, acc, As, Bs);
 
-  float rl[TM], rc[TM];
+  float ds_local = 0.f;
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     const int64_t r = r0 + ty + TY * i;
-    const bool ok = has_row && r < n_rows;
-    rl[i] = ok ? rlse[r] : 0.f;
-    rc[i] = ok ? rcoef[r] : 0.f;
-  }
-  float ds_local = 0.f;
-
-  for (int64_t c0 = 0; c0 < n_cols; c0 += BN) {
-    float acc[TM][TN];
-    dot_tile(A, B, n_rows, n_cols, D, lda, ldb, r0, c0, acc, As, Bs);
-    float cl[TN], cc[TN];
+    if (r >= row1) continue;
+    const float rl = rlse[r], rc = rcoef[r];
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t c = c0 + tx + TX * j;
-      const bool ok = has_col && c < n_cols;
-      cl[j] = ok ? clse[c] : 0.f;
-      cc[j] = ok ? ccoef[c] : 0.f;
-    }
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) {
-        float g = 0.f;
-        if (r0 + ty + TY * i < n_rows && c0 + tx + TX * j < n_cols) {
-          const float s = acc[i][j] * scale;
-          if (has_row) g += rc[i] * __expf(s - rl[i]);
-          if (has_col) g += cc[j] * __expf(s - cl[j]);
-          ds_local = fmaf(g, acc[i][j], ds_local);
-        }
-        Gs[ty + TY * i][tx + TX * j] = g;
-      }
-    __syncthreads();
-
-    for (int64_t d0 = 0; d0 < D; d0 += BD) {
-#pragma unroll
-      for (int t = 0; t < (BN * BD) / THREADS; ++t) {
-        const int e = tid + t * THREADS, c = e / BD, d = e % BD;
-        const int64_t gc = c0 + c, gd = d0 + d;
-        Bt[c][d] = (gc < n_cols && gd < D) ? to_float(B[gc * ldb + gd]) : 0.f;
-      }
-      __syncthreads();
-      float out[TM][TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) out[i][j] = 0.f;
-      for (int c = 0; c < BN; ++c) {
-        float gv[TM], bv[TN];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) gv[i] = Gs[ty + TY * i][c];
-#pragma unroll
-        for (int j = 0; j < TN; ++j) bv[j] = Bt[c][tx + TX * j];
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-          for (int j = 0; j < TN; ++j) out[i][j] = fmaf(gv[i], bv[j], out[i][j]);
-      }
-#pragma unroll
-      for (int i = 0; i < TM; ++i) {
-        const int64_t r = r0 + ty + TY * i;
-        if (r >= n_rows) continue;
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          const int64_t d = d0 + tx + TX * j;
-          if (d < D) dA[r * ldda + d] += out_scale * out[i][j];  // rows owned by this block only
-        }
-      }
-      __syncthreads();  // Bt (and, after the last slice, Gs) is rewritten next
+      if (c >= m) continue;
+      const float s = acc[i][j] * scale;
+      float g = rc * __expf(s - rl);
+      if (has_col) g += ccoef[c] * __expf(s - clse[c]);
+      ds_local = fmaf(g, acc[i][j], ds_local);
+      G[(r - row0) * ldg + c] = from_float<GT>(g);
     }
   }
-
-  if (want_ds) {
-    for (int off = 16; off > 0; off >>= 1) ds_local += __shfl_down_sync(0xffffffffu, ds_local, off);
-    if ((tid & 31) == 0) red[tid >> 5] = ds_local;
-    __syncthreads();
-    if (tid == 0) {
-      float total = 0.f;
-      for (int w = 0; w < THREADS / 32; ++w) total += red[w];
-      ds_part[blockIdx.x] = total;  // one partial per block, summed on the host: deterministic
-    }
+  for (int off = 16; off > 0; off >>= 1) ds_local += __shfl_down_sync(0xffffffffu, ds_local, off);
+  if ((tid & 31) == 0) red[tid >> 5] = ds_local;
+  __syncthreads();
+  if (tid == 0) {
+    float total = 0.f;
+    for (int w = 0; w < THREADS / 32; ++w) total += red[w];
+    dsp[(int64_t)blockIdx.x * gridDim.y + blockIdx.y] = total;  // summed on the host: deterministic
   }
 }
 
-inline dim3 grid_for(int64_t n_rows) { return dim3((unsigned)((n_rows + BM - 1) / BM)); }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, typename GT>
+cudaError_t launch_grad(const void* Q, const void* K, void* G, float* dsp, const float* rlse, const float* rcoef,
+                        const float* clse, const float* ccoef, int has_col, int64_t row0, int64_t row1, int64_t m,
+                        int64_t D, int64_t ldq, int64_t ldk, int64_t ldg, float scale, cudaStream_t stream) {
+  const dim3 grid((unsigned)cdiv(row1 - row0, BM), (unsigned)cdiv(m, BN));
+  grad_tile_kernel<T, GT><<<grid, THREADS, 0, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K),
+                                                        static_cast<GT*>(G), dsp, rlse, rcoef, clse, ccoef, has_col,
+                                                        row0, row1, m, D, ldq, ldk, ldg, scale);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_stats(const void* Q, const void* K, float* rmax, float* rsum, float* pmax, float* psum, int col,
+                         int64_t n, int64_t m, int64_t D, int64_t ldq, int64_t ldk, int64_t cols_per_split, int splits,
+                         float scale, cudaStream_t stream) {
+  const dim3 grid((unsigned)cdiv(n, BM), (unsigned)splits);
+  stats_kernel<T><<<grid, THREADS, 0, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K), rmax, rsum, pmax,
+                                                psum, col, n, m, D, ldq, ldk, cols_per_split, scale);
+  return cudaGetLastError();
+}
 
 }  // namespace coma_infonce
 
 using namespace coma_infonce;
 
 // dtype codes shared with infonce_binding.cpp: 0 = float32, 1 = float16, 2 = bfloat16.
-extern "C" int coma_infonce_rows_per_block() { return BM; }
+extern "C" int coma_infonce_tile() { return BM; }  // BM == BN
 
-extern "C" cudaError_t coma_infonce_row_lse(int dtype, const void* A, const void* B, float* lse, int64_t n_rows,
-                                            int64_t n_cols, int64_t D, int64_t lda, int64_t ldb, float scale,
-                                            cudaStream_t stream) {
-  if (n_rows <= 0) return cudaSuccess;
-  const dim3 grid = grid_for(n_rows);
+extern "C" cudaError_t coma_infonce_stats(int dtype, const void* Q, const void* K, float* rmax, float* rsum,
+                                          float* pmax, float* psum, int col, int64_t n, int64_t m, int64_t D,
+                                          int64_t ldq, int64_t ldk, int64_t cols_per_split, int splits, float scale,
+                                          cudaStream_t stream) {
+  if (n <= 0 || m <= 0 || splits <= 0) return cudaSuccess;
   switch (dtype) {
-    case 0:
-      row_lse_kernel<float><<<grid, THREADS, 0, stream>>>(static_cast<const float*>(A), static_cast<const float*>(B),
-                                                          lse, n_rows, n_cols, D, lda, ldb, scale);
-      break;
-    case 1:
-      row_lse_kernel<__half><<<grid, THREADS, 0, stream>>>(static_cast<const __half*>(A),
-                                                           static_cast<const __half*>(B), lse, n_rows, n_cols, D,
-                                                           lda, ldb, scale);
-      break;
-    case 2:
-      row_lse_kernel<__nv_bfloat16><<<grid, THREADS, 0, stream>>>(static_cast<const __nv_bfloat16*>(A),
-                                                                  static_cast<const __nv_bfloat16*>(B), lse, n_rows,
-                                                                  n_cols, D, lda, ldb, scale);
-      break;
-    default:
-      return cudaErrorInvalidValue;
+    case 0: return launch_stats<float>(Q, K, rmax, rsum, pmax, psum, col, n, m, D, ldq, ldk, cols_per_split, splits, scale, stream);
+    case 1: return launch_stats<__half>(Q, K, rmax, rsum, pmax, psum, col, n, m, D, ldq, ldk, cols_per_split, splits, scale, stream);
+    case 2: return launch_stats<__nv_bfloat16>(Q, K, rmax, rsum, pmax, psum, col, n, m, D, ldq, ldk, cols_per_split, splits, scale, stream);
+    default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
-extern "C" cudaError_t coma_infonce_grad_rows(int dtype, const void* A, const void* B, float* dA, float* ds_part,
-                                              const float* rlse, const float* rcoef, const float* clse,
-                                              const float* ccoef, int has_row, int has_col, int want_ds,
-                                              int64_t n_rows, int64_t n_cols, int64_t D, int64_t lda, int64_t ldb,
-                                              int64_t ldda, float scale, float out_scale, cudaStream_t stream) {
-  if (n_rows <= 0) return cudaSuccess;
-  const dim3 grid = grid_for(n_rows);
+// G has the input dtype for fp16/bf16 (tensor-core GEMM operand) and float32 for float32.
+extern "C" cudaError_t coma_infonce_grad_tiles(int dtype, const void* Q, const void* K, void* G, float* dsp,
+                                               const float* rlse, const float* rcoef, const float* clse,
+                                               const float* ccoef, int has_col, int64_t row0, int64_t row1,
+                                               int64_t m, int64_t D, int64_t ldq, int64_t ldk, int64_t ldg,
+                                               float scale, cudaStream_t stream) {
+  if (row1 <= row0 || m <= 0) return cudaSuccess;
   switch (dtype) {
-    case 0:
-      grad_kernel<float><<<grid, THREADS, 0, stream>>>(static_cast<const float*>(A), static_cast<const float*>(B), dA,
-                                                       ds_part, rlse, rcoef, clse, ccoef, has_row, has_col, want_ds,
-                                                       n_rows, n_cols, D, lda, ldb, ldda, scale, out_scale);
-      break;
-    case 1:
-      grad_kernel<__half><<<grid, THREADS, 0, stream>>>(static_cast<const __half*>(A), static_cast<const __half*>(B),
-                                                        dA, ds_part, rlse, rcoef, clse, ccoef, has_row, has_col,
-                                                        want_ds, n_rows, n_cols, D, lda, ldb, ldda, scale, out_scale);
-      break;
-    case 2:
-      grad_kernel<__nv_bfloat16><<<grid, THREADS, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(A), static_cast<const __nv_bfloat16*>(B), dA, ds_part, rlse, rcoef, clse,
-          ccoef, has_row, has_col, want_ds, n_rows, n_cols, D, lda, ldb, ldda, scale, out_scale);
-      break;
-    default:
-      return cudaErrorInvalidValue;
+    case 0: return launch_grad<float, float>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, has_col, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
+    case 1: return launch_grad<__half, __half>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, has_col, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
+    case 2: return launch_grad<__nv_bfloat16, __nv_bfloat16>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, has_col, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
+    default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
