@@ -2,7 +2,6 @@
 data_prep/shard.py (run by the converter's --shard) -> pipeline/data.py's loader -> the model's
 Collator, checking counts, skipped rows, and that each image lands where its placeholder was."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,12 @@ def shard_manifest(shard_dir: Path) -> dict:
     return json.loads((shard_dir / "manifest.json").read_text())
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_bars(monkeypatch):
+    monkeypatch.setenv("COMA_NO_PROGRESS", "1")  # inherited by the shard.py subprocess too
+
+
 def convert_and_shard(module, args, shard_dir: Path) -> None:
-    os.environ["COMA_NO_PROGRESS"] = "1"
     assert module.main(args + ["--shard", str(shard_dir), "--shard-args", SHARD_ARGS]) == 0
 
 
