@@ -248,6 +248,17 @@ class JSONError:
 
 
 # ------------------------------------------------------------------------------------- CLI
+class Parser(argparse.ArgumentParser):
+    """argparse with shard.py's convention: a bad invocation is one line and exit status 2."""
+
+    def __init__(self, doc: str):
+        super().__init__(description=doc.strip().split("\n")[0], epilog=doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 def add_common_args(p: argparse.ArgumentParser, kind_default: Optional[str] = None) -> None:
     p.add_argument("--output", required=True, metavar="MANIFEST",
                    help="manifest to write (JSON Lines), the --input of data_prep/shard.py")

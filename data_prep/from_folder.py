@@ -16,7 +16,6 @@ image, so an image marker in it is removed; the same holds for questions and ans
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -28,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep.convert_common import (  # noqa: E402
+    Parser,
     IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key,
     progress, resolve_image, run_cli,
 )
@@ -144,8 +144,7 @@ def from_csv(root: Path, csv_path: Path, kind: str, log: ConversionLog, writer: 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--input", required=True, metavar="DIR", help="the image folder (CSV image paths are relative to it)")
     p.add_argument("--kind", choices=["pair", "qa"], default="pair")
     p.add_argument("--csv", default=None, help="CSV with a header: image,text (pair) or image,question,answer (qa)")

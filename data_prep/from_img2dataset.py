@@ -25,7 +25,6 @@ its stats.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep.convert_common import (  # noqa: E402
+    Parser,
     IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key, progress,
     run_cli,
 )
@@ -190,8 +190,7 @@ def detect_format(root: Path) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--input", required=True, metavar="DIR", help="img2dataset's output folder")
     p.add_argument("--format", choices=["auto", "webdataset", "files", "parquet"], default="auto",
                    help="img2dataset --output_format used (default: detected)")

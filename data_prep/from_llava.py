@@ -28,7 +28,6 @@ scripts (data_prepare/auto_a.py) as a synonym of ``conversations``/``value``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep.convert_common import (  # noqa: E402
+    Parser,
     ConversionLog, JSONError, ManifestWriter, UsageError, add_common_args, finish, make_key,
     progress, read_json_records, resolve_image, run_cli,
 )
@@ -94,8 +94,7 @@ def convert_record(rec: Any, image_root: Path) -> tuple[Optional[dict], Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--input", required=True, nargs="+", metavar="JSON",
                    help="LLaVA-style .json (a list) or .jsonl file(s)")
     p.add_argument("--image-root", default=None,

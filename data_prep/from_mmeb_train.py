@@ -38,7 +38,6 @@ exactly that permutation), provided the files are read in the same (sorted) orde
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -51,6 +50,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import numpy as np  # noqa: E402
 
 from data_prep.convert_common import (  # noqa: E402
+    Parser,
     ConversionLog, JSONError, ManifestWriter, UsageError, add_common_args, finish, make_key,
     progress, read_json_records, resolve_image, run_cli,
 )
@@ -218,8 +218,7 @@ def select_rows(n_rows: int, cap: Optional[int], seed: int) -> list[int]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--input", required=True, metavar="DIR", help="the MMEB-train folder (one folder per subset)")
     p.add_argument("--image-root", default=None, help="root of the image paths (default: --input)")
     p.add_argument("--subsets", default=None,

@@ -391,3 +391,10 @@ def test_cli_entry_points(photo_dir, tmp_path):
                          text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: --input {tmp_path / 'nope.json'}: no such file"]
+
+
+@pytest.mark.parametrize("module", [from_llava, from_mmeb_train, from_img2dataset, from_folder])
+def test_bad_invocation_is_one_line_exit_2(module, tmp_path, capsys):
+    assert module.run_cli(module.main, ["--input", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the following arguments are required: --output (see --help)"]
