@@ -297,7 +297,7 @@ def finish(args: argparse.Namespace, log: ConversionLog, writer: ManifestWriter,
         print(f"error: no record could be converted from {args.input}; see the reasons above", file=sys.stderr)
         return 1
 
-    out_dir = args.shard or "SHARD_DIR"
+    out_dir = args.shard or str(manifest.with_name(manifest.stem + "-shards"))
     cmd = shard_command(manifest, out_dir, kind, args.shard_args)
     rel = os.path.relpath(SHARD_SCRIPT)
     shown = ["python", str(SHARD_SCRIPT) if rel.startswith("..") else rel] + cmd[2:]

@@ -96,7 +96,7 @@ def test_llava_json_to_qa(llava_dir, tmp_path, capsys):
     assert skips["llava.json:record 6"]["reason"] == "no_image"
     printed = capsys.readouterr().out
     assert "turns_not_alternating" in printed and "duplicate key renamed" in printed
-    assert f"shard.py --input {out} --output SHARD_DIR --kind qa" in printed
+    assert f"shard.py --input {out} --output {tmp_path / 'qa-shards'} --kind qa" in printed
     assert not (tmp_path / "qa.jsonl.tmp").exists()
 
 
