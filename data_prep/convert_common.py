@@ -258,8 +258,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        try:  # checked before converting anything, not after an hour of work
+            shlex.split(getattr(ns, "shard_args", "") or "")
+        except ValueError as e:
+            raise UsageError(f"--shard-args {ns.shard_args!r}: {e}") from None
+        return ns
 
-def add_common_args(p: argparse.ArgumentParser, kind_default: Optional[str] = None) -> None:
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="MANIFEST",
                    help="manifest to write (JSON Lines), the --input of data_prep/shard.py")
     p.add_argument("--strict", action="store_true",
@@ -272,8 +280,12 @@ def add_common_args(p: argparse.ArgumentParser, kind_default: Optional[str] = No
 
 
 def shard_command(manifest: Path, out_dir: str, kind: str, extra: str = "") -> list[str]:
+    try:
+        extra_args = shlex.split(extra)
+    except ValueError as e:
+        raise UsageError(f"--shard-args {extra!r}: {e}") from None
     return [sys.executable, str(SHARD_SCRIPT), "--input", str(manifest), "--output", str(out_dir),
-            "--kind", kind] + shlex.split(extra)
+            "--kind", kind] + extra_args
 
 
 def finish(args: argparse.Namespace, log: ConversionLog, writer: ManifestWriter, kind: str,

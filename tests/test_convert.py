@@ -398,3 +398,11 @@ def test_bad_invocation_is_one_line_exit_2(module, tmp_path, capsys):
     assert module.run_cli(module.main, ["--input", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: the following arguments are required: --output (see --help)"]
+
+
+def test_bad_shard_args_fail_before_converting(photo_dir, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    rc = from_folder.run_cli(from_folder.main, ["--input", str(photo_dir), "--output", str(out),
+                                                "--shard-args", "--prefix 'unclosed"])
+    assert rc == 2 and not out.exists()
+    assert "--shard-args" in capsys.readouterr().err
