@@ -58,18 +58,22 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 
 def digits_qa_samples(n: int = 16):
-    """Real data: the first ``n`` scikit-learn handwritten digits (8×8, upscaled to 56 px) as
-    two-turn qa samples in pipeline/data.py's decoded format."""
+    """Real data: the first ``n`` qa records of the bundled dataset (data_prep/builtin.py:
+    scikit-learn's handwritten digits rendered at 56 px, 3-turn dialogues) in
+    pipeline/data.py's decoded-sample format — built in memory, no shards needed."""
+    import io
+
     from PIL import Image
     from sklearn.datasets import load_digits
 
+    from data_prep import builtin
+
     d = load_digits()
+    train, ev = builtin.split(d.target, 0)
     out = []
-    for i in range(n):
-        px = (d.images[i] * (255.0 / 16.0)).astype(np.uint8)
-        img = Image.fromarray(px, mode="L").resize((56, 56), Image.NEAREST).convert("RGB")
-        y = int(d.target[i])
-        out.append({"__key__": f"digit{i:04d}", "kind": "qa", "image": img, "meta": {"label": y},
-                    "conversations": [{"question": "What digit is shown?", "answer": WORDS[y]},
-                                      {"question": "Is it even or odd?", "answer": "even" if y % 2 == 0 else "odd"}]})
+    for r in builtin.manifests(d.target, train, ev, 0)["qa"][:n]:
+        scan = d.images[r["meta"]["index"]]
+        img = Image.open(io.BytesIO(builtin.render(scan))).convert("RGB")
+        out.append({"__key__": r["key"], "kind": "qa", "image": img, "meta": r["meta"],
+                    "conversations": r["conversations"]})
     return out
