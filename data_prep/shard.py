@@ -14,7 +14,7 @@ layout in the tars: ``data_prep/samples.py``.
 Output in ``--output``:
 
 * ``{prefix}-000000.tar`` … WebDataset shards; ``{prefix}-NNNNNN_stats.json`` per shard
-  (samples, skipped rows with reasons, bytes, sha256, the fingerprint a rerun compares);
+  (samples, skipped rows with reasons, bytes, the fingerprint a rerun compares);
 * ``sizes.json`` shard file name → sample count (open_clip's convention; ``pipeline/data.py``
   plans exact epochs from it; entries of other prefixes in the folder are kept);
 * ``manifest.json`` brace pattern, totals, skipped rows by reason, arguments, tool version;
@@ -47,6 +47,7 @@ import os
 import random
 import re
 import sys
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -213,21 +214,65 @@ def is_complete(task: ShardTask, out_dir: str) -> bool:
         return False
 
 
-class _HashingFile:
-    """File wrapper that hashes and counts what the tar writer streams through it."""
+class TarOut:
+    """A minimal deterministic tar writer: standard ustar members (a GNU long-name record for a
+    name over 100 bytes), mtime 0, uid/gid 0, owner coma, mode 0444, in the order written,
+    closed with two zero blocks and padded to tar's 10 KiB record like ``tarfile`` does.
+
+    Why not ``webdataset.TarWriter``: it goes through ``tarfile``'s generic header code, which
+    costs as much per sample as decoding a small PNG (measured with benchmarks/data.py), i.e.
+    half of shard.py's throughput on small images.  The headers here are byte-identical to
+    ``tarfile``'s ustar headers for the same fields (tests/test_shard.py checks that).
+    """
 
     def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.f, self.size = f, 0
 
-    def write(self, b) -> int:
-        if self.f.closed:  # an aborted shard (--strict): tarfile's __del__ flushes into the void
-            return len(b)
-        self.sha.update(b)
+    def _put(self, b: bytes) -> None:
+        self.f.write(b)
         self.size += len(b)
-        return self.f.write(b)
 
-    def flush(self) -> None:
-        self.f.flush()
+    def _member(self, name: str, data: bytes) -> bytes:
+        raw = name.encode("utf-8")
+        header = ustar_header(raw, len(data)) if len(raw) <= 100 else self._long_name_header(name, len(data))
+        return header + data + b"\0" * (-len(data) % 512)
+
+    def add(self, name: str, data: bytes) -> None:
+        self._put(self._member(name, data))
+
+    def write(self, sample: dict) -> None:
+        """A sample as ``{"__key__": key, ext: bytes, ...}`` → members ``key.ext``, sorted."""
+        key = sample["__key__"]
+        self._put(b"".join(self._member(f"{key}.{ext}", sample[ext])
+                           for ext in sorted(k for k in sample if not k.startswith("__"))))
+
+    def close(self) -> None:
+        self._put(b"\0" * 1024)
+        if self.size % 10240:
+            self._put(b"\0" * (10240 - self.size % 10240))
+
+    @staticmethod
+    def _long_name_header(name: str, size: int) -> bytes:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, TAR_MTIME, 0o444, "coma", "coma"
+        return ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file (see :class:`TarOut` for the fixed fields)."""
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"0000444\0"                 # mode
+    h[108:116] = h[116:124] = b"0000000\0"    # uid, gid
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"%011o\0" % TAR_MTIME
+    h[148:156] = b"        "                  # checksum placeholder
+    h[156:157] = b"0"                         # regular file
+    h[257:265] = b"ustar\x0000"
+    h[265:269] = h[297:301] = b"coma"         # uname, gname
+    # devmajor/devminor (329:345) stay NUL for a regular file, as tarfile writes them
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
 
 
 _SETTINGS: Optional[Settings] = None
@@ -250,16 +295,13 @@ def _tick(n: int) -> None:
 
 def write_shard(task: ShardTask) -> dict:
     """Validate and convert a shard's rows, write the tar (tmp name → rename), then its stats."""
-    from webdataset import TarWriter  # heavy (imports torch): only where shards are written
-
     s = _SETTINGS
     tar_path = os.path.join(s.out_dir, task.name)
     tmp = f"{tar_path}.tmp{os.getpid()}"
     errors, skipped, samples, pending = [], Counter(), 0, 0
     try:
-        with open(tmp, "wb") as raw:
-            f = _HashingFile(raw)
-            tw = TarWriter(f, encoder=False, mtime=TAR_MTIME, user="coma", group="coma", mode=0o444)
+        with open(tmp, "wb") as f:
+            tw = TarOut(f)
             for row in task.rows:
                 try:
                     if isinstance(row.record, BadRow):
@@ -285,8 +327,8 @@ def write_shard(task: ShardTask) -> dict:
             os.unlink(tmp)
     _tick(pending)
     stats = {"shard": task.name, "index": task.index, "rows": len(task.rows), "samples": samples,
-             "skipped": dict(sorted(skipped.items())), "errors": errors, "bytes": f.size,
-             "sha256": f.sha.hexdigest(), "fingerprint": task.fingerprint, "format": FORMAT_VERSION}
+             "skipped": dict(sorted(skipped.items())), "errors": errors, "bytes": tw.size,
+             "fingerprint": task.fingerprint, "format": FORMAT_VERSION}
     write_json_atomic(stats_path(s.out_dir, task.name), stats)
     return stats
 
@@ -317,8 +359,7 @@ def _run_tasks(tasks: list[ShardTask], settings: Settings, workers: int, bar) ->
         for t in tasks:
             write_shard(t)
         return
-    # fork: workers inherit the imported modules (webdataset, imported by run(), pulls in
-    # torch: ~2 s per worker under spawn).
+    # fork where available: workers inherit the parsed rows' module state and start at once.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     queue = ctx.Queue()
 
@@ -433,8 +474,6 @@ def run(args: argparse.Namespace) -> int:
     if advice:
         print(f"warning: {advice}", file=sys.stderr)
 
-    if todo:
-        import webdataset  # noqa: F401  (slow first import, kept out of the timing and the workers)
     t0 = time.perf_counter()
     with tqdm(total=len(rows), unit="sample", desc=f"shard {args.prefix}", disable=None,
               mininterval=0.5, smoothing=0.1) as bar:

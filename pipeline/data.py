@@ -33,34 +33,14 @@ that list).  Images are decoded to RGB ``PIL.Image``::
     mmeb  {"task": str, "query": {"text": str | None, "image": PIL | None}, "positive": {...},
            "negatives": [{...}, ...], "meta", ...}
 
-``__pad__`` is True for a sample that repeats an earlier one to keep the counts equal (see
-below); a trainer may down-weight it, evaluation must ignore it.
+``__pad__`` is True for a sample that repeats an earlier one to keep the counts equal (the
+remainder of an epoch that does not divide by the world size, corrupt data); a trainer may
+down-weight it, evaluation must ignore it.
 
-How an epoch is cut (deterministic mode)
-----------------------------------------
-Every rank reads ``sizes.json`` beside the shards (written by ``shard.py``; shards missing
-from it are counted by scanning their tar headers), so every rank computes the same plan
-without any collective:
-
-1. the shard list is permuted from ``(seed, epoch)``; the epoch is the concatenation of those
-   shards, ``N`` samples (integer source weights repeat a source, ``max_samples`` caps one);
-2. split by node: rank ``r`` gets the contiguous sample range ``[r*q, (r+1)*q)`` with
-   ``q = ceil(N / W)`` (``drop_last=False``: the last ranks pad the < W missing samples with
-   repeats) or ``q = floor(N / (W*b)) * b`` (``drop_last=True``: the < W*b leftover samples
-   of this epoch's order are not used);
-3. split by worker: the rank's ``B = ceil(q / b)`` batches are dealt round-robin to the
-   DataLoader workers (batch ``j`` to worker ``j % K``, the order the DataLoader returns
-   them), each worker reading the contiguous sub-range that fills its batches;
-4. each worker shuffles its samples in a buffer seeded from ``(seed, epoch, rank, worker)``,
-   optionally groups them into task-homogeneous runs (``task_batch_size``), decodes and
-   collates.
-
-So every sample is read exactly once per epoch across ranks x workers, and every rank yields
-exactly ``B`` batches of the same sizes — ranks never disagree on the step count (a mismatch
-hangs ZeRO-3 at the epoch's end).  Ranks may start inside a shard: a reader skips the first
-samples of a shard by headers only.  A shard that is missing, truncated or shorter than
-``sizes.json`` says, and a sample that fails to decode, is skipped with a warning and counted;
-its slot is filled with a repeat (``__pad__``), so the counts stay equal.
+How an epoch is cut, and why every rank yields the same number of batches without any
+collective: see ``pipeline/data_plan.py``.  In short, ranks split the epoch's sample sequence
+(shard order permuted from ``(seed, epoch)``) into equal ranges, workers split their rank's
+range, and missing slots are filled with marked repeats.
 
 Resampled mode (``resampled=True``): each worker draws shards with replacement (probability
 ∝ source weight x shard size) from a stream seeded by ``(seed, epoch, rank, worker)``;
@@ -75,222 +55,29 @@ the plan differs: the loader warns and resumes at the same fraction of the epoch
 """
 from __future__ import annotations
 
-import glob
 import io
 import itertools
 import json
 import logging
-import math
 import os
 import random
 import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data_plan import Piece, Plan, Source, WorkerPlan, expand_sources, shard_sizes, split_name
+
+__all__ = ["build_loader", "loader_from_config", "ShardLoader", "ShardDataset", "decode_sample",
+           "default_collate", "Plan", "Source", "expand_sources", "shard_sizes", "KINDS", "COUNTERS"]
 
 log = logging.getLogger(__name__)
 
 KINDS = ("pair", "qa", "mmeb")
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm"}
 COUNTERS = ("corrupt_samples", "corrupt_shards", "padded_samples")
-
-
-# ------------------------------------------------------------------------------------ sources
-@dataclass
-class Source:
-    name: str
-    urls: list[str]
-    weight: float = 1.0
-    max_samples: Optional[int] = None
-
-
-def _expand_pattern(pattern: str) -> list[str]:
-    import braceexpand
-
-    pattern = pattern.strip()
-    if os.path.isdir(pattern):  # a shard.py output folder
-        with open(os.path.join(pattern, "manifest.json"), encoding="utf-8") as f:
-            pattern = os.path.join(pattern, json.load(f)["pattern"])
-    urls = []
-    for p in braceexpand.braceexpand(pattern):
-        urls.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
-    return urls
-
-
-def expand_sources(shards: Any, weights: Any = None) -> list[Source]:
-    """Normalise the accepted shard specifications (see module docstring) to sources."""
-    if isinstance(shards, str):
-        items: list[Any] = shards.split("::")
-    elif isinstance(shards, (list, tuple)):
-        items = list(shards)
-    else:
-        raise TypeError(f"shards must be a pattern string or a list, got {type(shards).__name__}")
-    if isinstance(weights, str):
-        weights = [float(w) for w in weights.split("::")]
-    if weights is not None and len(weights) != len(items):
-        raise ValueError(f"{len(weights)} weights for {len(items)} sources ({shards!r})")
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            item = {"shards": item}
-        elif not isinstance(item, dict):  # a DataSource dataclass
-            item = {k: getattr(item, k) for k in ("shards", "weight", "max_samples", "name")}
-        pattern = item["shards"]
-        urls = _expand_pattern(pattern)
-        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-        if not urls or local and not any(os.path.exists(u) for u in local):
-            raise ValueError(f"shard pattern {pattern!r} matches no shard on disk (write shards with "
-                             "data_prep/shard.py, or check the path)")
-        w = weights[i] if weights is not None else item.get("weight", 1.0)
-        name = item.get("name") or os.path.basename(os.path.dirname(urls[0])) or f"source{i}"
-        out.append(Source(name, urls, float(w), item.get("max_samples")))
-    return out
-
-
-def shard_sizes(urls: Sequence[str]) -> list[int]:
-    """Sample counts from the ``sizes.json`` beside each shard; a shard missing from it (or a
-    folder without one) is counted from its tar headers, with a warning."""
-    cache: dict[str, dict] = {}
-    out = []
-    for url in urls:
-        d = os.path.dirname(url)
-        if d not in cache:
-            try:
-                with open(os.path.join(d, "sizes.json"), encoding="utf-8") as f:
-                    cache[d] = json.load(f)
-            except (OSError, ValueError):
-                cache[d] = {}
-        n = cache[d].get(os.path.basename(url))
-        if n is None:
-            log.warning("%s is not in %s/sizes.json: counting its samples from the tar headers "
-                        "(write shards with data_prep/shard.py to avoid this)", url, d or ".")
-            n = _count_samples(url)
-        out.append(int(n))
-    return out
-
-
-def _count_samples(url: str) -> int:
-    keys = set()
-    try:
-        with tarfile.open(url, "r:") as tf:
-            for m in tf:
-                if m.isfile():
-                    keys.add(_split_name(m.name)[0])
-    except (OSError, tarfile.TarError) as e:
-        log.warning("cannot count samples of %s (%s): treated as empty", url, e)
-    return len(keys)
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """``dir/key.ext.ext2`` → (``dir/key``, ``ext.ext2``), webdataset's convention."""
-    d, base = os.path.split(name)
-    key, _, ext = base.partition(".")
-    return (f"{d}/{key}" if d else key), ext
-
-
-# --------------------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
-class Piece:
-    shard: int   # index into the loader's shard list
-    skip: int    # samples passed over (headers only) at the start of the shard
-    take: int    # samples read after them
-
-
-@dataclass
-class WorkerPlan:
-    pieces: list[Piece]
-    batch_sizes: list[int]   # this worker's batches, in order
-    real: int                # samples the pieces hold; the rest of sum(batch_sizes) is padding
-
-    @property
-    def quota(self) -> int:
-        return sum(self.batch_sizes)
-
-
-@dataclass
-class Plan:
-    """Pure function of (shards, sizes, seed, epoch, rank, world, workers, batch): what every
-    worker of one rank reads in one epoch."""
-    shard_urls: list[str]
-    shard_source: list[int]
-    sizes: list[int]
-    sources: list[Source]
-    batch_size: int
-    world_size: int
-    num_workers: int
-    seed: int = 0
-    shuffle: bool = True
-    drop_last: bool = True
-    resampled: bool = False
-    epoch_samples: Optional[int] = None
-    total: int = field(init=False)
-
-    def __post_init__(self):
-        if not self.resampled:
-            for s in self.sources:
-                if s.weight != int(s.weight) or s.weight < 1:
-                    raise ValueError(f"source {s.name}: weight {s.weight} needs resampled=True "
-                                     "(an exact epoch can only repeat a source a whole number of times)")
-        # N, the same every epoch: the shard order changes, the caps and repeats do not
-        self.total = sum(self.sizes) if self.resampled else sum(t for _, t in self.sequence(0))
-
-    def sequence(self, epoch: int) -> list[tuple[int, int]]:
-        """The epoch's shards in order as (shard, samples taken)."""
-        order = []
-        for i, src in enumerate(self.shard_source):
-            order.extend([i] * int(self.sources[src].weight))
-        if self.shuffle:
-            random.Random(f"{self.seed}:shards:{epoch}").shuffle(order)
-        used = Counter()
-        seq = []
-        for i in order:
-            src = self.sources[self.shard_source[i]]
-            take = self.sizes[i]
-            if src.max_samples is not None:
-                take = min(take, src.max_samples - used[src.name])
-            if take > 0:
-                used[src.name] += take
-                seq.append((i, take))
-        return seq
-
-    def per_rank(self) -> int:
-        """Samples per rank per epoch (q), the same on every rank."""
-        W, b = self.world_size, self.batch_size
-        if self.resampled:
-            return math.ceil(math.ceil((self.epoch_samples or self.total) / W) / b) * b
-        if self.drop_last:
-            return self.total // (W * b) * b
-        return math.ceil(self.total / W)
-
-    def batches(self) -> int:
-        return math.ceil(self.per_rank() / self.batch_size)
-
-    def worker(self, epoch: int, rank: int, k: int) -> WorkerPlan:
-        q, b, K = self.per_rank(), self.batch_size, self.num_workers
-        B = self.batches()
-        all_sizes = [b] * B
-        if B:
-            all_sizes[-1] = q - (B - 1) * b
-        mine = all_sizes[k::K]
-        if self.resampled:
-            return WorkerPlan([], mine, sum(mine))
-        # this worker's sub-range of the rank's range: the batches of workers < k come first
-        start = rank * q + sum(sum(all_sizes[i::K]) for i in range(k))
-        end_real = min(rank * q + q, self.total)
-        lo, hi = min(start, end_real), min(start + sum(mine), end_real)
-        pieces, pos = [], 0
-        for shard, take in self.sequence(epoch):
-            a, z = max(lo, pos), min(hi, pos + take)
-            if a < z:
-                pieces.append(Piece(shard, a - pos, z - a))
-            pos += take
-            if pos >= hi:
-                break
-        return WorkerPlan(pieces, mine, hi - lo)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -347,9 +134,9 @@ def _identity(x):
     return x
 
 
-@dataclass
-class _Item:
-    """What a worker hands the main process: the collated batch and its counters so far."""
+class _Item(NamedTuple):
+    """What a worker hands the main process: the collated batch and its counters so far (a
+    NamedTuple, so the DataLoader's pin_memory reaches into the batch)."""
     batch: Any
     worker: int
     counters: dict
@@ -382,6 +169,9 @@ class ShardDataset(IterableDataset):
                          resampled, epoch_samples)
         self.epoch = 0
         self.skip_batches = 0
+        if self.plan.batches() == 0:
+            log.warning("%d samples make no batch of %d on each of %d ranks (drop_last): every epoch is "
+                        "empty; use drop_last=False or a smaller batch", self.plan.total, batch_size, world_size)
 
     # --------------------------------------------------------------------------- raw stream
     def _read(self, piece: Piece, ctx: Counter) -> Iterator[dict]:
@@ -395,7 +185,7 @@ class ShardDataset(IterableDataset):
                 for m in tf:
                     if not m.isfile():
                         continue
-                    key, ext = _split_name(m.name)
+                    key, ext = split_name(m.name)
                     if cur is None or key != cur["__key__"]:
                         if cur is not None and seen > piece.skip:
                             yield cur

@@ -267,3 +267,27 @@ def test_sizes_json_keeps_other_prefixes(tmp_path):
     assert run_shard(manifest, tmp_path / "out", "--prefix", "train") == 0
     assert run_shard(manifest, tmp_path / "out", "--prefix", "val") == 0
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"train-000000.tar": 3, "val-000000.tar": 3}
+
+
+@pytest.mark.parametrize("name,size", [("a.txt", 0), ("k-000000001.json", 511), ("x" * 96 + ".png", 512),
+                                       ("key.negative_12.jpeg", 123456789), ("ключ-é.txt", 7)])
+def test_tar_headers_match_tarfile(name, size):
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, 0, 0o444, "coma", "coma"
+    assert shard.ustar_header(name.encode(), size) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_long_member_names_round_trip(tmp_path):
+    key = "k" * 150
+    with open(tmp_path / "t.tar", "wb") as f:
+        out = shard.TarOut(f)
+        out.write({"__key__": key, "txt": b"hello", "json": b"{}"})
+        out.write({"__key__": "short", "txt": b"x" * 700, "json": b"{}"})
+        out.close()
+    assert os.path.getsize(tmp_path / "t.tar") % 10240 == 0
+    with tarfile.open(tmp_path / "t.tar") as tf:
+        got = {m.name: tf.extractfile(m).read() for m in tf}
+    assert got == {f"{key}.json": b"{}", f"{key}.txt": b"hello", "short.json": b"{}", "short.txt": b"x" * 700}
+    import webdataset as wds
+
+    assert [s["__key__"] for s in wds.WebDataset(str(tmp_path / "t.tar"), shardshuffle=False)] == [key, "short"]

@@ -1,0 +1,185 @@
+"""Data throughput: shard writing and loading, each beside a bare baseline in the same run.
+
+    python benchmarks/data.py                          # bundled digits + 300 synthetic 512x512 JPEGs
+    python benchmarks/data.py --synthetic 1000 --repeats 5 --work-dir /tmp/bench-data
+
+Rows (samples/s; best of ``--repeats`` interleaved rounds; one process unless ``workers`` says
+otherwise):
+
+* ``decode_loop``   bare baseline: read each image file and decode it with PIL
+* ``shard.py``      ``data_prep/shard.py --workers 1`` on the same images (read, decode-validate,
+                    tar write, stats); target >= 80% of ``decode_loop`` per worker
+* ``shard.py x2``   ``--workers 2`` (ratio per worker, for information)
+* ``webdataset``    bare baseline: ``webdataset.WebDataset(shards).decode("pil")`` iteration
+* ``loader``        ``pipeline.data.build_loader`` (plan, shuffle buffer, decode to RGB PIL,
+                    batches of 32), ``num_workers=0``; target >= 90% of ``webdataset``
+* ``loader x2``     the same with 2 DataLoader workers (for information)
+
+Datasets: the bundled digits (``pair`` set: 1,498 56x56 PNGs, per-sample overhead dominates)
+and synthetic 512x512 JPEGs (decode dominates).  Results: a table on stdout,
+``benchmarks/results/data.json`` and ``data.csv`` (with the machine and versions).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def synthetic_jpegs(folder: Path, n: int, side: int = 512, seed: int = 0) -> Path:
+    """``n`` photo-like JPEGs (smooth random colour fields + grain, quality 90) and their
+    ``pair`` manifest; returns the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "pairs.jsonl"
+    if manifest.exists() and len(manifest.read_text().splitlines()) == n:
+        return manifest
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
+        px = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (side, side, 3))
+        Image.fromarray(px.clip(0, 255).astype(np.uint8)).save(folder / f"syn{i:05d}.jpg", quality=90)
+        lines.append(json.dumps({"image": f"syn{i:05d}.jpg", "text": f"synthetic image {i}"}))
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def image_paths(manifest: Path) -> list[str]:
+    return [str(manifest.parent / json.loads(line)["image"]) for line in manifest.read_text().splitlines()]
+
+
+def best_times(fns: dict, repeats: int) -> dict:
+    """Best wall time of each callable, measured in interleaved rounds (baseline, candidate,
+    baseline, …) so that load from other processes hits both sides alike."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[dict]:
+    import contextlib
+
+    import webdataset as wds
+
+    from data_prep import shard
+    from pipeline.data import build_loader
+
+    paths = image_paths(manifest)
+    n = len(paths)
+    out = work / f"shards-{name}"
+
+    def decode_loop():
+        for p in paths:
+            with open(p, "rb") as f:
+                Image.open(io.BytesIO(f.read())).load()
+
+    def run_shard(workers, dest):
+        def go():
+            shutil.rmtree(dest, ignore_errors=True)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                rc = shard.main(["--input", str(manifest), "--output", str(dest), "--kind", "pair",
+                                 "--samples-per-shard", str(max(1, n // 8)), "--workers", str(workers)])
+            assert rc == 0
+        return go
+
+    write = best_times({"decode_loop": decode_loop, "shard.py": run_shard(1, out),
+                        "shard.py x2": run_shard(2, work / f"shards-{name}-x2")}, repeats)
+    urls = sorted(str(p) for p in out.glob("train-*.tar"))
+
+    def plain_wds():
+        for _ in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
+            pass
+
+    def ours(workers):
+        def go():
+            for _ in build_loader(urls, kind="pair", batch_size=32, rank=0, world_size=1,
+                                  num_workers=workers, drop_last=False):
+                pass
+        return go
+
+    read = best_times({"webdataset": plain_wds, "loader": ours(0), "loader x2": ours(2)}, repeats)
+    rows = []
+    for stage, times, base, workers in (("write", write, "decode_loop", {"shard.py x2": 2}),
+                                        ("read", read, "webdataset", {"loader x2": 2})):
+        for what, t in times.items():
+            w = workers.get(what, 1 if stage == "write" else 0)
+            rate = n / t
+            ratio = rate / (n / times[base]) / (w if stage == "write" else 1)
+            rows.append({"dataset": name, "stage": stage, "what": what, "workers": w, "samples": n,
+                         "samples_per_s": rate, "ratio": ratio})
+    return rows
+
+
+def machine() -> dict:
+    import PIL
+    import torch
+    import webdataset
+
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+            "platform": platform.platform(), "pillow": PIL.__version__, "webdataset": webdataset.__version__,
+            "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--synthetic", type=int, default=300, help="number of synthetic 512x512 JPEGs")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
+    args = ap.parse_args(argv)
+
+    from data_prep.builtin import build
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="coma-bench-data-"))
+    import contextlib
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        build(work / "builtin", workers=2)
+    datasets = {"digits-56px-png": work / "builtin" / "pair.jsonl",
+                f"synthetic-{args.synthetic}x512px-jpeg": synthetic_jpegs(work / "synthetic", args.synthetic)}
+    rows = []
+    for name, manifest in datasets.items():
+        rows += bench_dataset(name, manifest, work, args.repeats)
+
+    print(f"{'dataset':<30} {'stage':<6} {'what':<12} {'samples/s':>10} {'ratio':>7}  target")
+    for r in rows:
+        target = {"shard.py": ">= 0.80 per worker", "loader": ">= 0.90"}.get(r["what"], "")
+        print(f"{r['dataset']:<30} {r['stage']:<6} {r['what']:<12} {r['samples_per_s']:>10.0f} "
+              f"{r['ratio']:>7.2f}  {target}")
+    info = machine()
+    print(f"\n{info['cpus']} CPUs, load average {info['load_avg_1m']:.1f} at the end; "
+          f"torch {info['torch']}, webdataset {info['webdataset']}, pillow {info['pillow']}")
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "data.json", "w") as f:
+        json.dump({"machine": info, "rows": rows}, f, indent=1)
+    with open(RESULTS / "data.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(info))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **info})
+    print(f"results: {RESULTS / 'data.json'}, {RESULTS / 'data.csv'}")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
