@@ -17,12 +17,14 @@
 //
 // Tiling: 256 threads as 16×16; each thread owns a 4×4 micro-tile (rows ty+16i, cols tx+16j,
 // strided so shared-memory reads are broadcast / conflict-free).  D is consumed in BK slices,
-// so any D (8 … 8192+) works.  The logits tile is SIMT fp32 FMA (no tensor cores).
+// so any D (8 … 8192+) works.  fp16/bf16 logits tiles use tensor cores (nvcuda::wmma,
+// fp32 accumulate, sm_80+ for bf16); fp32 inputs use SIMT FMA (exact fp32, no TF32).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <mma.h>
 #include <stdint.h>
 
 namespace coma_infonce {
@@ -31,7 +33,17 @@ constexpr int TX = 16, TY = 16, THREADS = TX * TY;
 constexpr int TM = 4, TN = 4;
 constexpr int BM = TY * TM;  // 64 rows of A per block
 constexpr int BN = TX * TN;  // 64 rows of B per tile
-constexpr int BK = 16;       // D slice of the logits product
+constexpr int BK = 16;       // D slice of the SIMT logits product
+constexpr int WK = 32;       // D slice of the tensor-core (WMMA) logits product
+constexpr int WLD = WK + 8;  // leading dimension of the 16-bit WMMA staging tiles (multiple of 8)
+constexpr int SLD = BN + 4;  // leading dimension of the fp32 logits tile (WMMA stores need a multiple of 4)
+
+// fp16 / bf16 tiles go through tensor cores (nvcuda::wmma, fp32 accumulate); fp32 through SIMT FMA.
+template <typename T> struct UseWmma { static constexpr bool value = false; };
+template <> struct UseWmma<__half> { static constexpr bool value = true; };
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <> struct UseWmma<__nv_bfloat16> { static constexpr bool value = true; };  // bf16 WMMA needs sm_80+
+#endif
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -78,6 +90,68 @@ __device__ __forceinline__ void dot_tile(const T* __restrict__ A, const T* __res
   }
 }
 
+// 8 warps, each owning a 16-row strip and two 16×16 fragments of the 64×64 tile.
+template <typename T>
+__device__ __forceinline__ void dot_tile_wmma(const T* __restrict__ A, const T* __restrict__ B, int64_t n_rows,
+                                              int64_t n_cols, int64_t D, int64_t lda, int64_t ldb, int64_t r0,
+                                              int64_t c0, float (*Ss)[SLD]) {
+  using namespace nvcuda;
+  __shared__ __align__(32) T As[BM][WLD];
+  __shared__ __align__(32) T Bs[BN][WLD];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int wr = warp / 2, wc = (warp % 2) * 2;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  const T zero = from_float<T>(0.f);
+  for (int64_t k0 = 0; k0 < D; k0 += WK) {
+#pragma unroll
+    for (int t = 0; t < (BM * WK) / THREADS; ++t) {
+      const int e = tid + t * THREADS, row = e / WK, kk = e % WK;
+      const int64_t gk = k0 + kk, ga = r0 + row, gb = c0 + row;
+      As[row][kk] = (ga < n_rows && gk < D) ? A[ga * lda + gk] : zero;
+      Bs[row][kk] = (gb < n_cols && gk < D) ? B[gb * ldb + gk] : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < WK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, &As[wr * 16][kk], WLD);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        // Bs[c][k] read column-major is the [k, c] operand, i.e. Bᵀ
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, &Bs[(wc + f) * 16][kk], WLD);
+        wmma::mma_sync(acc[f], a, b, acc[f]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int f = 0; f < 2; ++f) wmma::store_matrix_sync(&Ss[wr * 16][(wc + f) * 16], acc[f], SLD, wmma::mem_row_major);
+}
+
+// Ss[r][c] = Σ_d A[r0+r, d] · B[c0+c, d] (raw dot products, fp32; 0 outside the matrices).
+template <typename T>
+__device__ __forceinline__ void logits_tile(const T* __restrict__ A, const T* __restrict__ B, int64_t n_rows,
+                                            int64_t n_cols, int64_t D, int64_t lda, int64_t ldb, int64_t r0,
+                                            int64_t c0, float (*Ss)[SLD]) {
+  if constexpr (UseWmma<T>::value) {
+    dot_tile_wmma(A, B, n_rows, n_cols, D, lda, ldb, r0, c0, Ss);
+  } else {
+    __shared__ float As[BK][BM + 1];
+    __shared__ float Bs[BK][BN + 1];
+    float acc[TM][TN];
+    dot_tile(A, B, n_rows, n_cols, D, lda, ldb, r0, c0, acc, As, Bs);
+    const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) Ss[ty + TY * i][tx + TX * j] = acc[i][j];
+  }
+  __syncthreads();
+}
+
 // Merge two online-softmax states (m, l); an empty state has m = -inf, l = 0.
 __device__ __forceinline__ void lse_merge(float& m, float& l, float mo, float lo) {
   const float mn = fmaxf(m, mo);
@@ -92,40 +166,32 @@ __global__ void __launch_bounds__(THREADS)
     stats_kernel(const T* __restrict__ Q, const T* __restrict__ K, float* __restrict__ rmax, float* __restrict__ rsum,
                  float* __restrict__ pmax, float* __restrict__ psum, int col, int64_t n, int64_t m, int64_t D,
                  int64_t ldq, int64_t ldk, int64_t cols_per_split, float scale) {
-  __shared__ float As[BK][BM + 1];
-  __shared__ float Bs[BK][BN + 1];
-  __shared__ float Ss[BM][BN + 1];  // the scaled logits tile, scanned by rows and by columns
-  const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+  __shared__ __align__(32) float Ss[BM][SLD];  // the logits tile, scanned by rows and by columns
+  const int tid = threadIdx.x;
   const int64_t r0 = (int64_t)blockIdx.x * BM;
   const int64_t c_start = (int64_t)blockIdx.y * cols_per_split;
   const int64_t c_end = c_start + cols_per_split < m ? c_start + cols_per_split : m;
   float m_run = -INFINITY, l_run = 0.f;  // threads tid < BM: the state of row r0 + tid
 
   for (int64_t c0 = c_start; c0 < c_end; c0 += BN) {
-    float acc[TM][TN];
-    dot_tile(Q, K, n, c_end, D, ldq, ldk, r0, c0, acc, As, Bs);  // columns >= c_end read as 0
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) Ss[ty + TY * i][tx + TX * j] = acc[i][j] * scale;
-    __syncthreads();
+    logits_tile(Q, K, n, c_end, D, ldq, ldk, r0, c0, Ss);  // columns >= c_end read as 0
     const int n_valid_c = (int)(c_end - c0 < BN ? c_end - c0 : BN);
     const int n_valid_r = (int)(n - r0 < BM ? n - r0 : BM);
     if (tid < BM) {  // one thread per row: tile max, then sum-exp, then merge (online LSE)
       if (tid < n_valid_r) {
         float mt = -INFINITY;
-        for (int c = 0; c < n_valid_c; ++c) mt = fmaxf(mt, Ss[tid][c]);
+        for (int c = 0; c < n_valid_c; ++c) mt = fmaxf(mt, Ss[tid][c] * scale);
         float lt = 0.f;
-        for (int c = 0; c < n_valid_c; ++c) lt += __expf(Ss[tid][c] - mt);
+        for (int c = 0; c < n_valid_c; ++c) lt += __expf(Ss[tid][c] * scale - mt);
         lse_merge(m_run, l_run, mt, lt);
       }
     } else if (col && tid < BM + BN) {  // one thread per column: this block's partial column LSE
       const int c = tid - BM;
       if (c < n_valid_c) {
         float mt = -INFINITY;
-        for (int r = 0; r < n_valid_r; ++r) mt = fmaxf(mt, Ss[r][c]);
+        for (int r = 0; r < n_valid_r; ++r) mt = fmaxf(mt, Ss[r][c] * scale);
         float lt = 0.f;
-        for (int r = 0; r < n_valid_r; ++r) lt += __expf(Ss[r][c] - mt);
+        for (int r = 0; r < n_valid_r; ++r) lt += __expf(Ss[r][c] * scale - mt);
         pmax[(int64_t)blockIdx.x * m + c0 + c] = mt;
         psum[(int64_t)blockIdx.x * m + c0 + c] = lt;
       }
@@ -145,14 +211,12 @@ __global__ void __launch_bounds__(THREADS)
                      const float* __restrict__ rlse, const float* __restrict__ rcoef, const float* __restrict__ clse,
                      const float* __restrict__ ccoef, int has_col, int64_t row0, int64_t row1, int64_t m, int64_t D,
                      int64_t ldq, int64_t ldk, int64_t ldg, float scale) {
-  __shared__ float As[BK][BM + 1];
-  __shared__ float Bs[BK][BN + 1];
+  __shared__ __align__(32) float Ss[BM][SLD];
   __shared__ float red[THREADS / 32];
   const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
   const int64_t r0 = row0 + (int64_t)blockIdx.x * BM;
   const int64_t c0 = (int64_t)blockIdx.y * BN;
-  float acc[TM][TN];
-  dot_tile(Q, K, row1, m, D, ldq, ldk, r0, c0, acc, As, Bs);
+  logits_tile(Q, K, row1, m, D, ldq, ldk, r0, c0, Ss);
 
   float ds_local = 0.f;
 #pragma unroll
@@ -164,10 +228,11 @@ __global__ void __launch_bounds__(THREADS)
     for (int j = 0; j < TN; ++j) {
       const int64_t c = c0 + tx + TX * j;
       if (c >= m) continue;
-      const float s = acc[i][j] * scale;
+      const float dot = Ss[ty + TY * i][tx + TX * j];
+      const float s = dot * scale;
       float g = rc * __expf(s - rl);
       if (has_col) g += ccoef[c] * __expf(s - clse[c]);
-      ds_local = fmaf(g, acc[i][j], ds_local);
+      ds_local = fmaf(g, dot, ds_local);
       G[(r - row0) * ldg + c] = from_float<GT>(g);
     }
   }
