@@ -280,10 +280,16 @@ def make_attention_forward(base: str):
     :class:`CompressionLayout` in its kwargs it runs :func:`compression_attention`, otherwise
     it is exactly the ``base`` implementation (sdpa / flash_attention_2) — so the same model
     serves stage 1 and plain causal embedding passes."""
+    import sys
+
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    base_fn = ALL_ATTENTION_FUNCTIONS[base]
     use_flash = base.startswith("flash")
+
+    def base_fn(module, *args, **kwargs):
+        if base == "eager":  # not in the interface: each modeling file has its own eager function
+            return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS[base](module, *args, **kwargs)
 
     def coma_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                scaling: Optional[float] = None, **kwargs):

@@ -163,3 +163,19 @@ def test_positions_continue_after_c_and_ignore_padding(full_ft):
             assert (p[:, i, c0 + 1:c1] - p[:, i, c0:c1 - 1] == 1).all()  # C consecutive text positions
     for a, b in zip(pos["right"], pos["left"]):
         assert torch.equal(a, b)
+
+
+def test_eager_attention_backbone():
+    """attn_implementation=eager: reference mask (additive, as eager wants it) and efficient path agree,
+    and plain (text-only, so the vision tower's own eager/sdpa difference is out of it) embedding
+    passes match the sdpa model."""
+    eager = load_model(model_cfg(attn_implementation="eager"))
+    sdpa = load_model(model_cfg(attn_implementation="sdpa"))
+    batch = Collator(eager.processor, eager.cfg, kind="qa", padding_side="left")(qa_samples())
+    with torch.no_grad():
+        l_ref = eager(**batch, mask_impl="reference").loss
+        l_eff = eager(**batch, mask_impl="efficient").loss
+        torch.testing.assert_close(l_eff, l_ref, atol=1e-6, rtol=1e-5)
+        enc = Collator(eager.processor, eager.cfg, kind="mmeb").encode([{"text": "two", "image": None},
+                                                                        {"text": "a much longer text", "image": None}])
+        torch.testing.assert_close(eager(**enc), sdpa(**enc), atol=1e-5, rtol=1e-4)

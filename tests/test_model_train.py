@@ -138,4 +138,4 @@ def test_contrastive_forward(eval_model):
     assert q.shape == (2, 64) and k.shape == (3, 64) and q.dtype == k.dtype == torch.float32
     assert scale.dim() == 0 and abs(float(scale) - 1 / 0.03) < 1e-3
     learn = load_model(model_cfg(), temperature=0.05, learnable_scale=True)
-    assert learn.log_logit_scale.requires_grad and abs(float(learn.logit_scale()) - 20.0) < 1e-3
+    assert learn.log_logit_scale.requires_grad and abs(float(learn.logit_scale().detach()) - 20.0) < 1e-3
