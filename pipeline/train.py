@@ -299,8 +299,9 @@ class Loop:
         n_samples = sum(_num_samples(p) for p in parts)
         st.step += 1
         st.samples_seen += n_samples * self.world
-        finite = math.isfinite(out["loss"])
-        if not out["applied"] or not finite:
+        # out["applied"] is the same on every rank (DeepSpeed's overflow check is global; the
+        # cache path decides with an all-reduce), so all ranks count and stop identically.
+        if not out["applied"]:
             st.skipped_steps += 1
             st.bad_in_row += 1
             log.warning("step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row, %d total)",
@@ -315,7 +316,8 @@ class Loop:
             st.bad_in_row = 0
         tokens, seqs, patches = _count_tokens(parts)
         flops = self.fm.step_flops(seqs, patches, forward_passes=self.passes)
-        self.window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, out["loss"] if finite else None)
+        loss = out["loss"] if out["applied"] and math.isfinite(out["loss"]) else None  # skipped steps: no loss
+        self.window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, loss)
         if st.step % cfg.train.log_every == 0 or st.step == self.total:
             self.last_logged = _log_window(self.metrics, self.window, st, self.eng, self.source, self.peak)
             self.window = _Window()
@@ -337,18 +339,18 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     world = dist.read_env().world_size
     engine_mod.build_ds_config(cfg, world)
     plan = engine_mod.plan_batches(cfg, world)
-    env = dist.init(cfg.train.dist_timeout_s)
     run_dir = Path(cfg.train.run_root) / cfg.train.name
-    setup_logging(run_dir, env.rank)
-    seed_all(cfg.train.seed, cfg.train.deterministic)
-    if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
     ckpt = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
     try:
         resume_path = resolve_resume(cfg.train.resume, ckpt.root)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    env = dist.init(cfg.train.dist_timeout_s)
+    setup_logging(run_dir, env.rank)
+    seed_all(cfg.train.seed, cfg.train.deterministic)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
     source = (loader_factory or make_loader)(cfg, plan, env)
     total = cfg.train.max_steps or source.steps_per_epoch * cfg.train.epochs
     if total <= 0:

@@ -7,7 +7,8 @@
    gradients, 1e-6 absolute on the updated weights (lr 1e-3);
 3. a rank whose whole batch is text-only (no image anywhere) while the other rank has images
    completes the step: the dummy-vision guard keeps the ZeRO-3 collectives aligned;
-4. a NaN loss on one rank skips the update on both ranks (weights unchanged).
+4. a NaN loss on one rank skips the update on both ranks (weights unchanged), and
+   ``train.max_bad_steps`` of them in a row stop the run with a message naming the step.
 
 Run as a script by the test (``python -m torch.distributed.run … tests/test_engine_cache.py OUT``).
 """
@@ -39,6 +40,8 @@ def test_embedding_cache_equivalence_and_guards(tmp_path):
     assert res["update_max_err"] <= 1e-6 and res["update_max_ref"] > 1e-5, res
     assert res["text_only_ok"] and res["text_only_loss_finite"]
     assert res["nan_skipped"] and res["nan_weights_unchanged"]
+    assert res["stopped"] and "2 non-finite steps in a row" in res["stopped"] and "at step 22" in res["stopped"]
+    assert "last good checkpoint: none" in res["stopped"]
 
 
 # ------------------------------------------------------------------------------------ worker
@@ -58,6 +61,24 @@ def _samples(rank: int, n: int, text_only: bool = False):
                     "positive": {"text": f"the digit {words[j % 10]}", "image": None},
                     "negatives": [{"text": f"the digit {words[(j + 3) % 10]}", "image": None}], "meta": {}})
     return out
+
+
+class _Fixed:
+    """A batch source that repeats one step's chunks (the Loop's source protocol)."""
+    steps_per_epoch, skipped_samples = 100, 0
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __iter__(self):
+        while True:
+            yield self.parts
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
 
 
 def _build(cfg, seed):
@@ -161,6 +182,20 @@ def worker(out_dir: Path) -> None:
     out = runner_b.stage2([col(samples[:2]), col(samples[2:])], TrainState(step=5))
     res["nan_skipped"] = not out["applied"]
     res["nan_weights_unchanged"] = all(torch.equal(before[n], v) for n, v in _trainable(b.model).items())
+
+    # K non-finite steps in a row stop the run, on every rank, naming the step.
+    from pipeline.metrics import Metrics
+    from pipeline.train import Loop, TrainingStopped
+
+    cfg_b.train.fault_nan_steps, cfg_b.train.max_bad_steps, cfg_b.train.log_every = [20, 21], 2, 1
+    loop = Loop(cfg_b, b, _Fixed([col(samples[:2]), col(samples[2:])]),
+                Metrics(out_dir / "metrics", enabled=env.rank == 0), None, 100, TrainState(step=20))
+    loop.step()
+    try:
+        loop.step()
+        res["stopped"] = None
+    except TrainingStopped as e:
+        res["stopped"] = str(e)
     if env.rank == 0:
         (out_dir / "result.json").write_text(json.dumps(res))
     dist.barrier()

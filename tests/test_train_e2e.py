@@ -1,0 +1,164 @@
+"""Both stages end to end through the real entry points, 2 CPU ranks over gloo, ZeRO-3, the tiny
+Qwen2-VL and the bundled digits shards (data_prep/builtin.py).
+
+Stage 1 (``deepspeed --num_gpus 2 launch/stage1.py``, LoRA): rank 1 is SIGKILLed in the middle
+of step 9 (``train.fault_kill_step``); the job must exit non-zero well within the distributed
+timeout.  The same command again resumes (``--train.resume=auto``) from step-6, the newest
+complete checkpoint, and must reproduce the killed run's losses for steps 7 and 8 exactly
+(deterministic mode; tolerance 1e-6 relative), then finish, keep the last 2 checkpoints and
+export a model that ``pipeline.Embedder`` loads.  Loss decreases over the 10 steps.
+
+Stage 2 (``torchrun``, full fine-tuning, from the stage-1 export, embedding cache in chunks of
+4): a NaN loss injected at step 4 is skipped and counted; the loss decreases; the export embeds.
+
+Config errors exit 2 with the offending key named, before any process group exists.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 60  # train.dist_timeout_s of these runs
+
+
+def _env():
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+                TOKENIZERS_PARALLELISM="false")
+
+
+def _raw_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from pipeline.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("e2e")
+    tiny = make_tiny_model(root / "tiny", family="qwen2_vl")
+    r = subprocess.run([sys.executable, str(REPO / "data_prep/builtin.py"), "--output", str(root / "builtin"),
+                        "--workers", "2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"root": root, "tiny": tiny, "qa": root / "builtin/shards/qa", "mmeb": root / "builtin/shards/mmeb"}
+
+
+def _stage1_cmd(assets, port, *extra):
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+            str(REPO / "launch/stage1.py"), "--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
+            f"--model.init={assets['tiny']}", f"--data.sources=[{{shards: '{assets['qa']}'}}]",
+            f"--train.run_root={assets['root'] / 'runs'}", f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json",
+            "--train.max_steps=10", "--train.save_every=3", "--train.keep_last=2", "--train.log_every=1",
+            "--train.deterministic=true", f"--train.dist_timeout_s={TIMEOUT_S}", "--optim.lr=3e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def stage1(assets):
+    from conftest import free_port
+
+    killed = subprocess.run(_stage1_cmd(assets, free_port(), "--train.fault_kill_step=8"), cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=400)
+    t_exit = time.time()
+    resumed = subprocess.run(_stage1_cmd(assets, free_port()), cwd=REPO, env=_env(), capture_output=True,
+                             text=True, timeout=400)
+    return {"killed": killed, "t_exit": t_exit, "resumed": resumed, "run": assets["root"] / "runs/stage1_tiny"}
+
+
+@pytest.mark.slow
+def test_stage1_kill_resume_export(stage1):
+    k, r, run = stage1["killed"], stage1["resumed"], stage1["run"]
+    out = k.stdout + k.stderr
+    assert k.returncode != 0, out[-3000:]
+    m = re.search(r"(\d\d):(\d\d):(\d\d) \[rank1\] WARNING coma.train: train.fault_kill_step=8", out)
+    assert m, out[-3000:]
+    lt = time.localtime(stage1["t_exit"])
+    t_kill = time.mktime(lt[:3] + tuple(int(x) for x in m.groups()) + lt[6:])
+    assert stage1["t_exit"] - t_kill < TIMEOUT_S, "the surviving rank did not exit within the distributed timeout"
+
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "resumed from" in r.stdout and "step-6" in r.stdout
+    rows = _raw_rows(run)
+    first = {x["step"]: x for x in rows[:8]}            # the killed run: steps 1..8
+    second = {x["step"]: x for x in rows[8:]}           # the resumed run: steps 7..10
+    assert sorted(first) == list(range(1, 9)) and sorted(second) == [7, 8, 9, 10]
+    for s in (7, 8):
+        a, b = first[s]["loss/train"], second[s]["loss/train"]
+        assert abs(a - b) <= 1e-6 * abs(a), (s, a, b)
+    losses = [x["loss/train"] for x in sorted(rows[:6] + rows[8:], key=lambda x: x["step"])]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    for key in ("optim/lr", "throughput/tokens_per_s_per_gpu", "throughput/tflops_per_gpu", "memory/peak_gib",
+                "time/data_wait_share", "data/skipped_samples", "train/skipped_steps"):
+        assert key in rows[-1], key
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-10", "step-9"] and (run / "checkpoints/latest").read_text().strip() == "step-10"
+    assert (run / "checkpoints/step-10/config.yaml").exists() and (run / "config.yaml").exists()
+    assert list((run / "tensorboard").iterdir()) and (run / "train.log").stat().st_size > 0
+
+    from pipeline import Embedder
+
+    emb = Embedder.from_pretrained(run / "export")
+    v = emb.encode([{"text": "a handwritten seven"}])
+    assert v.shape == (1, 64) and math.isclose(float(v.norm()), 1.0, rel_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_stage2_torchrun_cache_nan_skip(assets, stage1):
+    from conftest import free_port
+
+    from pipeline import Embedder
+
+    init = stage1["run"] / "export"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "launch/stage2.py"), "--config", str(REPO / "launch/configs/stage2_tiny.yaml"),
+           f"--model.init={init}", f"--data.sources=[{{shards: '{assets['mmeb']}'}}]",
+           f"--train.run_root={assets['root'] / 'runs'}", f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json",
+           "--train.max_steps=10", "--train.log_every=1", "--train.save_every=100", "--train.fault_nan_steps=[3]",
+           "--model.lora.enabled=false", "--optim.lr=1e-3", "--optim.schedule=constant",
+           "--data.task_batch_size=null", f"--train.dist_timeout_s={TIMEOUT_S}"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "embedding cache chunks of 4" in r.stdout
+    run = assets["root"] / "runs/stage2_tiny"
+    rows = _raw_rows(run)
+    assert [x["step"] for x in rows] == list(range(1, 11))
+    assert rows[3]["loss/train"] == "nan" and rows[-1]["train/skipped_steps"] == 1.0
+    losses = [x["loss/train"] for x in rows if isinstance(x["loss/train"], float)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    items = [{"text": "a handwritten digit seven"}, {"text": "a handwritten digit two"}]
+    before = Embedder.from_pretrained(init).encode(items)
+    after = Embedder.from_pretrained(run / "export").encode(items)
+    assert after.shape == (2, 64) and float((after - before).abs().max()) > 1e-3
+
+
+def test_config_errors_in_process(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.train import main, parse_cli
+
+    with pytest.raises(ConfigError, match=r"train\.stage=1 .*stage-2 entry point"):
+        parse_cli(2, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml")])
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.nope'"):
+        parse_cli(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), "--train.nope=1"])
+    assert main(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), "--model.init="]) == 2
+    assert main(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
+                    f"--train.resume={tmp_path / 'missing'}", "--model.init=x",
+                    f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json", f"--train.run_root={tmp_path}"]) == 2
+
+
+@pytest.mark.slow
+def test_config_error_two_ranks_exit_2():
+    from conftest import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "launch/stage1.py"), "--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
+           "--train.global_batch_size=15", f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json"]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "config error: train.global_batch_size=15 is not divisible by the world size 2" in r.stderr
+    assert time.time() - t0 < 60
