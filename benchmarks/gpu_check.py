@@ -3,7 +3,7 @@ run the GPU benchmark sweep.  Meant for a lent H100/H200 with a CUDA build of to
 in under 8 minutes (every step has its own deadline and the sweep is trimmed to the points the
 issue's targets need).
 
-    timeout 470 python3 benchmarks/gpu_check.py --out "$OUT"        # what a session runs
+    timeout 470 python3 benchmarks/gpu_check.py --out "$OUT"        # what a session runs (device tool)
     python3 benchmarks/gpu_check.py --skip-bench                     # correctness only (~1-2 min)
 
 Steps:
@@ -13,16 +13,19 @@ Steps:
     negatives, D from 8 to 8192), custom positive_index, symmetric on/off, logit_scale 1..100:
     loss and dQ, dK, d logit_scale vs the chunked torch backend in float64 on the same inputs;
     plus infonce_loss_and_grads == autograd.  Prints PASS/FAIL per case.
- 3. benchmark: benchmarks/loss.py at N = 4096, 16384, 32768 × D = 256, 2048 (bf16, symmetric),
+ 3. gathered_infonce through real NCCL collectives (one rank) equals fused_infonce.
+ 4. benchmark: benchmarks/loss.py at N = 4096, 16384, 32768 × D = 256, 2048 (bf16, symmetric),
     then fp32 at N=16384, D=2048; writes benchmarks/results/loss_cuda.csv/.json (copied to --out).
 Exit status: 0 when every correctness case passed (benchmark problems are reported in the CSV).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -79,11 +82,46 @@ def check_backend(backend, dtype, case, torch, kernels):
     return ok, " ".join(f"{nm}={e:.1e}" for nm, e, _ in errs)
 
 
+def check_gathered_nccl(torch, kernels):
+    """gathered_infonce through real NCCL collectives (world of 1) == fused_infonce, symmetric."""
+    import torch.distributed as dist
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    try:
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
+    except Exception as exc:  # noqa: BLE001
+        return False, f"NCCL init failed: {exc}"
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.nn.functional.normalize(torch.randn(300, 256, device="cuda", generator=g), dim=-1)
+        k = torch.nn.functional.normalize(torch.randn(420, 256, device="cuda", generator=g), dim=-1)
+        errs = []
+        for backend in ("triton", "cuda", "torch"):
+            grads = []
+            for fn in (kernels.gathered_infonce, kernels.fused_infonce):
+                qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+                s = torch.tensor(33.3, device="cuda", requires_grad=True)
+                fn(qq, kk, s, symmetric=True, backend=backend).backward()
+                grads.append((qq.grad, kk.grad, s.grad))
+            errs.append(max((a - b).abs().max().item() for a, b in zip(*grads)))
+        return max(errs) < 1e-5, "max |gathered - fused| per backend (triton, cuda, torch): " + \
+            ", ".join(f"{e:.1e}" for e in errs)
+    except Exception as exc:  # noqa: BLE001
+        return False, f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder to copy results and the log into")
     ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--bench-budget", type=float, default=330.0, help="seconds allowed for the benchmark step")
+    ap.add_argument("--deadline", type=float, default=450.0,
+                    help="seconds from start by which everything must be done (the sweep is cut to fit)")
     args = ap.parse_args()
     t0 = time.time()
     import torch
@@ -113,11 +151,15 @@ def main():
                 line = f"{'PASS' if ok else 'FAIL'} {backend:6} {str(dtype):15} {case} {time.time() - t:6.2f}s  {msg}"
                 print(line, flush=True)
                 results.append(line)
+    ok, msg = check_gathered_nccl(torch, kernels)
+    failed += not ok
+    results.append(f"{'PASS' if ok else 'FAIL'} gathered_infonce over NCCL (1 rank): {msg}")
+    print(results[-1], flush=True)
     print(f"correctness: {len(results) - failed}/{len(results)} passed ({time.time() - t0:.0f}s)", flush=True)
 
     outputs = []
     if not args.skip_bench:
-        deadline = time.time() + args.bench_budget
+        deadline = t0 + args.deadline - 10
         sweeps = [("loss_cuda.csv", ["--n", "4096", "16384", "32768", "--d", "256", "2048", "--dtype", "bf16"]),
                   ("loss_cuda_fp32.csv", ["--n", "16384", "--d", "2048", "--dtype", "fp32"])]
         for name, extra in sweeps:

@@ -16,12 +16,14 @@ import torch
 
 from .infonce import acc_dtype
 
-# Elements per chunk of logits (4M fp32 = 16 MiB); COMA_INFONCE_CHUNK_ELEMS overrides.
-_DEFAULT_ELEMS = 1 << 22
+# Elements per chunk of logits: 4 Mi on CPU (16 MiB fp32: cache-friendly, the memory test's
+# bound), 64 Mi on GPU (few large GEMMs); COMA_INFONCE_CHUNK_ELEMS overrides both.
+_DEFAULT_ELEMS = {"cpu": 1 << 22}
+_GPU_ELEMS = 1 << 26
 
 
-def _chunk_rows(n: int, m: int) -> int:
-    elems = int(os.environ.get("COMA_INFONCE_CHUNK_ELEMS", _DEFAULT_ELEMS))
+def _chunk_rows(n: int, m: int, device: torch.device) -> int:
+    elems = int(os.environ.get("COMA_INFONCE_CHUNK_ELEMS", _DEFAULT_ELEMS.get(device.type, _GPU_ELEMS)))
     return max(16, min(n, elems // max(m, 1)))
 
 
@@ -49,7 +51,7 @@ class TorchOps:
     def _stats(self, query, key, scale, col):
         q, k = self._prep(query, key)
         n, m = q.shape[0], k.shape[0]
-        step = self.chunk or _chunk_rows(n, m)
+        step = self.chunk or _chunk_rows(n, m, q.device)
         row_lse = torch.empty(n, dtype=q.dtype, device=q.device)
         if col:
             cmax = torch.full((m,), float("-inf"), dtype=q.dtype, device=q.device)
@@ -70,7 +72,7 @@ class TorchOps:
     def _softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse, col_coef):
         q, k = self._prep(query, key)
         n, m = q.shape[0], k.shape[0]
-        step = self.chunk or _chunk_rows(n, m)
+        step = self.chunk or _chunk_rows(n, m, q.device)
         row_lse, row_coef = row_lse.to(q.dtype), row_coef.to(q.dtype)
         has_col = col_lse is not None
         if has_col:
