@@ -94,7 +94,7 @@ class LSEStats(torch.autograd.Function):
             col_lse = row_lse.new_empty(0)
         ctx.save_for_backward(query, key, row_lse, col_lse)
         ctx.ops, ctx.col, ctx.scale = ops, col, scale
-        ctx.scale_dtype = logit_scale.dtype
+        ctx.scale_like = (logit_scale.dtype, logit_scale.device)
         if not col:
             ctx.mark_non_differentiable(col_lse)
         return row_lse, col_lse
@@ -108,7 +108,8 @@ class LSEStats(torch.autograd.Function):
         dq, dk, ds = ctx.ops.softmax_grads(
             query, key, ctx.scale, row_lse, g_row.contiguous().to(row_lse.dtype),
             col_lse if has_col else None, g_col.contiguous().to(row_lse.dtype) if has_col else None)
-        return dq.to(query.dtype), dk.to(key.dtype), ds.to(ctx.scale_dtype), None, None
+        s_dtype, s_device = ctx.scale_like
+        return dq.to(query.dtype), dk.to(key.dtype), ds.to(device=s_device, dtype=s_dtype), None, None
 
 
 def positive_logits(query, key, logit_scale, positive_index) -> torch.Tensor:
@@ -185,18 +186,18 @@ class FusedInfoNCE(torch.autograd.Function):
         scale = float(logit_scale)
         per_query, row_lse, col_lse, dots = per_query_losses(query, key, scale, positive_index, symmetric, ops)
         ctx.save_for_backward(query, key, positive_index, row_lse, col_lse if symmetric else row_lse[:0], dots)
-        ctx.cfg = (scale, symmetric, reduction, ops, logit_scale.dtype)
+        ctx.cfg = (scale, symmetric, reduction, ops, logit_scale.dtype, logit_scale.device)
         out = combine(per_query, None, reduction)
         return out.to(query.dtype) if reduction == "none" else out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, pidx, row_lse, col_lse, dots = ctx.saved_tensors
-        scale, symmetric, reduction, ops, s_dtype = ctx.cfg
+        scale, symmetric, reduction, ops, s_dtype, s_device = ctx.cfg
         w = _weights(grad_out, query.shape[0], reduction, query.device, row_lse.dtype)
         dq, dk, ds = loss_grads(query, key, scale, pidx, symmetric, ops, row_lse,
                                 col_lse if symmetric else None, dots, w)
-        return dq.to(query.dtype), dk.to(key.dtype), ds.to(s_dtype), None, None, None, None
+        return dq.to(query.dtype), dk.to(key.dtype), ds.to(device=s_device, dtype=s_dtype), None, None, None, None
 
 
 def infonce_forward(query, key, logit_scale, positive_index, symmetric, reduction, ops) -> torch.Tensor:
@@ -222,4 +223,5 @@ def infonce_loss_and_grads(query, key, logit_scale, positive_index, symmetric, o
     w = torch.full((n,), (1.0 if grad_scale is None else float(grad_scale)) / n, dtype=row_lse.dtype,
                    device=query.device)
     dq, dk, ds = loss_grads(query, key, scale, positive_index, symmetric, ops, row_lse, col_lse, dots, w)
-    return per_query.mean(), dq.to(query.dtype), dk.to(key.dtype), ds.to(logit_scale.dtype)
+    return per_query.mean(), dq.to(query.dtype), dk.to(key.dtype), ds.to(device=logit_scale.device,
+                                                                          dtype=logit_scale.dtype)
