@@ -258,21 +258,30 @@ class TarOut:
         return ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
 
 
-def ustar_header(name: bytes, size: int) -> bytes:
-    """The 512-byte ustar header of a regular file (see :class:`TarOut` for the fixed fields)."""
+def _ustar_template() -> bytes:
     h = bytearray(512)
-    h[0:len(name)] = name
     h[100:108] = b"0000444\0"                 # mode
     h[108:116] = h[116:124] = b"0000000\0"    # uid, gid
-    h[124:136] = b"%011o\0" % size
     h[136:148] = b"%011o\0" % TAR_MTIME
-    h[148:156] = b"        "                  # checksum placeholder
+    h[148:156] = b"        "                  # checksum placeholder (spaces, as the checksum counts them)
     h[156:157] = b"0"                         # regular file
     h[257:265] = b"ustar\x0000"
     h[265:269] = h[297:301] = b"coma"         # uname, gname
     # devmajor/devminor (329:345) stay NUL for a regular file, as tarfile writes them
-    h[148:156] = b"%06o\0 " % sum(h)
     return bytes(h)
+
+
+_USTAR = _ustar_template()
+_USTAR_SUM = sum(_USTAR)
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file (fixed fields: see :class:`TarOut`).  The
+    template's checksum is precomputed; only the name and size bytes are added per member."""
+    size_field = b"%011o\0" % size
+    chk = _USTAR_SUM + sum(name) + sum(size_field)
+    return b"".join((name, _USTAR[len(name):124], size_field, _USTAR[136:148], b"%06o\0 " % chk,
+                     _USTAR[156:]))
 
 
 _SETTINGS: Optional[Settings] = None
