@@ -90,10 +90,13 @@ def _open_tar(url: str):
 
 
 def _task_of(raw: dict) -> str:
-    try:
-        return json.loads(raw["json"])["task"]
-    except Exception:
-        return ""
+    """An mmeb sample's task ("" when its JSON is unreadable), parsed once per raw sample."""
+    if "__task__" not in raw:
+        try:
+            raw["__task__"] = str(json.loads(raw["json"])["task"])
+        except Exception:
+            raw["__task__"] = ""
+    return raw["__task__"]
 
 
 def decode_sample(raw: dict, kind: str) -> dict:
@@ -209,7 +212,7 @@ class ShardDataset(IterableDataset):
                         url, got, piece.take)
             ctx["corrupt_shards"] += 1
 
-    def _fallback(self, ctx: Counter) -> dict:
+    def _fallback(self) -> dict:
         """The first decodable sample of the dataset: the filler for a worker left with nothing."""
         for i, n in enumerate(self.plan.sizes):
             for raw in self._read(Piece(i, 0, n), Counter()):
@@ -247,7 +250,7 @@ class ShardDataset(IterableDataset):
                     if len(keep) < 16:
                         keep.append(raw)
         if produced < wp.quota:  # drop_last=False remainder, corrupt or short shards
-            keep = keep or [self._fallback(ctx)]
+            keep = keep or [self._fallback()]
             for i in range(wp.quota - produced):
                 ctx["padded_samples"] += 1
                 yield dict(keep[i % len(keep)], __pad__=True)
@@ -307,7 +310,7 @@ class ShardDataset(IterableDataset):
                 owed.pop()
                 yield dict(s, __pad__=True)
         if owed:
-            s = decode_sample(self._fallback(ctx), self.kind)
+            s = decode_sample(self._fallback(), self.kind)
             for _ in owed:
                 yield dict(s, __pad__=True)
 

@@ -189,15 +189,14 @@ class Plan:
             order.extend([i] * int(self.sources[src].weight))
         if self.shuffle:
             random.Random(f"{self.seed}:shards:{epoch}").shuffle(order)
-        used = Counter()
+        used = Counter()  # samples taken so far per source index
         seq = []
         for i in order:
-            src = self.sources[self.shard_source[i]]
-            take = self.sizes[i]
-            if src.max_samples is not None:
-                take = min(take, src.max_samples - used[src.name])
+            s = self.shard_source[i]
+            cap = self.sources[s].max_samples
+            take = self.sizes[i] if cap is None else min(self.sizes[i], cap - used[s])
             if take > 0:
-                used[src.name] += take
+                used[s] += take
                 seq.append((i, take))
         return seq
 

@@ -255,3 +255,13 @@ def test_sources_weights_caps_and_config(tmp_path, pairs):
         build_loader(f"{pairs}::{other}", kind="pair", batch_size=4, rank=0, world_size=1, weights="1::0.5")
     with pytest.raises(ValueError, match="matches no shard"):
         build_loader(str(tmp_path / "nothing-{0..3}.tar"), kind="pair", batch_size=4, rank=0, world_size=1)
+
+
+def test_caps_are_per_source_even_with_equal_names():
+    sources = [Source("same", ["a0.tar", "a1.tar"], max_samples=5), Source("same", ["b0.tar"])]
+    plan = Plan(["a0.tar", "a1.tar", "b0.tar"], [0, 0, 1], [4, 4, 6], sources, 1, 1, 1, drop_last=False)
+    for epoch in range(4):
+        taken = Counter()
+        for shard, take in plan.sequence(epoch):
+            taken[plan.shard_source[shard]] += take
+        assert taken == {0: 5, 1: 6} and plan.total == 11
