@@ -1,24 +1,41 @@
-"""The demo on the bundled dataset (``make demo`` runs this on CPU).
+"""The embedded demo: the whole CoMa pipeline at toy scale on CPU, and the paper's claim in miniature.
 
-    python launch/demo.py                          # data/builtin, 2 ranks
-    python launch/demo.py --data-dir /tmp/digits --world-size 4
+    make demo                                    # = DS_ACCELERATOR=cpu .venv/bin/python launch/demo.py
+    DS_ACCELERATOR=cpu python launch/demo.py --stage1-steps 60 --stage2-steps 60
+    python launch/demo.py --data-only            # only build the bundled dataset and read it back
 
-Data part (this file so far): build the bundled handwritten-digits dataset with
-``data_prep/builtin.py`` (a rerun reuses it), then read every set back through the streaming
-loader (``pipeline/data.py``) as each of ``--world-size`` ranks would, and print what it saw:
-samples per set, per task and per rank, batch counts per rank (always equal), and one sample of
-each kind.  :func:`data_demo` is the piece later stages of the demo call.
+Steps (1 and 2 are reused when already done, so a rerun costs only training and evaluation):
+  1. a tiny random Qwen2-VL                     -> runs/tiny-qwen2vl              (launch/make_tiny_model.py)
+  2. the bundled digits dataset, sharded, read back through the loader as 2 ranks
+                                                -> data/builtin                   (data_prep/builtin.py)
+  3. stage 1, 2 CPU ranks, ZeRO-3 over gloo     -> RUN/stage1/export              (launch/stage1.py)
+  4. stage 2 from the stage-1 export            -> RUN/stage2_after_stage1/export (launch/stage2.py)
+  5. stage 2 from the untrained model           -> RUN/stage2_only/export         (same steps, data, seed)
+  6. Precision@1 on the held-out split (its images are never trained on) for the untrained model,
+     stage 2 only and stage 1 + stage 2, per task: text->image, image->text, classification;
+     printed, written to RUN/results.json, charted in RUN/precision_at_1.png and RUN/loss.png.
+RUN is a new directory per invocation (runs/demo-YYYYMMDD-HHMMSS): reruns never overwrite.
+The two training presets are launch/configs/stage{1,2}_tiny.yaml; the demo only points them at
+its model, data, run directory and step counts.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Held-out task -> column of the results table (data_prep/builtin.py's task names).
+COLUMNS = {"digits_t2i": "text→image", "digits_i2t": "image→text", "digits_cls": "classification"}
 
 
 def _describe(sample: dict) -> str:
@@ -81,16 +98,201 @@ def data_demo(data_dir: str = "data/builtin", world_size: int = 2, batch_size: i
     return report
 
 
+# ------------------------------------------------------------------------------ the pipeline
+class Step:
+    """Numbered, timed console sections: ``with Step("stage 1"):``."""
+
+    count, total = 0, 6
+
+    def __init__(self, title: str):
+        Step.count += 1
+        self.title = f"[{Step.count}/{Step.total}] {title}"
+
+    def __enter__(self):
+        print(f"\n{self.title}", flush=True)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            print(f"    done in {time.perf_counter() - self.t0:.0f} s", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher(world_size: int) -> list[str]:
+    """DeepSpeed's launcher from this interpreter's environment (torchrun if it is missing)."""
+    ds = Path(sys.executable).parent / "deepspeed"
+    port = str(_free_port())
+    if ds.exists() or shutil.which("deepspeed"):
+        return [str(ds) if ds.exists() else shutil.which("deepspeed"), "--num_gpus", str(world_size),
+                "--master_port", port]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size), "--master_port", port]
+
+
+def train_stage(stage: int, init: str, shards: str, run_dir: Path, steps: int, world_size: int,
+                extra: list[str]) -> Path:
+    """Run launch/stage{stage}.py on ``world_size`` CPU ranks; return its export directory.
+
+    The full output goes to ``run_dir/NAME.log``; the console shows the trainer's step lines.
+    """
+    name = run_dir.name
+    cmd = _launcher(world_size) + [
+        str(REPO / f"launch/stage{stage}.py"), "--config", str(REPO / f"launch/configs/stage{stage}_tiny.yaml"),
+        f"--model.init={init}", f"--data.sources=[{{shards: '{shards}', name: digits}}]",
+        f"--train.run_root={run_dir.parent}", f"--train.name={name}", f"--train.max_steps={steps}", *extra]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    log_path = run_dir.parent / f"{name}.log"
+    shown = " ".join(cmd[cmd.index(str(REPO / f"launch/stage{stage}.py")):]).replace(str(REPO) + "/", "")
+    print(f"    $ DS_ACCELERATOR=cpu deepspeed --num_gpus {world_size} {shown}\n    (full log: {log_path})", flush=True)
+    tail: list[str] = []
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+            if "coma.train" in line and ("step " in line or "done:" in line):
+                print("    " + line.split("INFO coma.train: ", 1)[-1].rstrip(), flush=True)
+        rc = proc.wait()
+    export = run_dir / "export"
+    if rc != 0 or not (export / "coma.json").exists():
+        print("\n".join(["    " + t for t in tail]), file=sys.stderr)
+        raise SystemExit(f"stage {stage} ({name}) failed with exit status {rc}; full log: {log_path}")
+    return export
+
+
+def export_untrained(model_dir: str, out: Path) -> Path:
+    """The baseline: the tiny model with fresh compression tokens, exactly as stage 2 starts from it."""
+    from pipeline.config import load_config
+    from pipeline.export import export_model
+    from pipeline.model import load_model
+
+    cfg = load_config(REPO / "launch/configs/stage2_tiny.yaml", [f"--model.init={model_dir}", "--model.lora.enabled=false"])
+    model = load_model(cfg.model, for_training=False, temperature=cfg.loss.temperature)
+    return export_model(model, out)
+
+
+def evaluate_models(models: dict[str, Path], eval_shards: str, max_samples: Optional[int], run: Path) -> dict:
+    """P@1 etc. of every model on the same held-out samples (pipeline/evaluate.py)."""
+    from pipeline.evaluate import evaluate, format_table, load_encoder, read_mmeb_shards, write_json
+
+    samples = read_mmeb_shards(eval_shards, max_samples=max_samples)
+    print(f"    {len(samples)} held-out queries: " + ", ".join(
+        f"{t}={c}" for t, c in sorted(Counter(s["task"] for s in samples).items())), flush=True)
+    results = {}
+    for label, export in models.items():
+        res = evaluate(samples, load_encoder(str(export), device="cpu", batch_size=64), batch_size=64,
+                       progress=False)
+        write_json(str(export.parent / "scores.json"), res)
+        print(f"    {label}: mean P@1 {100 * res['overall']['precision@1']:.1f}", flush=True)
+        results[label] = res
+    return results
+
+
+def results_table(results: dict, note: str) -> str:
+    cols = [c for c in COLUMNS if any(c in r["tasks"] for r in results.values())]
+    w = max(len(k) for k in results) + 2
+    head = f"{'model':<{w}}" + "".join(f"{COLUMNS[c]:>16}" for c in cols) + f"{'mean':>8}"
+    lines = [note, head, "-" * len(head)]
+    for label, r in results.items():
+        vals = "".join(f"{100 * r['tasks'][c]['precision@1']:>16.1f}" for c in cols)
+        lines.append(f"{label:<{w}}{vals}{100 * r['overall']['precision@1']:>8.1f}")
+    return "\n".join(lines)
+
+
+def run_demo(args) -> int:
+    t_start = time.perf_counter()
+    from data_prep.builtin import sources
+
+    with Step(f"tiny Qwen2-VL in {args.model_dir}"):
+        if (Path(args.model_dir) / "config.json").exists():
+            print("    reusing it (delete the folder to rebuild)")
+        else:
+            from pipeline.tiny import make_tiny_model
+
+            make_tiny_model(args.model_dir, family=args.family)
+    with Step(f"bundled digits dataset in {args.data_dir}, read back as {args.world_size} ranks"):
+        data_demo(args.data_dir, world_size=args.world_size, batch_size=8, num_workers=1, verbose=args.verbose)
+        src = sources(args.data_dir)
+        print(f"    train: {src['qa']['samples']} qa (stage 1), {src['mmeb']['samples']} mmeb (stage 2); "
+              f"held-out: {src['eval']['samples']} mmeb samples of images never trained on")
+    run = Path(args.run_root) / time.strftime("demo-%Y%m%d-%H%M%S")
+    run.mkdir(parents=True, exist_ok=False)
+    extra = list(args.override or [])
+    with Step(f"stage 1 (compression), {args.stage1_steps} steps on {args.world_size} CPU ranks, ZeRO-3 over gloo"):
+        s1 = train_stage(1, args.model_dir, src["qa"]["shards"], run / "stage1", args.stage1_steps,
+                         args.world_size, extra)
+    with Step(f"stage 2 (matching) from the stage-1 export, {args.stage2_steps} steps"):
+        s12 = train_stage(2, str(s1), src["mmeb"]["shards"], run / "stage2_after_stage1", args.stage2_steps,
+                          args.world_size, extra)
+    with Step(f"stage 2 from the untrained model (no stage 1), the same {args.stage2_steps} steps"):
+        s2 = train_stage(2, args.model_dir, src["mmeb"]["shards"], run / "stage2_only", args.stage2_steps,
+                         args.world_size, extra)
+    with Step("evaluation on the held-out split"):
+        untrained = export_untrained(args.model_dir, run / "untrained" / "export")
+        models = {"untrained": untrained, f"stage 2 only ({args.stage2_steps} steps)": s2,
+                  f"stage 1 + stage 2 ({args.stage1_steps} + {args.stage2_steps} steps)": s12}
+        results = evaluate_models(models, src["eval"]["shards"], args.eval_samples, run)
+
+    from pipeline.evaluate import write_json
+    from pipeline.plots import plot_loss_curves, plot_precision_per_task
+
+    n_cand = next(iter(results.values()))["overall"]
+    cands = {t: m["mean_candidates"] for t, m in next(iter(results.values()))["tasks"].items()}
+    chance = 100 * sum(1 / c for c in cands.values()) / len(cands)
+    note = (f"Precision@1 (%) on {n_cand['n']} held-out queries, same data and stage-2 steps for every model; "
+            f"{', '.join(f'{c:.0f}' for c in sorted(set(cands.values())))} candidates per query (chance {chance:.1f}%)")
+    table = results_table(results, note)
+    charts = [plot_precision_per_task(results, str(run / "precision_at_1.png"),
+                                      title="Precision@1 on held-out digits"),
+              plot_loss_curves({"stage 1": str(run / "stage1"), "stage 2 after stage 1": str(run / "stage2_after_stage1"),
+                                "stage 2 only": str(run / "stage2_only")}, str(run / "loss.png"))]
+    write_json(str(run / "results.json"), {
+        "table": {label: {COLUMNS.get(t, t): m["precision@1"] for t, m in r["tasks"].items()} | {"mean": r["overall"]["precision@1"]}
+                  for label, r in results.items()},
+        "exports": {label: str(p) for label, p in models.items()},
+        "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "world_size": args.world_size,
+        "eval_shards": src["eval"]["shards"], "chance_precision@1": chance / 100,
+        "seconds": round(time.perf_counter() - t_start, 1)})
+    (run / "results.txt").write_text(table + "\n", encoding="utf-8")
+
+    print("\n" + "=" * 80 + "\n" + table + "\n" + "=" * 80)
+    print(f"\nrun directory   {run}")
+    print(f"  checkpoints   {run}/stage1/checkpoints, {run}/stage2_after_stage1/checkpoints, {run}/stage2_only/checkpoints")
+    print(f"  exported      {s1}  (stage 1)\n                {s12}  (stage 1 + stage 2)\n                {s2}  (stage 2 only)")
+    print(f"  scores        {run}/results.json, {run}/*/scores.json")
+    print(f"  charts        {charts[0]}\n                {charts[1]}")
+    print(f"  logs          {run}/*.log, metrics in {run}/*/metrics.jsonl")
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    print(f"\nembed with it:  python -c \"from pipeline import Embedder; "
+          f"print(Embedder.from_pretrained('{s12}').encode([{{'text': 'A handwritten digit seven.'}}]).shape)\"")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", default="data/builtin", help="where the bundled dataset is built")
-    ap.add_argument("--world-size", type=int, default=2, help="ranks to simulate when reading back")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--num-workers", type=int, default=1, help="DataLoader workers per rank")
+    ap.add_argument("--data-dir", default="data/builtin", help="where the bundled dataset is built (reused)")
+    ap.add_argument("--model-dir", default="runs/tiny-qwen2vl", help="where the tiny model is built (reused)")
+    ap.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    ap.add_argument("--run-root", default="runs", help="a new demo-YYYYMMDD-HHMMSS folder is made here")
+    ap.add_argument("--world-size", type=int, default=2, help="CPU ranks per training run")
+    ap.add_argument("--stage1-steps", type=int, default=30)
+    ap.add_argument("--stage2-steps", type=int, default=30, help="the same for both stage-2 runs")
+    ap.add_argument("--eval-samples", type=int, default=None, help="first N held-out queries (default: all)")
+    ap.add_argument("--override", action="append", metavar="--a.b=VALUE",
+                    help="extra config override for every training run (repeatable), e.g. --override=--optim.lr=1e-3")
+    ap.add_argument("--data-only", action="store_true", help="only build the dataset and read it back")
+    ap.add_argument("--verbose", action="store_true", help="print the data read-back details")
     args = ap.parse_args(argv)
-    data_demo(args.data_dir, world_size=args.world_size, batch_size=args.batch_size,
-              num_workers=args.num_workers)
-    return 0
+    if args.data_only:
+        data_demo(args.data_dir, world_size=args.world_size)
+        return 0
+    return run_demo(args)
 
 
 if __name__ == "__main__":
