@@ -130,6 +130,9 @@ class CoMaModel(nn.Module):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         pos = self._positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
         if mask_impl == "reference":
+            if self.base_attn.startswith("flash"):
+                raise ValueError("mask_impl='reference' needs an explicit 4-D mask, which flash-attention cannot "
+                                 "take: load the model with model.attn_implementation=sdpa (or eager)")
             m = reference_mask(input_ids, attention_mask, self.compression_ids, dtype=inputs_embeds.dtype)
             hidden = self._decode(inputs_embeds, pos, self._mask_mapping(m))
         elif mask_impl == "efficient":
