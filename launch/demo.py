@@ -134,6 +134,14 @@ def _launcher(world_size: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size), "--master_port", port]
 
 
+def stage_args(stage: int, init: str, shards: str, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
+    """Arguments of launch/stage{stage}.py for one demo run: the tiny preset pointed at the demo's
+    model, shards, run directory and step count (``extra``: the user's ``--override``s)."""
+    return ["--config", str(REPO / f"launch/configs/stage{stage}_tiny.yaml"), f"--model.init={init}",
+            f"--data.sources=[{{shards: '{shards}', name: digits}}]", f"--train.run_root={run_dir.parent}",
+            f"--train.name={run_dir.name}", f"--train.max_steps={steps}", *extra]
+
+
 def train_stage(stage: int, init: str, shards: str, run_dir: Path, steps: int, world_size: int,
                 extra: list[str]) -> Path:
     """Run launch/stage{stage}.py on ``world_size`` CPU ranks; return its export directory.
@@ -141,10 +149,8 @@ def train_stage(stage: int, init: str, shards: str, run_dir: Path, steps: int, w
     The full output goes to ``run_dir/NAME.log``; the console shows the trainer's step lines.
     """
     name = run_dir.name
-    cmd = _launcher(world_size) + [
-        str(REPO / f"launch/stage{stage}.py"), "--config", str(REPO / f"launch/configs/stage{stage}_tiny.yaml"),
-        f"--model.init={init}", f"--data.sources=[{{shards: '{shards}', name: digits}}]",
-        f"--train.run_root={run_dir.parent}", f"--train.name={name}", f"--train.max_steps={steps}", *extra]
+    cmd = _launcher(world_size) + [str(REPO / f"launch/stage{stage}.py")] + stage_args(
+        stage, init, shards, run_dir, steps, extra)
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     log_path = run_dir.parent / f"{name}.log"
     shown = " ".join(cmd[cmd.index(str(REPO / f"launch/stage{stage}.py")):]).replace(str(REPO) + "/", "")
