@@ -128,12 +128,29 @@ class Collator:
                 instr = DEFAULT_IMAGE_INSTRUCTION
             x = self.proc.input_ids(text, n, instr) + self.proc.compression_ids
             try:
-                d, t = self.proc.dialogue_ids(conv, loss_on)
+                d, t = self._fit_dialogue(conv, loss_on, len(x), key)
             except ValueError as e:
                 raise ValueError(f"sample {key!r}: {e}") from None
             seqs.append(x + d)
             targets.append([False] * len(x) + t)
         return self._pad(seqs, targets, pv, grid)
+
+    def _fit_dialogue(self, conv, loss_on: str, x_len: int, key) -> tuple[list[int], list[bool]]:
+        """The dialogue's ids/targets, keeping whole turns while ``[X][C][D]`` fits
+        ``model.max_length``; a first turn that alone is too long is cut at the limit."""
+        max_len = self.cfg.max_length
+        d, t = self.proc.dialogue_ids(conv, loss_on)
+        if max_len is None or x_len + len(d) <= max_len:
+            return d, t
+        if x_len >= max_len:
+            raise ValueError(f"its image + compression tokens alone take {x_len} tokens >= model.max_length="
+                             f"{max_len}: raise model.max_length or lower model.max_pixels")
+        for turns in range(len(conv) - 1, 0, -1):
+            d, t = self.proc.dialogue_ids(conv[:turns], loss_on)
+            if x_len + len(d) <= max_len:
+                return d, t
+        d, t = self.proc.dialogue_ids(conv[:1], loss_on)
+        return d[: max_len - x_len], t[: max_len - x_len]
 
     # ------------------------------------------------------------------------------ padding
     def _pad(self, seqs, targets, pv, grid) -> dict:

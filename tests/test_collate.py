@@ -113,3 +113,19 @@ def test_bad_input_is_named(proc):
         Collator(proc, cfg, kind="qa")([{"__key__": "z", "kind": "pair", "image": image(8, 8), "text": "t"}])
     with pytest.raises(ValueError, match="K=4 .*num_compression_tokens=8"):
         Collator(proc, model_cfg(num_compression_tokens=8), kind="qa")
+
+
+def test_max_length_drops_trailing_turns(proc):
+    samples = qa_samples()[2:]                       # 3 turns
+    full = Collator(proc, model_cfg(), kind="qa")(samples)
+    n_full = int(full["attention_mask"].sum())
+    one_less = Collator(proc, model_cfg(max_length=n_full - 1), kind="qa")(samples)
+    ids = one_less["input_ids"][0]
+    tgt = one_less["labels"][0] != IGNORE_INDEX
+    assert int(one_less["attention_mask"].sum()) < n_full
+    assert _decode(proc, ids[tgt].tolist()) == "one<|im_end|>a few<|im_end|>"   # whole turns kept
+    x_len = int(torch.isin(ids, torch.tensor(proc.compression_ids)).nonzero().max()) + 1
+    cut = Collator(proc, model_cfg(max_length=x_len + 12), kind="qa")(samples)
+    assert int(cut["attention_mask"].sum()) == x_len + 12                # first turn cut at the limit
+    with pytest.raises(ValueError, match="model.max_length=10"):
+        Collator(proc, model_cfg(max_length=10), kind="qa")(samples)
