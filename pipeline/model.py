@@ -29,6 +29,7 @@ capable) — pipeline/masks.py explains both; they agree to fp32 rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -211,8 +212,6 @@ def _gathered(params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -235,7 +234,8 @@ def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.0
     if vocab_needed > old_rows:
         hf.resize_token_embeddings(vocab_needed, pad_to_multiple_of=64, mean_resizing=False)
     if proc.added_tokens:
-        _init_new_rows(hf, proc.compression_ids[-proc.added_tokens:], min(old_rows, min(proc.compression_ids)))
+        new_ids = proc.compression_ids[-proc.added_tokens:]
+        _init_new_rows(hf, new_ids, min(old_rows, min(new_ids)))  # mean over the rows that existed
 
     # Our attention wrapper on the language model only (the vision tower keeps the base one).
     lm = proc.adapter.language_model(hf)
@@ -279,6 +279,10 @@ def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.0
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+    tr, tot = count_parameters(model)
+    log.info("CoMa model from %s (%s, attention %s, mask %s, K=%d, %s): %.2fM of %.2fM parameters trainable",
+             model_cfg.init, proc.adapter.name, base_attn, model_cfg.mask_impl, len(proc.compression_ids),
+             "LoRA" if lc.enabled else "full fine-tuning", tr / 1e6, tot / 1e6)
     return model
 
 
