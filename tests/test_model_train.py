@@ -103,8 +103,9 @@ def test_pooling_mean_vs_last_differ(eval_model):
     assert (mean - last).abs().max() > 1e-3
 
 
-def test_dummy_vision_guard_runs_vision_tower_on_text_only_batches():
-    model = load_model(model_cfg(lora=LoraConfig(enabled=False), freeze_vision=False))
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_dummy_vision_guard_runs_vision_tower_on_text_only_batches(family):
+    model = load_model(model_cfg(family, lora=LoraConfig(enabled=False), freeze_vision=False))
     calls = []
     hook = model.adapter.visual(model.hf).register_forward_hook(lambda *a: calls.append(1))
     text_only = Collator(model.processor, model.cfg, kind="mmeb").encode([{"text": "five", "image": None},
