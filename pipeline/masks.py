@@ -220,22 +220,23 @@ def compression_attention_packed(query, key, value, layout: CompressionLayout, s
 
 def compression_attention_rows(query, key, value, layout: CompressionLayout, scale: float,
                                dropout: float = 0.0) -> torch.Tensor:
-    """Row-by-row form for SDPA (CPU, or GPU without flash-attention).  Rows are cut with
-    ``split`` and reassembled with ``cat``, whose backward passes are views and copies — the
-    gather/scatter of the packed form would zero-fill a full [B·L, H, d] gradient per gather."""
+    """Row-by-row form for SDPA (CPU, or GPU without flash-attention).  Tensors are cut with
+    ``split`` (one backward per cut: a single concatenation) and the ``[X][C]`` part is a view,
+    so only the small ``[C][D]`` keys/values are copied; the gather/scatter of the packed form
+    would zero-fill a full [B·L, H, d] gradient per gather."""
     B, Hq, L, d = query.shape
     rows = []
-    for b, (s, c0, c1, e) in enumerate(layout.rows):
-        sizes = [s, c0 - s, c1 - c0, e - c1, L - e]
-        _, qx, qc, qd, _ = torch.split(query[b:b + 1], sizes, dim=2)
-        _, kx, kc, kd, _ = torch.split(key[b:b + 1], sizes, dim=2)
-        _, vx, vc, vd, _ = torch.split(value[b:b + 1], sizes, dim=2)
-        o_xc = _sdpa(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2), scale, dropout,
-                     causal=True)
-        parts = [query.new_zeros(1, Hq, s, d), o_xc]
+    for b, (qb, kb, vb) in enumerate(zip(query.split(1, 0), key.split(1, 0), value.split(1, 0))):
+        s, c0, c1, e = layout.rows[b]
+        sizes = [s, c1 - s, e - c1, L - e]
+        _, q_xc, q_d, _ = torch.split(qb, sizes, dim=2)
+        _, k_xc, k_d, _ = torch.split(kb, sizes, dim=2)
+        _, v_xc, v_d, _ = torch.split(vb, sizes, dim=2)
+        parts = [query.new_zeros(1, Hq, s, d), _sdpa(q_xc, k_xc, v_xc, scale, dropout, causal=True)]
         if e > c1:
-            parts.append(_sdpa(qd, torch.cat([kc, kd], 2), torch.cat([vc, vd], 2), scale, dropout,
-                               mask=_lower_right(e - c1, e - c0, query.device)))
+            k_cd = torch.cat([k_xc[:, :, c0 - s:], k_d], 2)       # C's keys (a view) + D's
+            v_cd = torch.cat([v_xc[:, :, c0 - s:], v_d], 2)
+            parts.append(_sdpa(q_d, k_cd, v_cd, scale, dropout, mask=_lower_right(e - c1, e - c0, query.device)))
         parts.append(query.new_zeros(1, Hq, L - e, d))
         rows.append(torch.cat(parts, 2))
     return torch.cat(rows, 0).transpose(1, 2)
