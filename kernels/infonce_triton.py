@@ -162,6 +162,11 @@ class TritonOps(TiledOps):
         return cls(interpret, dtype)
 
     def _config(self, n, m, d, elem):
+        forced = os.environ.get("COMA_INFONCE_TRITON_TILES")   # "BM,BN,BK": tests, tuning
+        if forced:
+            bm, bn, bk = (int(x) for x in forced.split(","))
+            return bm, bn, bk, ({} if self.interpret else {"num_warps": 8 if bm * bn >= 128 * 64 else 4,
+                                                             "num_stages": 3})
         if self.interpret:
             # the interpreter's cost is per program × per tile: few, large tiles
             return (max(16, min(128, _pow2(n))), max(16, min(128, _pow2(m))), max(16, min(_pow2(d), 256)), {})

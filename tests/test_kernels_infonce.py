@@ -208,3 +208,13 @@ def test_triton_column_splits_and_row_chunks(monkeypatch):
     for sym in (False, True):
         got = run("triton", q, k, s, symmetric=sym, positive_index=pidx)
         assert_close(got, reference(q, k, s, symmetric=sym, positive_index=pidx), torch.float16, f"sym={sym}")
+
+
+@pytest.mark.parametrize("tiles", ["16,16,16", "128,128,64"])
+def test_triton_other_tile_shapes(monkeypatch, tiles):
+    # many small partial tiles (and a D loop of several steps), and the GPU's own tile shape
+    monkeypatch.setenv("COMA_INFONCE_TRITON_TILES", tiles)
+    q, k, s = make(70, 99, 40, torch.float32, 33.3)
+    pidx = torch.randint(0, 99, (70,), generator=torch.Generator().manual_seed(2))
+    got = run("triton", q, k, s, symmetric=True, positive_index=pidx)
+    assert_close(got, reference(q, k, s, symmetric=True, positive_index=pidx), torch.float32, tiles)
