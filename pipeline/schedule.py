@@ -14,7 +14,8 @@ def lr_multiplier(step: int, total_steps: int, warmup_ratio: float = 0.05, min_l
     * warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps = ceil(ratio * total)``
       updates, so the very first update already moves the weights (a 0 lr first step would
       waste a batch);
-    * cosine: from 1 down to ``min_lr_ratio`` at ``total_steps - 1``;
+    * cosine: from 1 after warm-up towards ``min_lr_ratio``, reached at ``total_steps`` (one
+      past the last update);
     * constant: 1 after warm-up.
     """
     if total_steps <= 0:
@@ -26,8 +27,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_ratio: float = 0.05, min_l
         return 1.0
     if schedule != "cosine":
         raise ValueError(f"unknown schedule {schedule!r} (optim.schedule: cosine | constant)")
-    decay_steps = max(total_steps - 1 - warmup, 1)
-    progress = min(max(step - warmup, 0) / decay_steps, 1.0)
+    # Hugging Face's convention: progress reaches 1 one step after the last update, so the
+    # last update still has a (small) non-zero lr instead of being wasted at exactly 0.
+    progress = min(max(step - warmup, 0) / max(total_steps - warmup, 1), 1.0)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

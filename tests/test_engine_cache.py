@@ -114,7 +114,7 @@ def worker(out_dir: Path) -> None:
     from pipeline.collate import Collator
     from pipeline.config import load_config
     from pipeline.tiny import make_tiny_model
-    from pipeline.train import StepRunner, TrainState
+    from pipeline.steps import StepRunner, TrainState
 
     env = dist.init(timeout_s=120)
     tiny = out_dir / "tiny"

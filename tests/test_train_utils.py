@@ -12,11 +12,11 @@ def test_warmup_cosine():
     total = 100  # 5% warm-up = 5 steps
     ms = [lr_multiplier(s, total, 0.05, 0.0) for s in range(total)]
     assert ms[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
-    assert ms[5] == pytest.approx(1.0) and ms[-1] == pytest.approx(0.0, abs=1e-12)
+    assert ms[5] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(ms[5:], ms[6:]))  # monotone decay after warm-up
-    mid = 5 + (total - 1 - 5) / 2
-    assert lr_multiplier(int(mid), total, 0.05, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * int(mid - 5) / 94)))
-    assert lr_multiplier(99, total, 0.05, 0.1) == pytest.approx(0.1)
+    assert 0 < ms[-1] < 1e-3                             # the last update still moves the weights
+    assert lr_multiplier(5 + 95 // 2, total, 0.05, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert lr_multiplier(100, total, 0.05, 0.1) == pytest.approx(0.1)
     assert lr_multiplier(50, total, 0.0, schedule="constant") == 1.0
     with pytest.raises(ValueError, match="optim.schedule"):
         lr_multiplier(50, total, 0.0, schedule="linear")
