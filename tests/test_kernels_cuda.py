@@ -26,8 +26,11 @@ def _nvcc():
                                              "cannot compile-check kernels/csrc/infonce_kernels.cu")
 def test_cuda_kernels_compile_for_hopper(tmp_path):
     out = tmp_path / "infonce_kernels.o"
-    r = subprocess.run([_nvcc(), "-c", "-arch=sm_90a", "-O3", "--use_fast_math", "-Xptxas", "-v", str(CU),
-                        "-o", str(out)], capture_output=True, text=True, timeout=300)
+    # the defines torch.utils.cpp_extension adds to every nvcc call (no implicit half/bf16 operators)
+    torch_defines = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+    r = subprocess.run([_nvcc(), "-c", "-arch=sm_90a", "-O3", "--use_fast_math", "-std=c++17", *torch_defines,
+                        "-Xptxas", "-v", str(CU), "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.stat().st_size > 0
     # three dtypes x two kernels were instantiated, none spilling more than a few registers
