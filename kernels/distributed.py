@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import get_ops, resolve_backend
-from .infonce import LSEStats, acc_dtype, check_inputs, positive_logits
+from .infonce import acc_dtype, check_inputs, tile_grads
 
 
 class _GatherRows(torch.autograd.Function):
@@ -54,28 +54,57 @@ class _GatherRows(torch.autograd.Function):
         return grad[start: start + ctx.sizes[ctx.rank]], None, None, None
 
 
-class _AllReduceLSE(torch.autograd.Function):
-    """Global column LSE from per-rank partial LSEs: log Σ_r exp(partial_r)  ([M] fp32).
-    Backward: d partial_r = all_reduce_sum(d lse) · exp(partial_r − lse)."""
+def _all_reduce_lse(partial: torch.Tensor, group) -> torch.Tensor:
+    """Global LSE from per-rank partial LSEs: log Σ_r exp(partial_r), 2 floats per entry."""
+    gmax = partial.clone()
+    dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+    total = torch.exp(partial - gmax)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return gmax + torch.log(total)
+
+
+class _LocalQueries(torch.autograd.Function):
+    """Per-query losses [n_r] of this rank's queries against the gathered keys.
+
+    Forward: tile statistics over (local queries × all keys); for the symmetric term the
+    per-column partial LSEs over the local queries are all-reduced into the global column LSE.
+    Backward: with w = d loss / d per-query loss, the column coefficient of key j is
+    Σ_{i: p_i = j} ½ w_i over the queries of *every* rank (all-reduced, 1 float per key), so each
+    rank back-propagates every column term into its own queries; then the same tile gradients
+    as the single-process loss (:func:`kernels.infonce.tile_grads`, positives included).
+    """
 
     @staticmethod
-    def forward(ctx, partial, group):
-        gmax = partial.clone()
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-        # a rank without queries has partial = -inf everywhere: exp(-inf - finite) = 0
-        total = torch.exp(partial - gmax)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        lse = gmax + torch.log(total)
-        ctx.save_for_backward(partial, lse)
-        ctx.group = group
-        return lse
+    def forward(ctx, query, keys, logit_scale, pidx, symmetric, ops, group):
+        scale = float(logit_scale)
+        row_lse, col_part = ops.stats(query, keys, scale, symmetric)
+        acc = acc_dtype(query.dtype)
+        row_lse = row_lse.to(acc)
+        pos = scale * (query.to(acc) * keys.index_select(0, pidx).to(acc)).sum(-1)
+        per_query = row_lse - pos
+        col_lse = row_lse[:0]
+        if symmetric:
+            col_lse = _all_reduce_lse(col_part.to(acc), group)
+            per_query = 0.5 * (per_query + col_lse.index_select(0, pidx) - pos)
+        ctx.save_for_backward(query, keys, pidx, row_lse, col_lse)
+        ctx.cfg = (scale, symmetric, ops, group, logit_scale.dtype, logit_scale.device)
+        return per_query
 
     @staticmethod
-    def backward(ctx, grad):
-        partial, lse = ctx.saved_tensors
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad * torch.exp(partial - lse), None
+    def backward(ctx, w):
+        query, keys, pidx, row_lse, col_lse = ctx.saved_tensors
+        scale, symmetric, ops, group, s_dtype, s_device = ctx.cfg
+        acc = row_lse.dtype
+        w = w.to(acc).contiguous()
+        alpha = 0.5 if symmetric else 1.0
+        col_coef = None
+        if symmetric:
+            col_coef = torch.zeros(keys.shape[0], dtype=acc, device=keys.device).index_add_(0, pidx, alpha * w)
+            dist.all_reduce(col_coef, op=dist.ReduceOp.SUM, group=group)
+        dq, dk, ds = tile_grads(query, keys, scale, pidx, ops, row_lse, alpha * w,
+                                col_lse if symmetric else None, col_coef, w)
+        return (dq.to(query.dtype), dk.to(keys.dtype), ds.to(device=s_device, dtype=s_dtype),
+                None, None, None, None)
 
 
 def gathered_infonce(query_local: torch.Tensor, key_local: torch.Tensor, logit_scale: torch.Tensor, *,
@@ -126,13 +155,7 @@ def gathered_infonce(query_local: torch.Tensor, key_local: torch.Tensor, logit_s
     name = resolve_backend(backend, query_local.device)
     if name == "reference":
         raise ValueError("gathered_infonce: backend='reference' is not supported; use 'torch', 'triton' or 'cuda'")
-    acc = acc_dtype(query_local.dtype)
     check_inputs(query_local, keys, logit_scale, pidx, "sum")
     ops = get_ops(name, query_local.device, query_local.dtype)
-    row_lse, col_part = LSEStats.apply(query_local, keys, logit_scale, ops, symmetric)
-    pos = positive_logits(query_local, keys, logit_scale, pidx)
-    per_query = row_lse.to(acc) - pos
-    if symmetric:
-        col_lse = _AllReduceLSE.apply(col_part.to(acc), group)
-        per_query = 0.5 * (per_query + (col_lse.index_select(0, pidx) - pos))
+    per_query = _LocalQueries.apply(query_local, keys, logit_scale, pidx, symmetric, ops, group)
     return per_query.sum() * share

@@ -13,16 +13,22 @@ A tiled backend only provides two primitives over the *softmax* part (positives 
 O(n·D) and handled here):
 
     stats(Q, K, s, col)  -> row_lse [n] f32, col_lse [m] f32 | None
-    softmax_grads(Q, K, s, row_lse, row_coef, col_lse, col_coef) -> dQ f32, dK f32, ds f32
+    softmax_grads(Q, K, s, row_lse, row_coef, col_lse, col_coef, pos_index, pos_coef)
+                         -> dQ f32, dK f32, ds f32
         with  G_ij = row_coef_i · exp(S_ij − row_lse_i) + col_coef_j · exp(S_ij − col_lse_j)
+                     − pos_coef_i · [j = pos_index_i]
               dQ = s · G K,   dK = s · Gᵀ Q,   ds = Σ_ij G_ij (q_i · k_j)
 
-which is exactly the vector–Jacobian product of (row_lse, col_lse) w.r.t. (Q, K, s) for
-upstream gradients (row_coef, col_coef).  Backends recompute tiles of S instead of storing
+which is the vector–Jacobian product of Σ_i w_i · loss_i for row_coef = α·w, col_coef_j =
+Σ_{i: p_i = j} α·w_i (α = ½ if symmetric else 1) and pos_coef = w.  The positive term is
+subtracted inside the tile, in fp32, *before* G is rounded to the input dtype for the
+tensor-core GEMMs: for a well-trained model exp(S_{i,p_i} − row_lse_i) ≈ 1 and the gradient
+is the small difference of two O(1) numbers, which a bf16 G would otherwise destroy.
+Backends recompute tiles of S instead of storing
 them, so nothing of size n×m is ever kept (torch: :mod:`kernels.infonce_torch`; Triton and
 CUDA: :mod:`kernels.tiled`).  :class:`FusedInfoNCE` is the whole loss as one autograd Function;
 :func:`infonce_loss_and_grads` is the same maths without autograd (embedding cache);
-:class:`LSEStats` exposes the statistics alone with autograd (for :mod:`kernels.distributed`).
+:mod:`kernels.distributed` reuses :func:`loss_grads` with all-reduced column statistics.
 """
 from __future__ import annotations
 
@@ -79,46 +85,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------ autograd
-class LSEStats(torch.autograd.Function):
-    """(row_lse [n], col_lse [m]) = LSE statistics of S = s·Q Kᵀ, differentiable w.r.t. Q, K, s.
-
-    Saves only Q, K, s and the two statistic vectors; backward recomputes the tiles.
-    With ``col=False`` col_lse is an empty tensor and receives no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, logit_scale, ops, col: bool):
-        scale = float(logit_scale)
-        row_lse, col_lse = ops.stats(query, key, scale, col)
-        if col_lse is None:
-            col_lse = row_lse.new_empty(0)
-        ctx.save_for_backward(query, key, row_lse, col_lse)
-        ctx.ops, ctx.col, ctx.scale = ops, col, scale
-        ctx.scale_like = (logit_scale.dtype, logit_scale.device)
-        if not col:
-            ctx.mark_non_differentiable(col_lse)
-        return row_lse, col_lse
-
-    @staticmethod
-    def backward(ctx, g_row, g_col):
-        query, key, row_lse, col_lse = ctx.saved_tensors
-        if g_row is None:
-            g_row = torch.zeros_like(row_lse)
-        has_col = ctx.col and g_col is not None
-        dq, dk, ds = ctx.ops.softmax_grads(
-            query, key, ctx.scale, row_lse, g_row.contiguous().to(row_lse.dtype),
-            col_lse if has_col else None, g_col.contiguous().to(row_lse.dtype) if has_col else None)
-        s_dtype, s_device = ctx.scale_like
-        return dq.to(query.dtype), dk.to(key.dtype), ds.to(device=s_device, dtype=s_dtype), None, None
-
-
-def positive_logits(query, key, logit_scale, positive_index) -> torch.Tensor:
-    """pos_i = s · q_i · k_{p_i} in the accumulation dtype, [n]; O(n·D), differentiable."""
-    acc = acc_dtype(query.dtype)
-    kp = key.index_select(0, positive_index)
-    return logit_scale.to(acc) * (query.to(acc) * kp.to(acc)).sum(-1)
-
-
 def combine(row_loss, col_loss, reduction):
     """Per-query losses → requested reduction.  Symmetric: the per-query loss is the mean of
     the q→k and k→q terms, so ``mean`` of the ``none`` output is the ``mean`` loss."""
@@ -132,7 +98,7 @@ def combine(row_loss, col_loss, reduction):
 
 def per_query_losses(query, key, scale: float, positive_index, symmetric, ops):
     """Forward without a graph: (per-query losses [n], row_lse [n], col_lse [m] | None, dots [n])
-    in the accumulation dtype; dots_i = q_i · k_{p_i} (kept for d logit_scale)."""
+    in the accumulation dtype; dots_i = q_i · k_{p_i}."""
     row_lse, col_lse = ops.stats(query, key, scale, symmetric)
     acc = acc_dtype(query.dtype)
     row_lse = row_lse.to(acc)
@@ -145,27 +111,30 @@ def per_query_losses(query, key, scale: float, positive_index, symmetric, ops):
     return per_query, row_lse, col_lse, dots
 
 
-def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse, col_lse, dots, weight):
-    """Gradients of Σ_i weight_i · loss_i w.r.t. (query, key, logit_scale), all in the
-    accumulation dtype (one rounding to the input dtype happens at the caller).
+def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse, col_lse, weight):
+    """Gradients of Σ_i weight_i · loss_i w.r.t. (query, key, logit_scale), in the accumulation
+    dtype (the caller rounds to the input dtype once).
 
     Per query i the loss is row_lse_i − pos_i (q→k) or ½(row_lse_i + col_lse_{p_i}) − pos_i
     (symmetric), so: row coefficient a_i = α·w_i, column coefficient b_j = Σ_{i: p_i = j} α·w_i
-    (α = ½ if symmetric else 1), and every query's positive logit has weight −w_i."""
+    (α = ½ if symmetric else 1), and the positive logit of query i has weight −w_i (folded into
+    the tiles, see the module docstring).  ``col_lse`` may be any column statistic the caller
+    owns (kernels.distributed passes the all-reduced global one)."""
     acc = row_lse.dtype
     alpha = 0.5 if symmetric else 1.0
-    row_coef = (alpha * weight).to(acc)
+    w = weight.to(acc).contiguous()
+    row_coef = alpha * w
     col_coef = None
     if symmetric:
         col_coef = torch.zeros(key.shape[0], dtype=acc, device=key.device).index_add_(0, positive_index, row_coef)
-    dq, dk, ds = ops.softmax_grads(query, key, scale, row_lse, row_coef, col_lse, col_coef)
-    dq, dk, ds = dq.to(acc), dk.to(acc), ds.to(acc)
-    w = weight.to(acc)
-    # positive logits: d(−s · q_i·k_{p_i})
-    dq.addcmul_(key.index_select(0, positive_index).to(acc), w[:, None], value=-scale)
-    dk.index_add_(0, positive_index, query.to(acc) * w[:, None], alpha=-scale)
-    ds = ds - (w * dots).sum()
-    return dq, dk, ds
+    return tile_grads(query, key, scale, positive_index, ops, row_lse, row_coef, col_lse, col_coef, w)
+
+
+def tile_grads(query, key, scale, positive_index, ops, row_lse, row_coef, col_lse, col_coef, pos_coef):
+    """``ops.softmax_grads`` with every result in the accumulation dtype of ``row_lse``."""
+    acc = row_lse.dtype
+    dq, dk, ds = ops.softmax_grads(query, key, scale, row_lse, row_coef, col_lse, col_coef, positive_index, pos_coef)
+    return dq.to(acc), dk.to(acc), ds.to(acc)
 
 
 def _weights(grad_out, n, reduction, device, dtype):
@@ -177,26 +146,25 @@ def _weights(grad_out, n, reduction, device, dtype):
 
 
 class FusedInfoNCE(torch.autograd.Function):
-    """The whole loss as one Function: forward keeps only the LSE statistics and the positive
-    dot products; backward recomputes the tiles and adds the positive term in the accumulation
-    dtype, so each gradient is rounded to the input dtype exactly once."""
+    """The whole loss as one Function: forward keeps only the LSE statistics; backward recomputes
+    the tiles (positive term included), so each gradient is rounded to the input dtype once."""
 
     @staticmethod
     def forward(ctx, query, key, logit_scale, positive_index, symmetric, reduction, ops):
         scale = float(logit_scale)
-        per_query, row_lse, col_lse, dots = per_query_losses(query, key, scale, positive_index, symmetric, ops)
-        ctx.save_for_backward(query, key, positive_index, row_lse, col_lse if symmetric else row_lse[:0], dots)
+        per_query, row_lse, col_lse, _ = per_query_losses(query, key, scale, positive_index, symmetric, ops)
+        ctx.save_for_backward(query, key, positive_index, row_lse, col_lse if symmetric else row_lse[:0])
         ctx.cfg = (scale, symmetric, reduction, ops, logit_scale.dtype, logit_scale.device)
         out = combine(per_query, None, reduction)
         return out.to(query.dtype) if reduction == "none" else out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, pidx, row_lse, col_lse, dots = ctx.saved_tensors
+        query, key, pidx, row_lse, col_lse = ctx.saved_tensors
         scale, symmetric, reduction, ops, s_dtype, s_device = ctx.cfg
         w = _weights(grad_out, query.shape[0], reduction, query.device, row_lse.dtype)
         dq, dk, ds = loss_grads(query, key, scale, pidx, symmetric, ops, row_lse,
-                                col_lse if symmetric else None, dots, w)
+                                col_lse if symmetric else None, w)
         return dq.to(query.dtype), dk.to(key.dtype), ds.to(device=s_device, dtype=s_dtype), None, None, None, None
 
 
@@ -219,9 +187,9 @@ def infonce_loss_and_grads(query, key, logit_scale, positive_index, symmetric, o
     """
     n = query.shape[0]
     scale = float(logit_scale)
-    per_query, row_lse, col_lse, dots = per_query_losses(query, key, scale, positive_index, symmetric, ops)
+    per_query, row_lse, col_lse, _ = per_query_losses(query, key, scale, positive_index, symmetric, ops)
     w = torch.full((n,), (1.0 if grad_scale is None else float(grad_scale)) / n, dtype=row_lse.dtype,
                    device=query.device)
-    dq, dk, ds = loss_grads(query, key, scale, positive_index, symmetric, ops, row_lse, col_lse, dots, w)
+    dq, dk, ds = loss_grads(query, key, scale, positive_index, symmetric, ops, row_lse, col_lse, w)
     return per_query.mean(), dq.to(query.dtype), dk.to(key.dtype), ds.to(device=logit_scale.device,
                                                                           dtype=logit_scale.dtype)

@@ -75,6 +75,5 @@ class CudaOps(TiledOps):
     def launch_stats(self, q, k, scale, col, cols_per_split, rmax, rsum, pmax, psum):
         self.mod.stats(q, k, rmax, rsum, pmax, psum, col, cols_per_split, scale)
 
-    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, row0, row1, scale, has_col):
-        self.mod.grad_tiles(q, k, g, dsp, rlse, rcoef, clse if has_col else None, ccoef if has_col else None,
-                            row0, row1, scale)
+    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale):
+        self.mod.grad_tiles(q, k, g, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale)

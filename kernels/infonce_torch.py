@@ -44,9 +44,10 @@ class TorchOps:
         with torch.autocast(query.device.type, enabled=False):
             return self._stats(query, key, scale, col)
 
-    def softmax_grads(self, query, key, scale: float, row_lse, row_coef, col_lse=None, col_coef=None):
+    def softmax_grads(self, query, key, scale: float, row_lse, row_coef, col_lse=None, col_coef=None,
+                      pos_index=None, pos_coef=None):
         with torch.autocast(query.device.type, enabled=False):
-            return self._softmax_grads(query, key, scale, row_lse, row_coef, col_lse, col_coef)
+            return self._softmax_grads(query, key, scale, row_lse, row_coef, col_lse, col_coef, pos_index, pos_coef)
 
     def _stats(self, query, key, scale, col):
         q, k = self._prep(query, key)
@@ -69,7 +70,7 @@ class TorchOps:
         col_lse = cmax + torch.log(csum) if col else None
         return row_lse, col_lse
 
-    def _softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse, col_coef):
+    def _softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse, col_coef, pos_index, pos_coef):
         q, k = self._prep(query, key)
         n, m = q.shape[0], k.shape[0]
         step = self.chunk or _chunk_rows(n, m, q.device)
@@ -77,6 +78,8 @@ class TorchOps:
         has_col = col_lse is not None
         if has_col:
             col_lse, col_coef = col_lse.to(q.dtype), col_coef.to(q.dtype)
+        if pos_index is not None:
+            pos_coef = pos_coef.to(q.dtype)
         dq = torch.empty_like(q)
         dk = torch.zeros_like(k)
         ds = torch.zeros((), dtype=q.dtype, device=q.device)
@@ -89,6 +92,9 @@ class TorchOps:
                 pc = torch.mul(dot, scale).sub_(col_lse[None, :]).exp_().mul_(col_coef[None, :])
                 g.add_(pc)
                 del pc
+            if pos_index is not None:  # − pos_coef_i at (i, p_i)
+                local = torch.arange(g.shape[0], device=g.device)
+                g[local, pos_index[r0:r0 + step]] -= pos_coef[r0:r0 + step]
             ds += torch.dot(g.view(-1), dot.view(-1))
             del dot
             torch.mm(g, k, out=dq[r0:r0 + step]).mul_(scale)

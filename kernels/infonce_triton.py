@@ -14,7 +14,9 @@ Backward, ``_grad_tile_kernel`` on row chunks of C rows (C·m ≈ COMA_INFONCE_C
 default 64 Mi elements: 128 MiB in bf16; the host loop is :class:`kernels.tiled.TiledOps`): a 2-D grid over (row block, key tile) recomputes each
 logits tile once and turns it into the softmax-gradient weights
         G_ij = a_i · exp(S_ij − row_lse_i) + b_j · exp(S_ij − col_lse_j)
-(the column term only when symmetric), written in the input dtype to a [C, m] chunk buffer,
+(the column term only when symmetric) minus w_i at the positive (i, p_i) — subtracted in fp32
+before rounding, since there the two terms nearly cancel — written in the input dtype to a
+[C, m] chunk buffer,
 plus Σ G ⊙ (Q Kᵀ) per tile for d logit_scale.  The two products that consume G,
 dQ_chunk = s·G K and dK += s·Gᵀ Q_chunk, are plain GEMMs (cuBLAS via torch.mm, fp32
 accumulation, dK summed across chunks in fp32).  So the backward recomputes S once (not once
@@ -99,10 +101,10 @@ def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, col
 
 
 @triton.jit
-def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, row0, row1, m, D,
+def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0, row1, m, D,
                       stride_q, stride_k, stride_g, scale,
-                      HAS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                      HAS_COL: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,6 +123,10 @@ def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, row0, row1, m, D,
         clse = tl.load(CLSE + cols, mask=cmask, other=0.0)
         ccoef = tl.load(CCOEF + cols, mask=cmask, other=0.0)
         g += ccoef[None, :] * tl.exp(s - clse[None, :])
+    if HAS_POS:  # the positive logit's −w_i, subtracted in fp32 before G is rounded
+        pidx = tl.load(PIDX + rows, mask=rmask, other=-1)
+        pcoef = tl.load(PCOEF + rows, mask=rmask, other=0.0)
+        g -= tl.where(cols[None, :] == pidx[:, None], pcoef[:, None], 0.0)
     tl.store(DSP + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
     tl.store(G + local[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=valid)
 
@@ -187,10 +193,13 @@ class TritonOps(TiledOps):
                                                     cols_per_split, scale, COL=col, BLOCK_M=bm, BLOCK_N=bn,
                                                     BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)
 
-    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, row0, row1, scale, has_col):
+    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale):
         (n, d), m = q.shape, k.shape[0]
         bm, bn, bk, kw = self._config(n, m, d, q.element_size())
+        has_col, has_pos = clse is not None, pidx is not None
         cl, cc = (clse, ccoef) if has_col else (rlse, rcoef)      # pointer slots unused without the term
+        pi, pc = (pidx, pcoef) if has_pos else (rlse, rcoef)
         _grad_tile_kernel[(cdiv(row1 - row0, bm), cdiv(m, bn))](
-            q, k, g, dsp, rlse, rcoef, cl, cc, row0, row1, m, d, q.stride(0), k.stride(0), g.stride(0), scale,
-            HAS_COL=has_col, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)
+            q, k, g, dsp, rlse, rcoef, cl, cc, pi, pc, row0, row1, m, d, q.stride(0), k.stride(0), g.stride(0),
+            scale, HAS_COL=has_col, HAS_POS=has_pos, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=self.upcast,
+            PRECISION=self.precision, **kw)

@@ -13,6 +13,7 @@ A backend supplies two tile kernels; this class turns them into the primitives o
     logits tile once and writes the softmax-gradient weights
         G_ij = a_i · exp(S_ij − row_lse_i) + b_j · exp(S_ij − col_lse_j)
     into a [C, m] buffer (the column term only when symmetric), plus Σ G ⊙ (Q Kᵀ) per tile.
+    (The positive logit's −w_i is subtracted in the same fp32 tile, before G is rounded.)
     Then dQ_chunk = s·G K and dK += s·Gᵀ Q_chunk are GEMMs (cuBLAS through torch.mm, fp32
     accumulation; dK summed across chunks in fp32).  S is recomputed once in backward (not once
     per direction), with no atomics and no D-wide read-modify-write, deterministically.
@@ -77,9 +78,10 @@ class TiledOps(abc.ABC):
         """Grid (⌈n/BLOCK_M⌉, splits); fills rmax/rsum [splits, n] and, if col, pmax/psum [⌈n/BLOCK_M⌉, m]."""
 
     @abc.abstractmethod
-    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, row0, row1, scale, has_col) -> None:
+    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale) -> None:
         """Grid (⌈(row1−row0)/BLOCK_M⌉, ⌈m/BLOCK_N⌉); g [row1−row0, m] (g_dtype) ← G of those rows,
-        dsp [grid size] fp32 ← per-tile Σ G ⊙ (Q Kᵀ); row-major over the grid."""
+        dsp [grid size] fp32 ← per-tile Σ G ⊙ (Q Kᵀ); row-major over the grid.  clse/ccoef and
+        pidx/pcoef are None when the column / positive term is absent."""
 
     # ---- the primitives of kernels.infonce
     def stats(self, query, key, scale: float, col: bool):
@@ -99,20 +101,21 @@ class TiledOps(abc.ABC):
         self.launch_stats(q, k, float(scale), col, cols_per_split, rmax, rsum, pmax, psum)
         return merge_lse(rmax, rsum), (merge_lse(pmax, psum) if col else None)
 
-    def softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse=None, col_coef=None):
+    def softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse=None, col_coef=None,
+                      pos_index=None, pos_coef=None):
         q, k = query.contiguous(), key.contiguous()
         (n, d), m = q.shape, k.shape[0]
         has_col = col_lse is not None
         dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
         dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
-        norm = float(row_coef.abs().max())
-        if has_col:
-            norm = max(norm, float(col_coef.abs().max()))
+        has_pos = pos_index is not None
+        norm = max(float(x.abs().max()) for x in (row_coef, col_coef, pos_coef) if x is not None)
         if norm == 0.0:
             return dq, dk, dq.new_zeros(())
         f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
         rl, rc = f32(row_lse), f32(row_coef / norm)
         cl, cc = (f32(col_lse), f32(col_coef / norm)) if has_col else (None, None)
+        pi, pc = (pos_index.to(torch.int64).contiguous(), f32(pos_coef / norm)) if has_pos else (None, None)
         bm, bn = self.tiles(n, m, d, q.element_size())
         budget = int(os.environ.get("COMA_INFONCE_CHUNK_ELEMS_GPU", DEFAULT_CHUNK_ELEMS))
         chunk = min(cdiv(n, bm) * bm, max(bm, budget // max(m, 1) // bm * bm))
@@ -124,7 +127,7 @@ class TiledOps(abc.ABC):
             r1 = min(n, r0 + chunk)
             dsp = torch.empty(cdiv(r1 - r0, bm) * cdiv(m, bn), dtype=torch.float32, device=q.device)
             g = gbuf[: r1 - r0]
-            self.launch_grad_tiles(q, k, g, dsp, rl, rc, cl, cc, r0, r1, float(scale), has_col)
+            self.launch_grad_tiles(q, k, g, dsp, rl, rc, cl, cc, pi, pc, r0, r1, float(scale))
             ds += dsp.sum()
             torch.mul(mm_f32(g, kg), out_scale, out=dq[r0:r1])
             dk.add_(mm_f32(g.t(), qg[r0:r1]), alpha=out_scale)

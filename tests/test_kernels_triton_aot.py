@@ -22,11 +22,12 @@ ints = lambda *names: {n: "i32" for n in names}
 stats_sig = {"Q": "*bf16", "K": "*bf16", "RMAX": "*fp32", "RSUM": "*fp32", "PMAX": "*fp32", "PSUM": "*fp32",
              **ints("n", "m", "D", "stride_q", "stride_k", "cols_per_split"), "scale": "fp32"}
 grad_sig = {"Q": "*bf16", "K": "*bf16", "G": "*bf16", "DSP": "*fp32", "RLSE": "*fp32", "RCOEF": "*fp32",
-            "CLSE": "*fp32", "CCOEF": "*fp32", **ints("row0", "row1", "m", "D", "stride_q", "stride_k", "stride_g"),
+            "CLSE": "*fp32", "CCOEF": "*fp32", "PIDX": "*i64", "PCOEF": "*fp32", **ints("row0", "row1", "m", "D", "stride_q", "stride_k", "stride_g"),
             "scale": "fp32"}
 out = {}
-for name, fn, sig, flag in (("stats", _stats_kernel, stats_sig, "COL"), ("grad", _grad_tile_kernel, grad_sig, "HAS_COL")):
-    const = {flag: True, **common}
+for name, fn, sig, flags in (("stats", _stats_kernel, stats_sig, ["COL"]),
+                             ("grad", _grad_tile_kernel, grad_sig, ["HAS_COL", "HAS_POS"])):
+    const = {**{f: True for f in flags}, **common}
     sig = {**sig, **{c: "constexpr" for c in const}}
     k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options=kw)

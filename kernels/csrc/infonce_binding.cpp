@@ -16,9 +16,10 @@ cudaError_t coma_infonce_stats(int dtype, const void* Q, const void* K, float* r
                                float* psum, int col, int64_t n, int64_t m, int64_t D, int64_t ldq, int64_t ldk,
                                int64_t cols_per_split, int splits, float scale, cudaStream_t stream);
 cudaError_t coma_infonce_grad_tiles(int dtype, const void* Q, const void* K, void* G, float* dsp, const float* rlse,
-                                    const float* rcoef, const float* clse, const float* ccoef, int has_col,
-                                    int64_t row0, int64_t row1, int64_t m, int64_t D, int64_t ldq, int64_t ldk,
-                                    int64_t ldg, float scale, cudaStream_t stream);
+                                    const float* rcoef, const float* clse, const float* ccoef, const int64_t* pidx,
+                                    const float* pcoef, int has_col, int has_pos, int64_t row0, int64_t row1,
+                                    int64_t m, int64_t D, int64_t ldq, int64_t ldk, int64_t ldg, float scale,
+                                    cudaStream_t stream);
 }
 
 namespace {
@@ -72,11 +73,13 @@ void stats(const at::Tensor& Q, const at::Tensor& K, at::Tensor rmax, at::Tensor
      "stats");
 }
 
-// G [row1 - row0, m] (Q's dtype for fp16/bf16, float32 for float32) <- softmax-gradient weights of
-// rows [row0, row1); dsp [grid] float32 <- per-tile sum of G * (Q Kᵀ).
+// G [row1 - row0, m] (Q's dtype) <- softmax-gradient weights of rows [row0, row1), the optional
+// column (clse, ccoef) and positive (pidx int64, pcoef) terms included; dsp [grid] float32 <-
+// per-tile sum of G * (Q Kᵀ).
 void grad_tiles(const at::Tensor& Q, const at::Tensor& K, at::Tensor G, at::Tensor dsp, const at::Tensor& rlse,
                 const at::Tensor& rcoef, const std::optional<at::Tensor>& clse,
-                const std::optional<at::Tensor>& ccoef, int64_t row0, int64_t row1, double scale) {
+                const std::optional<at::Tensor>& ccoef, const std::optional<at::Tensor>& pidx,
+                const std::optional<at::Tensor>& pcoef, int64_t row0, int64_t row1, double scale) {
   check_pair(Q, K);
   const int64_t n = Q.size(0), m = K.size(0), tile = coma_infonce_tile();
   TORCH_CHECK(0 <= row0 && row0 < row1 && row1 <= n, "infonce cuda: bad row range [", row0, ", ", row1, ")");
@@ -84,12 +87,18 @@ void grad_tiles(const at::Tensor& Q, const at::Tensor& K, at::Tensor G, at::Tens
                   G.scalar_type() == Q.scalar_type(),
               "infonce cuda: G must be a [rows, m] CUDA tensor with contiguous rows and Q's dtype");
   TORCH_CHECK(clse.has_value() == ccoef.has_value(), "infonce cuda: clse and ccoef come together");
-  const bool has_col = clse.has_value();
+  TORCH_CHECK(pidx.has_value() == pcoef.has_value(), "infonce cuda: pidx and pcoef come together");
+  const bool has_col = clse.has_value(), has_pos = pidx.has_value();
+  if (has_pos)
+    TORCH_CHECK(pidx->is_cuda() && pidx->scalar_type() == at::kLong && pidx->is_contiguous() && pidx->numel() >= n,
+                "infonce cuda: pidx must be a contiguous int64 CUDA vector of length ", n);
   const c10::cuda::CUDAGuard guard(Q.device());
   ok(coma_infonce_grad_tiles(dtype_code(Q), Q.data_ptr(), K.data_ptr(), G.data_ptr(),
                              f32(dsp, cdiv(row1 - row0, tile) * cdiv(m, tile), "dsp"), f32(rlse, n, "rlse"),
                              f32(rcoef, n, "rcoef"), has_col ? f32(*clse, m, "clse") : nullptr,
-                             has_col ? f32(*ccoef, m, "ccoef") : nullptr, has_col, row0, row1, m, Q.size(1),
+                             has_col ? f32(*ccoef, m, "ccoef") : nullptr,
+                             has_pos ? pidx->data_ptr<int64_t>() : nullptr, has_pos ? f32(*pcoef, n, "pcoef") : nullptr,
+                             has_col, has_pos, row0, row1, m, Q.size(1),
                              Q.stride(0), K.stride(0), G.stride(0), static_cast<float>(scale),
                              c10::cuda::getCurrentCUDAStream().stream()),
      "grad_tiles");
@@ -103,5 +112,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cols_per_split"), py::arg("scale"));
   m.def("grad_tiles", &grad_tiles, "softmax-gradient weights G of a row chunk", py::arg("Q"), py::arg("K"),
         py::arg("G"), py::arg("dsp"), py::arg("rlse"), py::arg("rcoef"), py::arg("clse"), py::arg("ccoef"),
-        py::arg("row0"), py::arg("row1"), py::arg("scale"));
+        py::arg("pidx"), py::arg("pcoef"), py::arg("row0"), py::arg("row1"), py::arg("scale"));
 }

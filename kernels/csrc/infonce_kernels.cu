@@ -11,7 +11,7 @@
 //                  the split's columns → rmax/rsum [splits, n]; if symmetric, per tile and
 //                  column the (max, sum-exp) over the block's rows → pmax/psum [row blocks, m].
 //   grad tiles:    grid (row blocks of a chunk) × (key tiles).  G_ij = a_i exp(S_ij − lse_i)
-//                  + b_j exp(S_ij − lse'_j) (second term if symmetric) stored to a [C, m]
+//                  + b_j exp(S_ij − lse'_j) (second term if symmetric) − w_i [j = p_i] stored to a [C, m]
 //                  buffer in the input dtype, and Σ_ij G_ij (q_i·k_j) per block (d logit_scale).
 // Every launch recomputes its logits tiles from Q and K; all products accumulate in fp32.
 //
@@ -209,8 +209,9 @@ template <typename T, typename GT>
 __global__ void __launch_bounds__(THREADS)
     grad_tile_kernel(const T* __restrict__ Q, const T* __restrict__ K, GT* __restrict__ G, float* __restrict__ dsp,
                      const float* __restrict__ rlse, const float* __restrict__ rcoef, const float* __restrict__ clse,
-                     const float* __restrict__ ccoef, int has_col, int64_t row0, int64_t row1, int64_t m, int64_t D,
-                     int64_t ldq, int64_t ldk, int64_t ldg, float scale) {
+                     const float* __restrict__ ccoef, const int64_t* __restrict__ pidx,
+                     const float* __restrict__ pcoef, int has_col, int has_pos, int64_t row0, int64_t row1, int64_t m,
+                     int64_t D, int64_t ldq, int64_t ldk, int64_t ldg, float scale) {
   __shared__ __align__(32) float Ss[BM][SLD];
   __shared__ float red[THREADS / 32];
   const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
@@ -224,6 +225,8 @@ __global__ void __launch_bounds__(THREADS)
     const int64_t r = r0 + ty + TY * i;
     if (r >= row1) continue;
     const float rl = rlse[r], rc = rcoef[r];
+    const int64_t pi = has_pos ? pidx[r] : -1;
+    const float pc = has_pos ? pcoef[r] : 0.f;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t c = c0 + tx + TX * j;
@@ -232,6 +235,7 @@ __global__ void __launch_bounds__(THREADS)
       const float s = dot * scale;
       float g = rc * __expf(s - rl);
       if (has_col) g += ccoef[c] * __expf(s - clse[c]);
+      if (c == pi) g -= pc;  // the positive's −w_i, in fp32 before rounding (the terms nearly cancel)
       ds_local = fmaf(g, dot, ds_local);
       G[(r - row0) * ldg + c] = from_float<GT>(g);
     }
@@ -250,12 +254,14 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T, typename GT>
 cudaError_t launch_grad(const void* Q, const void* K, void* G, float* dsp, const float* rlse, const float* rcoef,
-                        const float* clse, const float* ccoef, int has_col, int64_t row0, int64_t row1, int64_t m,
-                        int64_t D, int64_t ldq, int64_t ldk, int64_t ldg, float scale, cudaStream_t stream) {
+                        const float* clse, const float* ccoef, const int64_t* pidx, const float* pcoef, int has_col,
+                        int has_pos, int64_t row0, int64_t row1, int64_t m, int64_t D, int64_t ldq, int64_t ldk,
+                        int64_t ldg, float scale, cudaStream_t stream) {
   const dim3 grid((unsigned)cdiv(row1 - row0, BM), (unsigned)cdiv(m, BN));
   grad_tile_kernel<T, GT><<<grid, THREADS, 0, stream>>>(static_cast<const T*>(Q), static_cast<const T*>(K),
-                                                        static_cast<GT*>(G), dsp, rlse, rcoef, clse, ccoef, has_col,
-                                                        row0, row1, m, D, ldq, ldk, ldg, scale);
+                                                        static_cast<GT*>(G), dsp, rlse, rcoef, clse, ccoef, pidx,
+                                                        pcoef, has_col, has_pos, row0, row1, m, D, ldq, ldk, ldg,
+                                                        scale);
   return cudaGetLastError();
 }
 
@@ -292,14 +298,15 @@ extern "C" cudaError_t coma_infonce_stats(int dtype, const void* Q, const void* 
 // G has the input dtype for fp16/bf16 (tensor-core GEMM operand) and float32 for float32.
 extern "C" cudaError_t coma_infonce_grad_tiles(int dtype, const void* Q, const void* K, void* G, float* dsp,
                                                const float* rlse, const float* rcoef, const float* clse,
-                                               const float* ccoef, int has_col, int64_t row0, int64_t row1,
-                                               int64_t m, int64_t D, int64_t ldq, int64_t ldk, int64_t ldg,
-                                               float scale, cudaStream_t stream) {
+                                               const float* ccoef, const int64_t* pidx, const float* pcoef,
+                                               int has_col, int has_pos, int64_t row0, int64_t row1, int64_t m,
+                                               int64_t D, int64_t ldq, int64_t ldk, int64_t ldg, float scale,
+                                               cudaStream_t stream) {
   if (row1 <= row0 || m <= 0) return cudaSuccess;
   switch (dtype) {
-    case 0: return launch_grad<float, float>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, has_col, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
-    case 1: return launch_grad<__half, __half>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, has_col, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
-    case 2: return launch_grad<__nv_bfloat16, __nv_bfloat16>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, has_col, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
+    case 0: return launch_grad<float, float>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, has_col, has_pos, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
+    case 1: return launch_grad<__half, __half>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, has_col, has_pos, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
+    case 2: return launch_grad<__nv_bfloat16, __nv_bfloat16>(Q, K, G, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, has_col, has_pos, row0, row1, m, D, ldq, ldk, ldg, scale, stream);
     default: return cudaErrorInvalidValue;
   }
 }
