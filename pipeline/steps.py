@@ -145,7 +145,8 @@ class StepRunner:
         #    positives (row i = query i's) then all hard negatives, which gathered_infonce expects.
         Q = torch.cat(qs).detach().requires_grad_(True)
         K = torch.cat(pos + negs).detach().requires_grad_(True)
-        S = scale.detach().requires_grad_(scale.requires_grad)
+        # (scale came out of a no-grad forward: whether it trains is the config's call)
+        S = scale.detach().requires_grad_(bool(self.cfg.loss.learnable_scale))
         with torch.enable_grad():
             loss = self._inject(self._loss(Q, K, S), state)
         bad = dist.any_true(not math.isfinite(float(loss.detach())))

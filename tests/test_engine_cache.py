@@ -3,7 +3,7 @@
 1. parameters are partitioned at construction (``p.numel() == 0``, ``p.ds_numel`` > 0);
 2. the embedding-cache step (chunks of 2, one coalesced reduction) gives the same gradients and
    the same parameter update as the per-rank batch of 4 in one forward, from the same init on
-   the same samples (hard negatives included).  Tolerance: fp32, |Δ| ≤ 1e-5 + 1e-4·|ref| on
+   the same samples (hard negatives included, symmetric loss, learnable logit scale).  Tolerance: fp32, |Δ| ≤ 1e-5 + 1e-4·|ref| on
    gradients, 1e-6 absolute on the updated weights (lr 1e-3);
 3. a rank whose whole batch is text-only (no image anywhere) while the other rank has images
    completes the step: the dummy-vision guard keeps the ZeRO-3 collectives aligned;
@@ -34,7 +34,7 @@ def test_embedding_cache_equivalence_and_guards(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["partitioned"], res
-    assert res["init_equal"]
+    assert res["init_equal"] and res["scale_trained"]
     assert res["grad_max_err"] <= 1e-5 + 1e-4 * res["grad_max_ref"], res
     assert res["grad_max_ref"] > 1e-4  # the step did produce gradients
     assert res["update_max_err"] <= 1e-6 and res["update_max_ref"] > 1e-5, res
@@ -125,7 +125,8 @@ def worker(out_dir: Path) -> None:
               "--model.gradient_checkpointing=false", "--model.lora.r=4", "--model.lora.alpha=8",
               "--model.lora.dropout=0.0", "--train.stage=2", "--train.global_batch_size=8",
               f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json", "--optim.lr=1e-3",
-              "--optim.warmup_ratio=0", "--optim.schedule=constant", "--optim.grad_clip=1e6"]
+              "--optim.warmup_ratio=0", "--optim.schedule=constant", "--optim.grad_clip=1e6",
+              "--loss.learnable_scale=true", "--loss.symmetric=true"]
     res = {}
     samples = _samples(env.rank, 4)
 
@@ -165,6 +166,8 @@ def worker(out_dir: Path) -> None:
     b.engine.step = orig_step
     assert out["applied"]
     after_b = _trainable(b.model)
+    res["scale_trained"] = "log_logit_scale" in grads_a and float(grads_a["log_logit_scale"].abs().max()) > 0
+    res["grad_err_by_param"] = {n: float((grads_a[n] - captured[n]).abs().max()) for n in grads_a}
     res["grad_max_err"] = max(float((grads_a[n] - captured[n]).abs().max()) for n in grads_a)
     res["grad_max_ref"] = max(float(grads_a[n].abs().max()) for n in grads_a)
     res["update_max_err"] = max(float((after_a[n] - after_b[n]).abs().max()) for n in after_a)
