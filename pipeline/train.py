@@ -235,9 +235,21 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
             loop.save()
         export_dir = export_engine(built, run_dir / "export")
         log.info("done: %d steps, %d skipped; export in %s", state.step, state.skipped_steps, export_dir)
+        if env.rank == 0:
+            _plot_losses(run_dir)
     finally:
         metrics.close()
     return run_dir
+
+
+def _plot_losses(run_dir: Path) -> None:
+    """run_dir/loss.png from metrics.jsonl (pipeline/plots.py); a chart must never fail a finished run."""
+    try:
+        from pipeline.plots import plot_run
+
+        log.info("loss chart: %s", plot_run(str(run_dir)))
+    except Exception as e:  # matplotlib missing or a broken metrics line: the run itself is done
+        log.warning("loss chart not written: %s", e)
 
 
 def _device_label() -> str:
