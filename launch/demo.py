@@ -169,7 +169,7 @@ def train_stage(stage: int, init: str, shards: str, run_dir: Path, steps: int, w
     if rc != 0 or not (export / "coma.json").exists():
         print("\n".join(["    " + t for t in tail]), file=sys.stderr)
         raise SystemExit(f"stage {stage} ({name}) failed with exit status {rc}; full log: {log_path}")
-    return export
+    return export  # the trainer also wrote run_dir/loss.png
 
 
 def export_untrained(model_dir: str, out: Path) -> Path:
