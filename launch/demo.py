@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -153,7 +154,7 @@ def train_stage(stage: int, init: str, shards: str, run_dir: Path, steps: int, w
         stage, init, shards, run_dir, steps, extra)
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     log_path = run_dir.parent / f"{name}.log"
-    shown = " ".join(cmd[cmd.index(str(REPO / f"launch/stage{stage}.py")):]).replace(str(REPO) + "/", "")
+    shown = shlex.join(cmd[cmd.index(str(REPO / f"launch/stage{stage}.py")):]).replace(str(REPO) + "/", "")
     print(f"    $ DS_ACCELERATOR=cpu deepspeed --num_gpus {world_size} {shown}\n    (full log: {log_path})", flush=True)
     tail: list[str] = []
     with open(log_path, "w", encoding="utf-8") as log:
