@@ -256,7 +256,7 @@ def run_demo(args) -> int:
             f"{', '.join(f'{c:.0f}' for c in sorted(set(cands.values())))} candidates per query (chance {chance:.1f}%)")
     table = results_table(results, note)
     charts = [plot_precision_per_task(results, str(run / "precision_at_1.png"),
-                                      title="Precision@1 on held-out digits"),
+                                      title="Precision@1 on held-out digits", chance=chance / 100),
               plot_loss_curves({"stage 1": str(run / "stage1"), "stage 2 after stage 1": str(run / "stage2_after_stage1"),
                                 "stage 2 only": str(run / "stage2_only")}, str(run / "loss.png"))]
     write_json(str(run / "results.json"), {

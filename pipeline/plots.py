@@ -105,11 +105,12 @@ def plot_loss_curves(stages: Mapping[str, str], out_png: str) -> str:
 
 
 def plot_precision_per_task(results: Mapping[str, dict], out_png: str, metric: str = "precision@1",
-                            title: Optional[str] = None) -> str:
+                            title: Optional[str] = None, chance: Optional[float] = None) -> str:
     """Grouped bars of ``metric`` (percent) per task, one bar per model.
 
     ``results``: model label → the dict returned by :func:`pipeline.evaluate.evaluate` (or any
     ``{"tasks": {task: {metric: fraction}}}``); the overall mean is drawn as the last group.
+    ``chance`` (a fraction) draws the random-guess level as a dashed line.
     """
     plt = _pyplot()
     if not results:
@@ -127,6 +128,8 @@ def plot_precision_per_task(results: Mapping[str, dict], out_png: str, metric: s
         xs = [i + (j - (n - 1) / 2) * width for i in range(len(groups))]
         bars = ax.bar(xs, vals, width=width, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({100 * chance:.0f}%)")
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 105)

@@ -40,7 +40,7 @@ def test_pngs_are_written(tmp_path):
                             str(tmp_path / "out" / "loss.png"))
     res = {"tasks": {"t2i": {"precision@1": 0.5}, "cls": {"precision@1": 0.9}}, "overall": {"precision@1": 0.7}}
     other = {"tasks": {"t2i": {"precision@1": 0.1}}, "overall": {"precision@1": 0.1}}
-    bars = plot_precision_per_task({"trained": res, "untrained": other}, str(tmp_path / "p1.png"))
+    bars = plot_precision_per_task({"trained": res, "untrained": other}, str(tmp_path / "p1.png"), chance=0.1)
     for p in (png, both, bars):
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size[0] > 300
