@@ -184,9 +184,9 @@ def export_untrained(model_dir: str, out: Path) -> Path:
     return export_model(model, out)
 
 
-def evaluate_models(models: dict[str, Path], eval_shards: str, max_samples: Optional[int], run: Path) -> dict:
+def evaluate_models(models: dict[str, Path], eval_shards: str, max_samples: Optional[int]) -> dict:
     """P@1 etc. of every model on the same held-out samples (pipeline/evaluate.py)."""
-    from pipeline.evaluate import evaluate, format_table, load_encoder, read_mmeb_shards, write_json
+    from pipeline.evaluate import evaluate, load_encoder, read_mmeb_shards, write_json
 
     samples = read_mmeb_shards(eval_shards, max_samples=max_samples)
     print(f"    {len(samples)} held-out queries: " + ", ".join(
@@ -244,7 +244,7 @@ def run_demo(args) -> int:
         untrained = export_untrained(args.model_dir, run / "untrained" / "export")
         models = {"untrained": untrained, f"stage 2 only ({args.stage2_steps} steps)": s2,
                   f"stage 1 + stage 2 ({args.stage1_steps} + {args.stage2_steps} steps)": s12}
-        results = evaluate_models(models, src["eval"]["shards"], args.eval_samples, run)
+        results = evaluate_models(models, src["eval"]["shards"], args.eval_samples)
 
     from pipeline.evaluate import write_json
     from pipeline.plots import plot_loss_curves, plot_precision_per_task

@@ -11,7 +11,6 @@ Recall@1/5/10 and MRR; ``--plot`` also writes ``precision_at_1.png`` beside ``--
 ``--model`` is a run's ``export/`` folder, that run's ``loss.png``.  See pipeline/evaluate.py.
 """
 import argparse
-import json
 import os
 import sys
 
