@@ -15,10 +15,12 @@ Per invocation, on one DeepSpeed engine:
   the metrics window reduced over ranks and logged every ``train.log_every`` steps (console,
   metrics.jsonl, TensorBoard into a temporary directory).  Checkpoint saves are not in the
   timed steps (they are periodic I/O, measured separately by their own log lines).
-* **bare**: the same engine and step function (``StepRunner``) on batches collated in advance,
-  no loader, no logging, no hooks.
+* **loop in memory**: the same ``Loop`` over batches collated in advance (no loader): the
+  loop's own bookkeeping without data loading;
+* **bare**: the same engine and step function (``StepRunner``) on those batches, no loader, no
+  logging, no hooks.
 
-Blocks of ``--steps`` pipeline steps and ``--steps`` bare steps alternate ``--rounds`` times
+Blocks of ``--steps`` steps of each alternate ``--rounds`` times
 after ``--warmup`` steps of each, so drift on a shared machine hits both; the reported step
 time is the median over blocks of the block means (max over ranks: the slowest rank sets the
 pace).  Targets: pipeline ≤ 1.05 × bare, data wait ≤ 5 % of the step.
@@ -179,6 +181,28 @@ def main(argv: list) -> int:
     bare_batches = [next(it) for _ in range(min(steps, 8))]
     tok_per_step, seqs, _ = _count_tokens(bare_batches[0])
 
+    class _InMemory:
+        """The same pre-collated batches behind the Loop's source protocol: the pipeline without
+        its loader, so the loop's own bookkeeping (counting, logging, metric reduction) is
+        measured apart from data loading."""
+        steps_per_epoch, skipped_samples = 10**9, 0
+
+        def __iter__(self):
+            i = 0
+            while True:
+                yield bare_batches[i % len(bare_batches)]
+                i += 1
+
+        def state_dict(self):
+            return {}
+
+    mem_loop = Loop(cfg, built, _InMemory(), Metrics(tmp + "/mem", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard),
+                    None, total, TrainState())
+
+    def mem_block(n):
+        for _ in range(n):
+            mem_loop.step()
+
     def bare_block(n):
         for i in range(n):
             parts = bare_batches[i % len(bare_batches)]
@@ -196,19 +220,22 @@ def main(argv: list) -> int:
         return (time.perf_counter() - t0) / n
 
     pipe_block(warmup)
+    mem_block(warmup)
     bare_block(warmup)
     # One metrics window per timed block: the loop logs (and reduces over ranks) at its end.
     cfg.train.log_every = steps
-    loop.state.step = 0
-    pipe_t, bare_t, logged = [], [], []
+    loop.state.step = mem_loop.state.step = 0
+    pipe_t, mem_t, bare_t, logged = [], [], [], []
     for _ in range(rounds):
         loop.window = type(loop.window)()
         pipe_t.append(timed(pipe_block, steps))
         if getattr(loop, "last_logged", None):
             logged.append(loop.last_logged)
+        mem_loop.window = type(mem_loop.window)()
+        mem_t.append(timed(mem_block, steps))
         bare_t.append(timed(bare_block, steps))
-    pipe_s, bare_s = statistics.median(pipe_t), statistics.median(bare_t)
-    red = dist.all_reduce_dict({"pipe": pipe_s, "bare": bare_s}, "max")
+    red = dist.all_reduce_dict({"pipe": statistics.median(pipe_t), "mem": statistics.median(mem_t),
+                                "bare": statistics.median(bare_t)}, "max")
     last = logged[-1] if logged else {}
     metrics.close()
 
@@ -231,7 +258,9 @@ def main(argv: list) -> int:
             "accumulation": plan.accumulation, "cache_chunk": plan.cache_chunk,
             "mean_seq_len": sum(seqs) / max(len(seqs), 1), "tokens_per_step_per_rank": tok_per_step,
             "warmup": warmup, "steps": steps, "rounds": rounds,
-            "pipeline_step_s": red["pipe"], "bare_step_s": red["bare"], "overhead_ratio": red["pipe"] / red["bare"],
+            "pipeline_step_s": red["pipe"], "loop_in_memory_step_s": red["mem"], "bare_step_s": red["bare"],
+            "overhead_ratio": red["pipe"] / red["bare"], "loop_overhead_ratio": red["mem"] / red["bare"],
+            "load_average": os.getloadavg()[0],
             "samples_per_s_per_gpu": last.get("throughput/samples_per_s_per_gpu"),
             "tokens_per_s_per_gpu": last.get("throughput/tokens_per_s_per_gpu"),
             "tflops_per_gpu": last.get("throughput/tflops_per_gpu"), "mfu": last.get("throughput/mfu"),
@@ -246,7 +275,8 @@ def main(argv: list) -> int:
         print("\n| metric | value |\n|---|---|")
         for k, f in [("device", "{}"), ("world_size", "{}"), ("zero_stage", "{}"), ("stage", "{}"),
                      ("global_batch", "{}"), ("mean_seq_len", "{:.1f}"), ("bare_step_s", "{:.4f}"),
-                     ("pipeline_step_s", "{:.4f}"), ("overhead_ratio", "{:.3f}"), ("data_wait_share", "{:.2%}"),
+                     ("pipeline_step_s", "{:.4f}"), ("loop_in_memory_step_s", "{:.4f}"), ("overhead_ratio", "{:.3f}"),
+                     ("loop_overhead_ratio", "{:.3f}"), ("data_wait_share", "{:.2%}"), ("load_average", "{:.1f}"),
                      ("samples_per_s_per_gpu", "{:.2f}"), ("tokens_per_s_per_gpu", "{:.0f}"),
                      ("tflops_per_gpu", "{:.4g}"), ("mfu", "{:.2%}"), ("peak_memory_gib", "{:.2f}")]:
             print(f"| {k} | {fmt(row[k], f)} |")
