@@ -414,7 +414,9 @@ def make_loader(cfg: Config, plan, env) -> LoaderSource:
     kind = cfg.data.kind
     mode = "stage1" if cfg.train.stage == 1 else "contrastive"
     try:
-        collator = Collator(proc, m, kind=kind, mode=mode)
+        # loss.hard_negatives=false: in-batch negatives only (the samples' hard negatives dropped)
+        collator = Collator(proc, m, kind=kind, mode=mode,
+                            max_negatives=None if cfg.loss.hard_negatives else 0)
     except ValueError as e:
         raise ConfigError(f"data.kind={kind} with train.stage={cfg.train.stage}: {e}") from None
     return LoaderSource(cfg, plan, env, collator)
