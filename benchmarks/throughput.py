@@ -6,6 +6,9 @@
         --model.init=runs/stage1_tiny/export
     # GPU node, real shards, 3B
     deepspeed benchmarks/throughput.py --config launch/configs/stage1_qwen2_5_vl_3b.yaml --data real --steps 20
+    # GPU node, no weights: random-init Qwen2.5-VL-3B shapes, synthetic 448 px images (256 visual tokens)
+    deepspeed benchmarks/throughput.py --config launch/configs/stage1_qwen2_5_vl_3b.yaml --random-init qwen2_5_vl_3b \
+        --image-size 448 --model.max_pixels=200704
 
 Per invocation, on one DeepSpeed engine:
 
@@ -112,6 +115,65 @@ class _SyntheticStream(torch.utils.data.IterableDataset):
             step += nw
 
 
+# ------------------------------------------------------------------------- random-init shapes
+# Qwen2.5-VL shapes for an MFU run when no weights are at hand (``--random-init``); "small" runs
+# the same path on a CPU in seconds.  Text and vision fields as in the released config.json files.
+_VISION_25 = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31])
+SHAPES = {
+    "qwen2_5_vl_3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
+                          mrope=[16, 24, 24], vision=dict(_VISION_25, out_hidden_size=2048), tie=True),
+    "qwen2_5_vl_7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+                          mrope=[16, 24, 24], vision=dict(_VISION_25, out_hidden_size=3584), tie=False),
+    "small": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=1024),
+                  mrope=[4, 6, 6], vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                               window_size=112, fullatt_block_indexes=[1], out_hidden_size=128),
+                  tie=False),
+}
+
+
+def random_init_model(shape: str, out_dir: Path) -> Path:
+    """A Hugging Face directory with a ``shape``-sized Qwen2.5-VL of random bf16 weights, the
+    tiny model's tokenizer and PIL image processor (token ids stay below the vocabulary).
+    Reused when it exists."""
+    import shutil
+
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    from pipeline.tiny import make_tiny_model
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    spec = SHAPES[shape]
+    base = make_tiny_model(out_dir.parent / f".{out_dir.name}-base", family="qwen2_5_vl")
+    cfg = AutoConfig.from_pretrained(base)
+    t, v = cfg.text_config, cfg.vision_config
+    for k, val in spec["text"].items():
+        setattr(t, k, val)
+    t.layer_types = ["full_attention"] * t.num_hidden_layers
+    t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": spec["mrope"]}
+    for k, val in spec["vision"].items():
+        setattr(v, k, val)
+    cfg.tie_word_embeddings = t.tie_word_embeddings = spec["tie"]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 7B fp32 copy would need 30 GB of RAM
+    try:
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    tmp = out_dir.parent / f".{out_dir.name}-tmp"
+    model.save_pretrained(tmp)
+    for f in base.iterdir():
+        if f.name not in ("config.json", "model.safetensors", "generation_config.json") and f.is_file():
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out_dir)
+    shutil.rmtree(base, ignore_errors=True)
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------ helpers
 def _git_sha() -> str:
     try:
@@ -149,6 +211,11 @@ def main(argv: list) -> int:
     data = _pop_flag(argv, "--data", "synthetic")
     image_size = _pop_flag(argv, "--image-size", 56, int)
     out_path = Path(_pop_flag(argv, "--out", str(REPO / "benchmarks/results/throughput.jsonl")))
+    shape = _pop_flag(argv, "--random-init", None)
+    shape_dir = _pop_flag(argv, "--random-init-dir", None)
+    if shape is not None and shape not in SHAPES:
+        print(f"--random-init must be one of {sorted(SHAPES)}", file=sys.stderr)
+        return 2
     if data not in ("synthetic", "real"):
         print("--data must be synthetic or real", file=sys.stderr)
         return 2
@@ -161,6 +228,12 @@ def main(argv: list) -> int:
 
     env = dist.init(cfg.train.dist_timeout_s)
     setup_logging(None, env.rank)
+    if shape is not None:
+        where = Path(shape_dir or Path(tempfile.gettempdir()) / f"coma-{shape}")
+        if env.rank == 0:
+            random_init_model(shape, where)
+        dist.barrier()
+        cfg.model.init = str(where)
     seed_all(cfg.train.seed)
     plan = plan_batches(cfg, env.world_size)
     built = build(cfg, env.world_size, total)
