@@ -288,8 +288,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
     ap.add_argument("--run-root", default="runs", help="a new demo-YYYYMMDD-HHMMSS folder is made here")
     ap.add_argument("--world-size", type=int, default=2, help="CPU ranks per training run")
-    ap.add_argument("--stage1-steps", type=int, default=30)
-    ap.add_argument("--stage2-steps", type=int, default=30, help="the same for both stage-2 runs")
+    ap.add_argument("--stage1-steps", type=int, default=60)
+    ap.add_argument("--stage2-steps", type=int, default=60, help="the same for both stage-2 runs")
     ap.add_argument("--eval-samples", type=int, default=None, help="first N held-out queries (default: all)")
     ap.add_argument("--override", action="append", metavar="--a.b=VALUE",
                     help="extra config override for every training run (repeatable), e.g. --override=--optim.lr=1e-3")
