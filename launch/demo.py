@@ -1,7 +1,7 @@
 """The embedded demo: the whole CoMa pipeline at toy scale on CPU, and the paper's claim in miniature.
 
     make demo                                    # = DS_ACCELERATOR=cpu .venv/bin/python launch/demo.py
-    DS_ACCELERATOR=cpu python launch/demo.py --stage1-steps 60 --stage2-steps 60
+    DS_ACCELERATOR=cpu python launch/demo.py --stage1-steps 200 --stage2-steps 200
     python launch/demo.py --data-only            # only build the bundled dataset and read it back
 
 Steps (1 and 2 are reused when already done, so a rerun costs only training and evaluation):
