@@ -218,3 +218,14 @@ def test_first_part_matches_makefile():
     assert "make demo" in first and "make test" in first
     assert f"pip install {torch_pin}" in first, f"README's install must pin {torch_pin} like the Makefile"
     assert 'pip install -e ".[dev]"' in first and 'pip install -e ".[dev]"' in make.replace("$(PY) -m pip", "pip")
+
+
+def test_reproducing_section_is_folded_in():
+    """docs/reproducing.md (the converters' owner writes it) appears in the README verbatim, one
+    heading level down, so the two never disagree."""
+    doc = REPO / "docs" / "reproducing.md"
+    if not doc.exists():
+        pytest.skip("no docs/reproducing.md")
+    body = doc.read_text(encoding="utf-8").rstrip().replace("\n### ", "\n#### ")
+    body = body.replace("## Reproducing the paper", "### Reproducing the paper's data", 1)
+    assert body in README, "README's 'Reproducing the paper's data' differs from docs/reproducing.md: re-fold it"
