@@ -35,7 +35,14 @@ def main(argv=None) -> int:
     from pipeline.evaluate import load_encoder
     from pipeline.mmeb import MMEBDataError, format_summary, run_mmeb
 
-    encode = load_encoder(args.model, device=args.device)
+    if not os.path.isdir(args.mmeb_root):
+        print(f"error: --mmeb-root {args.mmeb_root} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        encode = load_encoder(args.model, device=args.device, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: --model: {e}", file=sys.stderr)
+        return 2
     try:
         summary = run_mmeb(encode, args.mmeb_root, args.out, datasets=args.datasets, image_root=args.image_root,
                            batch_size=args.batch_size, max_rows=args.max_rows, overwrite=args.overwrite)

@@ -37,7 +37,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    encode = load_encoder(args.model, device=args.device)
+    try:
+        encode = load_encoder(args.model, device=args.device, batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: --model: {e}", file=sys.stderr)
+        return 2
     results = evaluate(samples, encode, batch_size=args.batch_size, ties=args.ties)
     results.update({"model": os.path.abspath(args.model), "data": args.data})
     write_json(args.out, results)

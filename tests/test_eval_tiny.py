@@ -105,3 +105,4 @@ def test_eval_mmeb_cli_with_tiny_model(export_dir, tmp_path):
     assert summary["aggregate"]["overall"] == summary["datasets"]["ImageNet-1K"]["precision@1"]
     assert len((out / "ImageNet-1K_pred.jsonl").read_text().splitlines()) == 4
     assert cli.main(["--model", export_dir, "--mmeb-root", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert cli.main(["--model", str(tmp_path), "--mmeb-root", str(root), "--out", str(out)]) == 2  # not an export
