@@ -186,7 +186,8 @@ def export_untrained(model_dir: str, out: Path) -> Path:
 
 def evaluate_models(models: dict[str, Path], eval_shards: str, max_samples: Optional[int]) -> dict:
     """P@1 etc. of every model on the same held-out samples (pipeline/evaluate.py)."""
-    from pipeline.evaluate import evaluate, load_encoder, read_mmeb_shards, write_json
+    from pipeline.evaluate import evaluate, load_encoder, read_mmeb_shards
+    from pipeline.fileio import atomic_write_json as write_json
 
     samples = read_mmeb_shards(eval_shards, max_samples=max_samples)
     print(f"    {len(samples)} held-out queries: " + ", ".join(
@@ -246,7 +247,7 @@ def run_demo(args) -> int:
                   f"stage 1 + stage 2 ({args.stage1_steps} + {args.stage2_steps} steps)": s12}
         results = evaluate_models(models, src["eval"]["shards"], args.eval_samples)
 
-    from pipeline.evaluate import write_json
+    from pipeline.fileio import atomic_write_json as write_json
     from pipeline.plots import plot_loss_curves, plot_precision_per_task
 
     n_cand = next(iter(results.values()))["overall"]

@@ -30,7 +30,8 @@ def main(argv=None) -> int:
                     help="a tie with the positive counts as a miss (default) or, as MMEB's argmax, as a hit")
     args = ap.parse_args(argv)
 
-    from pipeline.evaluate import evaluate, format_table, load_encoder, read_mmeb_shards, write_json
+    from pipeline.evaluate import evaluate, format_table, load_encoder, read_mmeb_shards
+    from pipeline.fileio import atomic_write_json as write_json
 
     try:
         samples = read_mmeb_shards(args.data, max_samples=args.max_samples)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import dist
+from pipeline.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,6 @@ MARKER = "COMPLETE"
 
 def tag_for(step: int) -> str:
     return f"step-{step}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -149,11 +141,11 @@ class CheckpointManager:
         torch.save(rank_state, tmp)
         os.replace(tmp, path / f"rank{rank}.pt")
         if rank == 0:
-            _atomic_write_text(path / "config.yaml", config_yaml)
+            atomic_write_text(path / "config.yaml", config_yaml, fsync=True)
         dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
         if rank == 0:
-            _atomic_write_text(path / MARKER, f"{step}\n")
-            _atomic_write_text(self.root / "latest", tag + "\n")
+            atomic_write_text(path / MARKER, f"{step}\n", fsync=True)
+            atomic_write_text(self.root / "latest", tag + "\n", fsync=True)
             self._prune(keep=path)
         dist.barrier()
         return path

@@ -291,7 +291,6 @@ def to_yaml(cfg: Any) -> str:
 
 def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Atomic write of the resolved config."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    from pipeline.fileio import atomic_write_text
+
+    atomic_write_text(path, to_yaml(cfg))

@@ -30,7 +30,6 @@ Identical inputs (same text, same image pixels) are embedded once, whichever sid
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections import defaultdict
@@ -314,15 +313,6 @@ def load_encoder(model_dir: str, device: Optional[str] = None, batch_size: int =
         return emb.encode(items, batch_size=batch_size)
 
     return encode
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic JSON write (a killed job never leaves a truncated scores file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- display

@@ -20,8 +20,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -29,6 +27,7 @@ import torch
 
 from pipeline.collate import Collator, to_device
 from pipeline.config import LoraConfig, ModelConfig
+from pipeline.fileio import atomic_directory
 from pipeline.model import DTYPES, CoMaModel, load_model
 
 META_FILE = "coma.json"
@@ -133,17 +132,10 @@ def export_model(model: CoMaModel, out_dir: str | os.PathLike, state_dict: Optio
         "dtype": str(next(hf.parameters()).dtype).replace("torch.", ""),
         "source": model.cfg.init,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         hf.save_pretrained(tmp)
         model.processor.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
+
+from pipeline.fileio import atomic_directory
 
 # Qwen's special tokens, in Qwen's order (ids here are small; the strings are what matter).
 QWEN_SPECIAL_TOKENS = [
@@ -145,18 +145,10 @@ def make_tiny_model(out_dir: str | os.PathLike, family: Literal["qwen2_vl", "qwe
     improc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
                                       patch_size=14, merge_size=2, temporal_patch_size=2)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         improc.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
         (tmp / "tiny_model.json").write_text(json.dumps({"family": family, "seed": seed}), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
