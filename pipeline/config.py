@@ -68,7 +68,6 @@ class DataSource:
 class DataConfig:
     kind: Literal["pair", "qa", "mmeb"] = "qa"
     sources: list[DataSource] = field(default_factory=list)
-    eval_shards: Optional[str] = None
     workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = False         # infinite resampled stream instead of exact epochs
