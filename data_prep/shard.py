@@ -53,6 +53,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
@@ -371,22 +372,33 @@ def _run_tasks(tasks: list[ShardTask], settings: Settings, workers: int, bar) ->
     # fork where available: workers inherit the parsed rows' module state and start at once.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     queue = ctx.Queue()
+    stop = threading.Event()
 
-    def drain():
-        for n in iter(queue.get, None):
-            bar.update(n)
+    # Progress ticks travel worker → main over `queue`.  The main process only ever reads it:
+    # a main-side put would start a feeder thread that the interpreter joins at exit, and that
+    # join hangs forever if a worker was terminated while holding the queue's write lock.
+    def drain():  # until told to stop *and* nothing is left to read
+        while True:
+            try:
+                bar.update(queue.get(timeout=0.05))
+            except Empty:
+                if stop.is_set():
+                    return
 
-    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(settings, queue)) as pool:
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
-        try:
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(settings, queue)) as pool:
             # Ordered: with --strict the error surfacing first is that of the earliest shard.
             for _ in pool.imap(write_shard, tasks):
                 pass
-        finally:
-            pool.terminate()
-            queue.put(None)
-            reader.join(timeout=5)
+            # Normal end: let workers exit on their own so their queued ticks are flushed;
+            # on an exception the with-block terminates them instead.
+            pool.close()
+            pool.join()
+    finally:
+        stop.set()
+        reader.join(timeout=5)  # daemon: a reader stuck on a half-written tick never blocks exit
 
 
 # ------------------------------------------------------------------------------------ output

@@ -291,3 +291,20 @@ def test_long_member_names_round_trip(tmp_path):
     import webdataset as wds
 
     assert [s["__key__"] for s in wds.WebDataset(str(tmp_path / "t.tar"), shardshuffle=False)] == [key, "short"]
+
+
+def test_parallel_runs_exit_cleanly_as_a_command(tmp_path):
+    """Regression: the pool used to be terminated while workers still flushed progress ticks; a
+    worker killed holding the queue's write lock made the main process hang at interpreter exit
+    (seen as a CI run that printed its summary and never returned)."""
+    manifest = dataset(tmp_path, "pair", 12)
+    bad = write_jsonl(tmp_path / "bad.jsonl", records("pair", [f"img{i:03d}.png" for i in range(11)]) +
+                      [{"image": "images/missing.png", "text": "x"}])
+    cmd = [sys.executable, str(REPO / "data_prep" / "shard.py"), "--workers", "2", "--samples-per-shard", "1"]
+    for i in range(3):
+        ok = subprocess.run(cmd + ["--input", str(manifest), "--output", str(tmp_path / f"ok{i}")],
+                            capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        strict = subprocess.run(cmd + ["--input", str(bad), "--output", str(tmp_path / f"strict{i}"), "--strict"],
+                                capture_output=True, text=True, timeout=120)
+        assert strict.returncode == 1 and "missing_image" in strict.stderr, strict.stderr
