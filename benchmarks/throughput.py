@@ -50,9 +50,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from pipeline.train import BatchSource  # noqa: E402
+
 
 # ------------------------------------------------------------------------------ synthetic data
-class SyntheticSource:
+class SyntheticSource(BatchSource):
     """Random images and templated text in pipeline/data.py's decoded-sample format, collated
     by the model's collator in DataLoader workers; yields one step's list of parts."""
 
@@ -67,8 +69,6 @@ class SyntheticSource:
         self.collator = Collator(processor, cfg.model, kind=kind)
         self.cfg, self.plan, self.env, self.image_size = cfg, plan, env, image_size
         self.part = plan.micro if cfg.train.stage == 1 else (plan.cache_chunk or plan.per_rank)
-        self.steps_per_epoch = 10**9
-        self.skipped_samples = 0
         self._loader = torch.utils.data.DataLoader(
             _SyntheticStream(self), batch_size=None, num_workers=max(cfg.data.workers, 0),
             prefetch_factor=4 if cfg.data.workers > 0 else None, persistent_workers=cfg.data.workers > 0)
@@ -91,12 +91,6 @@ class SyntheticSource:
 
     def __iter__(self):
         return iter(self._loader)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class _SyntheticStream(torch.utils.data.IterableDataset):
@@ -254,20 +248,15 @@ def main(argv: list) -> int:
     bare_batches = [next(it) for _ in range(min(steps, 8))]
     tok_per_step, seqs, _ = _count_tokens(bare_batches[0])
 
-    class _InMemory:
+    class _InMemory(BatchSource):
         """The same pre-collated batches behind the Loop's source protocol: the pipeline without
         its loader, so the loop's own bookkeeping (counting, logging, metric reduction) is
         measured apart from data loading."""
-        steps_per_epoch, skipped_samples = 10**9, 0
-
         def __iter__(self):
             i = 0
             while True:
                 yield bare_batches[i % len(bare_batches)]
                 i += 1
-
-        def state_dict(self):
-            return {}
 
     mem_loop = Loop(cfg, built, _InMemory(), Metrics(tmp + "/mem", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard),
                     None, total, TrainState())

@@ -137,7 +137,7 @@ def tile_grads(query, key, scale, positive_index, ops, row_lse, row_coef, col_ls
     return dq.to(acc), dk.to(acc), ds.to(acc)
 
 
-def _weights(grad_out, n, reduction, device, dtype):
+def _weights(grad_out, n, reduction, dtype):
     if reduction == "mean":
         return grad_out.to(dtype).expand(n) / n
     if reduction == "sum":
@@ -162,7 +162,7 @@ class FusedInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, pidx, row_lse, col_lse = ctx.saved_tensors
         scale, symmetric, reduction, ops, s_dtype, s_device = ctx.cfg
-        w = _weights(grad_out, query.shape[0], reduction, query.device, row_lse.dtype)
+        w = _weights(grad_out, query.shape[0], reduction, row_lse.dtype)
         dq, dk, ds = loss_grads(query, key, scale, pidx, symmetric, ops, row_lse,
                                 col_lse if symmetric else None, w)
         return dq.to(query.dtype), dk.to(key.dtype), ds.to(device=s_device, dtype=s_dtype), None, None, None, None

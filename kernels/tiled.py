@@ -109,7 +109,8 @@ class TiledOps(abc.ABC):
         dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
         dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
         has_pos = pos_index is not None
-        norm = max(float(x.abs().max()) for x in (row_coef, col_coef, pos_coef) if x is not None)
+        # one host sync (not one per coefficient): the normaliser keeps G's tiles in range
+        norm = float(torch.stack([x.abs().max() for x in (row_coef, col_coef, pos_coef) if x is not None]).max())
         if norm == 0.0:
             return dq, dk, dq.new_zeros(())
         f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731

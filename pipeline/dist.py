@@ -23,7 +23,7 @@ import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, MutableMapping, Optional
+from typing import Mapping, MutableMapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -227,24 +227,6 @@ def any_true(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (used so all ranks take the
     same branch, e.g. skipping a step or stopping the run)."""
     return all_reduce_dict({"f": 1.0 if flag else 0.0}, op="max")["f"] > 0
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (pickled)."""
-    if not (is_initialized() and get_world_size() > 1):
-        return obj
-    box = [obj]
-    _torch_dist().broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, indexed by rank."""
-    if not (is_initialized() and get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * get_world_size()
-    _torch_dist().all_gather_object(out, obj)
-    return out
 
 
 def destroy() -> None:

@@ -153,7 +153,7 @@ def zero_stage(ds: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------- engine
-def make_optimizer(cfg: Config, params: list, offload: bool):
+def make_optimizer(cfg: Config, params: list):
     """Client optimizer for DeepSpeed, or None when the DeepSpeed JSON defines it (fused_adam).
 
     adamw: ``torch.optim.AdamW`` (no build step: what CPU tests use).
@@ -246,8 +246,7 @@ def build(cfg: Config, world_size: int, total_steps: int, model_loader=None) -> 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("no trainable parameters: check model.lora.* / model.freeze_vision")
-    offload = str(ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none")) != "none"
-    optimizer = make_optimizer(cfg, named, offload)
+    optimizer = make_optimizer(cfg, named)
     sched = make_scheduler_factory(total_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio,
                                    cfg.optim.schedule)
     engine, _, _, _ = deepspeed.initialize(

@@ -9,7 +9,7 @@
   first pass, so dropout masks match) and backward of ``<emb, d_emb>`` inside
   ``engine.coalesce_grad_reduction()`` so ZeRO-2/3 reduce gradients once per step.
 
-Each returns ``{"loss": float, "applied": bool, "tokens": int}``; ``applied`` is the same on
+Each returns ``{"loss": float, "applied": bool}``; ``applied`` is the same on
 every rank (DeepSpeed skips an update whose gradient norm is not finite on all ranks; the cache
 path decides with an all-reduce before its backward).
 """
@@ -64,12 +64,18 @@ def _fork_rng(state: Optional[dict]):
             acc.set_rng_state(outer["dev"])
 
 
+def num_samples(batch: Any) -> int:
+    """Queries (contrastive batch) or sequences (stage-1 / embedding batch) in one collated batch."""
+    if "num_queries" in batch:
+        return int(batch["num_queries"])
+    return int(batch["input_ids"].shape[0])
+
+
 class StepRunner:
     """Runs one optimizer step for the configured stage; returns per-rank step statistics."""
 
     def __init__(self, cfg: Config, engine: Any, plan: Any):
         self.cfg, self.engine, self.plan = cfg, engine, plan
-        self.stage = cfg.train.stage
 
     def _device_batch(self, batch):
         from pipeline.collate import to_device
@@ -91,7 +97,7 @@ class StepRunner:
     # stage 1 ------------------------------------------------------------------------------
     def stage1(self, micro_batches: list, state: TrainState) -> dict:
         eng = self.engine
-        losses, n_tok = [], 0
+        losses = []
         # DeepSpeed scales each backward by 1/accumulation: every micro-batch's mean CE weighs
         # the same (not token-weighted across micro-batches, as in HF Trainer's default).
         for b in micro_batches:
@@ -99,10 +105,9 @@ class StepRunner:
             loss = self._inject(out.loss, state)
             eng.backward(loss)
             eng.step()
-            losses.append(float(loss.detach()))
-            n_tok += int(out.num_tokens)
-        applied = eng.was_step_applied()
-        return {"loss": sum(losses) / len(losses), "applied": applied, "tokens": n_tok}
+            losses.append(loss.detach())
+        # one host sync per step, not per micro-batch (tokens are counted on the CPU batch)
+        return {"loss": float(sum(losses)) / len(losses), "applied": eng.was_step_applied()}
 
     # stage 2 ------------------------------------------------------------------------------
     def _loss(self, q, k, scale):
@@ -118,7 +123,7 @@ class StepRunner:
             loss = self._inject(self._loss(q, k, scale), state)
             eng.backward(loss)
             eng.step()
-            return {"loss": float(loss.detach()), "applied": eng.was_step_applied(), "tokens": 0}
+            return {"loss": float(loss.detach()), "applied": eng.was_step_applied()}
         return self._stage2_cached(chunks, state)
 
     def _stage2_cached(self, chunks: list, state: TrainState) -> dict:
@@ -136,7 +141,7 @@ class StepRunner:
                 with _fork_rng(None) as st:
                     q, k, scale = eng(**c)
                 rngs.append(st)
-                n = int(c["num_queries"]) if "num_queries" in c else q.shape[0]
+                n = num_samples(c)
                 qs.append(q)
                 pos.append(k[:n])
                 negs.append(k[n:])
@@ -151,7 +156,7 @@ class StepRunner:
             loss = self._inject(self._loss(Q, K, S), state)
         bad = dist.any_true(not math.isfinite(float(loss.detach())))
         if bad:  # every rank skips the same step: no backward, no update
-            return {"loss": float(loss.detach()), "applied": False, "tokens": 0}
+            return {"loss": float(loss.detach()), "applied": False}
         loss.backward()
         dQ, dK = Q.grad, K.grad
         dS = S.grad if S.requires_grad else None
@@ -173,6 +178,6 @@ class StepRunner:
                     sur = sur + s * dS
                 eng.backward(sur)
         eng.step()
-        return {"loss": float(loss.detach()), "applied": eng.was_step_applied(), "tokens": 0}
+        return {"loss": float(loss.detach()), "applied": eng.was_step_applied()}
 
 

@@ -26,14 +26,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from pipeline import dist
-from pipeline.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
+from pipeline.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state, tag_for
 from pipeline.config import Config, ConfigError, save_yaml, to_dict, to_yaml
 from pipeline.flops import FlopsModel, batch_shape_stats, peak_flops
 from pipeline.metrics import Metrics
-from pipeline.steps import StepRunner, TrainState
+from pipeline.steps import StepRunner, TrainState, num_samples
 
 log = logging.getLogger("coma.train")
 
@@ -97,12 +97,6 @@ def _count_tokens(batches: list) -> tuple[int, list[int], list[int]]:
     return sum(seqs), seqs, patches
 
 
-def _num_samples(batch: Any) -> int:
-    if "num_queries" in batch:
-        return int(batch["num_queries"])
-    return int(batch["input_ids"].shape[0])
-
-
 class Loop:
     """The per-step machinery of :func:`train` (fetch, step, bookkeeping, logging, checkpoint),
     separate so benchmarks/throughput.py times exactly what training runs."""
@@ -145,7 +139,7 @@ class Loop:
         t_data = time.perf_counter() - t0
         self.window.lr = float(self.eng.get_lr()[0])  # the lr this step uses (the scheduler moves in step())
         out = self.runner.stage1(parts, st) if cfg.train.stage == 1 else self.runner.stage2(parts, st)
-        n_samples = sum(_num_samples(p) for p in parts)
+        n_samples = sum(num_samples(p) for p in parts)
         st.step += 1
         st.samples_seen += n_samples * self.world
         # out["applied"] is the same on every rank (DeepSpeed's overflow check is global; the
@@ -231,7 +225,7 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     try:
         while state.step < total:
             loop.step()
-        if state.last_checkpoint is None or Path(state.last_checkpoint).name != f"step-{state.step}":
+        if state.last_checkpoint is None or Path(state.last_checkpoint).name != tag_for(state.step):
             loop.save()
         export_dir = export_engine(built, run_dir / "export")
         log.info("done: %d steps, %d skipped; export in %s", state.step, state.skipped_steps, export_dir)
@@ -293,7 +287,7 @@ def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, pe
         "loss": loss if w.losses else 0.0, "has_loss": 1.0 if w.losses else 0.0,
         "sps": w.samples / max(w.time, 1e-9), "tps": w.tokens / max(w.time, 1e-9),
         "flops": w.flops / max(w.time, 1e-9), "wait": w.data / max(w.time, 1e-9),
-        "mem": _peak_memory_gib(), "skipped_samples": float(getattr(source, "skipped_samples", 0)),
+        "mem": _peak_memory_gib(), "skipped_samples": float(source.skipped_samples),
     }
     mean = dist.all_reduce_dict(local, "mean")
     skipped = dist.all_reduce_dict({"s": local["skipped_samples"]}, "sum")["s"]
@@ -357,7 +351,29 @@ class ChunkCollate:
         return [self.collator(samples[i:i + self.chunk]) for i in range(0, len(samples), self.chunk)]
 
 
-class LoaderSource:
+class BatchSource:
+    """What :class:`Loop` reads batches from.  Iterating yields one optimizer step's batch (stage 1:
+    the list of ``accumulation`` micro-batches; stage 2: the per-rank batch or its cache chunks)
+    forever; ``steps_per_epoch`` sizes the run when ``train.max_steps`` is unset;
+    ``skipped_samples`` feeds the ``data/skipped_samples`` metric; ``state_dict`` goes into every
+    checkpoint and ``load_state_dict`` restores it on resume.  The defaults describe a stateless,
+    endless source with nothing skipped (synthetic and in-memory batches); :class:`LoaderSource`
+    overrides them for real shards."""
+
+    steps_per_epoch: int = 10**9
+    skipped_samples: int = 0
+
+    def __iter__(self) -> Iterator:
+        raise TypeError(f"{type(self).__name__} must define __iter__")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Stateless: nothing to restore."""
+
+
+class LoaderSource(BatchSource):
     """One step's worth of batches at a time from :mod:`pipeline.data`'s ``ShardLoader``,
     epoch after epoch: stage 1 yields ``accumulation`` micro-batches, stage 2 the per-rank
     batch as cache chunks.  Every rank yields the same number of steps (the loader equalises
@@ -367,7 +383,7 @@ class LoaderSource:
         from pipeline.data import loader_from_config
 
         self.stage = cfg.train.stage
-        self.acc = plan.accumulation if self.stage == 1 else 1
+        self.acc = plan.accumulation  # plan_batches sets 1 for stage 2
         if self.stage == 1:
             batch, collate = plan.micro, collator
         else:

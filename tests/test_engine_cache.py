@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.train import BatchSource
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -63,9 +65,9 @@ def _samples(rank: int, n: int, text_only: bool = False):
     return out
 
 
-class _Fixed:
-    """A batch source that repeats one step's chunks (the Loop's source protocol)."""
-    steps_per_epoch, skipped_samples = 100, 0
+class _Fixed(BatchSource):
+    """A batch source that repeats one step's chunks."""
+    steps_per_epoch = 100
 
     def __init__(self, parts):
         self.parts = parts
@@ -73,12 +75,6 @@ class _Fixed:
     def __iter__(self):
         while True:
             yield self.parts
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def _build(cfg, seed):
