@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -30,15 +29,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from data_prep.samples import sanitize_key
+
 REPO = Path(__file__).resolve().parent.parent
 SHARD_SCRIPT = REPO / "data_prep" / "shard.py"
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-# WebDataset splits a member name at its first dot into key and extension, so keys must not
-# contain dots; the shard layout restricts them further to [A-Za-z0-9_-].
-_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]+")
-
 
 class UsageError(Exception):
     """The invocation cannot work at all (no such input, unknown column or subset): exit 2."""
@@ -51,8 +47,7 @@ class StrictSkip(Exception):
 def make_key(*parts: Any) -> str:
     """A WebDataset-safe key (``[A-Za-z0-9_-]+``) built from source identifiers."""
     raw = "-".join(str(p) for p in parts if p is not None and str(p) != "")
-    key = _UNSAFE_KEY.sub("_", raw).strip("_")
-    return key or "sample"
+    return sanitize_key(raw) or "sample"
 
 
 class ConversionLog:

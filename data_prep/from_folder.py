@@ -31,12 +31,12 @@ from data_prep.convert_common import (  # noqa: E402
     IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key,
     progress, resolve_image, run_cli,
 )
-from pipeline.prompts import has_placeholder, normalize_placeholders, strip_placeholders  # noqa: E402
+from pipeline.prompts import has_marker, strip_placeholders  # noqa: E402
 
 
 def clean(text: Optional[str], log: ConversionLog, loc: str) -> str:
     text = (text or "").strip()
-    if has_placeholder(normalize_placeholders(text)):
+    if has_marker(text):
         log.note("image marker removed from a caption/turn", loc)
         text = strip_placeholders(text)
     return text

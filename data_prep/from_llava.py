@@ -41,7 +41,7 @@ from data_prep.convert_common import (  # noqa: E402
     ConversionLog, JSONError, ManifestWriter, UsageError, add_common_args, finish, make_key,
     progress, read_json_records, resolve_image, run_cli,
 )
-from pipeline.prompts import has_placeholder, normalize_placeholders, strip_placeholders  # noqa: E402
+from pipeline.prompts import has_marker, strip_placeholders  # noqa: E402
 
 _ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -78,7 +78,7 @@ def convert_record(rec: Any, image_root: Path) -> tuple[Optional[dict], Optional
         expected = "human" if i % 2 == 0 else "gpt"
         if role != expected:
             return None, ("turns_not_alternating", f"turn {i + 1} is from {t.get('from')!r}, expected {expected!r}"), []
-        if has_placeholder(normalize_placeholders(value)):
+        if has_marker(value):
             if i != 0:
                 notes.append("image marker outside the first question removed")
             value = strip_placeholders(value)

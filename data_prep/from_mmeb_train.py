@@ -54,7 +54,7 @@ from data_prep.convert_common import (  # noqa: E402
     ConversionLog, JSONError, ManifestWriter, UsageError, add_common_args, finish, make_key,
     progress, read_json_records, resolve_image, run_cli,
 )
-from pipeline.prompts import has_placeholder, normalize_placeholders, strip_placeholders  # noqa: E402
+from pipeline.prompts import has_marker, normalize_placeholders, strip_placeholders  # noqa: E402
 
 # Per-subset caps of the paper's stage-2 run (1,103,000 in all).  Source: the authors'
 # released training config, scripts/train_ret.yaml (``num_sample_per_subset``) in
@@ -149,7 +149,7 @@ def make_side(text: Any, image: Any, image_root: Path, what: str, loc: str, log:
     if text is not None:
         if path is not None:
             text = normalize_placeholders(text)
-        elif has_placeholder(normalize_placeholders(text)):
+        elif has_marker(text):
             text = strip_placeholders(text) or None
             log.note(f"image marker without an image removed ({what})", loc)
     if text is None and path is None:

@@ -24,7 +24,6 @@ import argparse
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -119,16 +118,12 @@ class Step:
             print(f"    done in {time.perf_counter() - self.t0:.0f} s", flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launcher(world_size: int) -> list[str]:
     """DeepSpeed's launcher from this interpreter's environment (torchrun if it is missing)."""
+    from pipeline.dist import free_port
+
     ds = Path(sys.executable).parent / "deepspeed"
-    port = str(_free_port())
+    port = str(free_port())
     if ds.exists() or shutil.which("deepspeed"):
         return [str(ds) if ds.exists() else shutil.which("deepspeed"), "--num_gpus", str(world_size),
                 "--master_port", port]

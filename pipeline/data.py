@@ -63,7 +63,7 @@ import os
 import random
 import tarfile
 from collections import Counter
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -89,14 +89,19 @@ def _open_tar(url: str):
     return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
 
 
+def _info(raw: dict) -> dict:
+    """A raw sample's JSON member, parsed once (task grouping and decoding both need it)."""
+    if "__info__" not in raw:
+        raw["__info__"] = json.loads(raw["json"]) if "json" in raw else {}
+    return raw["__info__"]
+
+
 def _task_of(raw: dict) -> str:
-    """An mmeb sample's task ("" when its JSON is unreadable), parsed once per raw sample."""
-    if "__task__" not in raw:
-        try:
-            raw["__task__"] = str(json.loads(raw["json"])["task"])
-        except Exception:
-            raw["__task__"] = ""
-    return raw["__task__"]
+    """An mmeb sample's task ("" when its JSON is unreadable)."""
+    try:
+        return str(_info(raw)["task"])
+    except Exception:
+        return ""
 
 
 def decode_sample(raw: dict, kind: str) -> dict:
@@ -107,7 +112,7 @@ def decode_sample(raw: dict, kind: str) -> dict:
         img.load()
         return img if img.mode == "RGB" else img.convert("RGB")
 
-    info = json.loads(raw["json"]) if "json" in raw else {}
+    info = _info(raw)
     out = {"__key__": raw["__key__"], "__source__": raw["__source__"],
            "__pad__": raw.get("__pad__", False), "kind": kind, "meta": info.get("meta") or {}}
     if kind == "mmeb":
@@ -153,8 +158,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, sources: list[Source], kind: str, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  drop_last: bool = True, resampled: bool = False, epoch_samples: Optional[int] = None,
-                 task_batch_size: Optional[int] = None, collate_fn: Optional[Callable] = None,
-                 sizes: Optional[Sequence[int]] = None):
+                 task_batch_size: Optional[int] = None, collate_fn: Optional[Callable] = None):
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -167,7 +171,7 @@ class ShardDataset(IterableDataset):
         self.collate_fn = collate_fn or default_collate
         urls = [u for s in sources for u in s.urls]
         source_of = [i for i, s in enumerate(sources) for _ in s.urls]
-        self.plan = Plan(urls, source_of, list(sizes) if sizes is not None else shard_sizes(urls), sources,
+        self.plan = Plan(urls, source_of, shard_sizes(urls), sources,
                          batch_size, world_size, max(1, num_workers), seed, shuffle, drop_last,
                          resampled, epoch_samples)
         self.epoch = 0

@@ -90,7 +90,7 @@ def _expand_one(item: str) -> list[str]:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -135,7 +135,7 @@ def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
 
 def export_env(env: DistEnv, environ: MutableMapping[str, str] = os.environ) -> None:
     """Write the torchrun-style variables DeepSpeed and torch.distributed read (``env://``)."""
-    port = env.master_port or _free_port()
+    port = env.master_port or free_port()
     environ.update({
         "RANK": str(env.rank),
         "LOCAL_RANK": str(env.local_rank),

@@ -49,7 +49,13 @@ def normalize_placeholders(text: str | None) -> str | None:
 
 
 def has_placeholder(text: str | None) -> bool:
+    """True when ``text`` holds the canonical marker."""
     return bool(text) and IMAGE_PLACEHOLDER in text
+
+
+def has_marker(text: str | None) -> bool:
+    """True when ``text`` holds any known image marker (canonical or foreign)."""
+    return bool(text) and _FOREIGN_MARKERS.search(text) is not None
 
 
 def strip_placeholders(text: str | None) -> str | None:
