@@ -9,7 +9,7 @@ directly; it asks the adapter for:
 * ``position_ids``: the rotary positions of a whole padded batch (M-RoPE for Qwen-VL:
   ``[3, B, L]``), computed once per sequence so every attention path sees identical positions;
 * ``dummy_vision_inputs``: the smallest legal image, for the ZeRO-3 dummy-vision guard;
-* the prompt format: ChatML turns and the vision span that replaces the ``<image>`` marker;
+* the prompt format: ChatML turns (the vision span's ids come from :mod:`pipeline.processing`);
 * ``image_processor``: the PIL-only image processor (no torchvision anywhere).
 
 A third family (e.g. LLaVA-OneVision) is a new subclass registered in :data:`ADAPTERS`.
@@ -27,7 +27,6 @@ class FamilyAdapter(ABC):
 
     name: str = ""
     model_types: tuple[str, ...] = ()
-    image_pad_token: str = ""
 
     # -------------------------------------------------------------------------------- modules
     @staticmethod
@@ -68,10 +67,6 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def assistant_open(self) -> str: ...
 
-    @abstractmethod
-    def vision_span(self, n_tokens: int) -> str:
-        """The text the ``<image>`` marker becomes for an image of ``n_tokens`` LM tokens."""
-
     # -------------------------------------------------------------------------------- compute
     @abstractmethod
     def embed(self, hf, input_ids, pixel_values, image_grid_thw, dummy_vision: bool = False) -> torch.Tensor: ...
@@ -83,7 +78,6 @@ class FamilyAdapter(ABC):
 class QwenVLAdapter(FamilyAdapter):
     """Qwen2-VL and Qwen2.5-VL: ChatML prompts, ``<|image_pad|>`` vision tokens, M-RoPE."""
 
-    image_pad_token = "<|image_pad|>"
     system_prompt = "You are a helpful assistant."  # what Qwen's template inserts by default
 
     @staticmethod
@@ -106,9 +100,6 @@ class QwenVLAdapter(FamilyAdapter):
 
     def assistant_open(self) -> str:
         return "<|im_start|>assistant\n"
-
-    def vision_span(self, n_tokens: int) -> str:
-        return "<|vision_start|>" + self.image_pad_token * n_tokens + "<|vision_end|>"
 
     @staticmethod
     def merge_size(hf_config) -> int:

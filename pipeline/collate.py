@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from pipeline.prompts import DEFAULT_IMAGE_INSTRUCTION, DEFAULT_TEXT_INSTRUCTION
+from pipeline.prompts import DEFAULT_IMAGE_INSTRUCTION, DEFAULT_TEXT_INSTRUCTION, IMAGE_PLACEHOLDER
 from pipeline.processing import Processor
 
 IGNORE_INDEX = -100
@@ -48,6 +48,14 @@ def to_device(batch: Any, device, dtype: Optional[torch.dtype] = None) -> Any:
         return type(batch)(to_device(v, device, dtype) for v in batch)
     return batch
 
+
+
+def _instruction(instruction: Optional[str], text: Optional[str], has_image: bool) -> Optional[str]:
+    """The instruction placed before C: the configured one, else the default one when the input
+    has no text of its own (an image alone, or a marker alone)."""
+    if instruction is None and not (text or "").replace(IMAGE_PLACEHOLDER, "").strip():
+        return DEFAULT_IMAGE_INSTRUCTION if has_image else DEFAULT_TEXT_INSTRUCTION
+    return instruction
 
 class Collator:
     """Callable ``collate_fn``: list of decoded samples → batch (see the module docstring)."""
@@ -108,10 +116,8 @@ class Collator:
             text, img = it.get("text"), it.get("image")
             if not text and img is None:
                 raise ValueError(f"item {i} has neither text nor image")
-            instr = instruction
-            if instr is None and not (text or "").replace("<image>", "").strip():
-                instr = DEFAULT_IMAGE_INSTRUCTION if img is not None else DEFAULT_TEXT_INSTRUCTION
             n = next(it_tok) if img is not None else None
+            instr = _instruction(instruction, text, img is not None)
             seqs.append(self.proc.input_ids(text, n, instr) + self.proc.compression_ids)
         return self._pad(seqs, None, pv, grid)
 
@@ -123,10 +129,7 @@ class Collator:
         for (text, _img, conv, key), n in zip(rows, ntok):
             if not conv:
                 raise ValueError(f"sample {key!r}: stage 1 needs at least one question/answer turn")
-            instr = self.cfg.instruction
-            if instr is None and not (text or "").replace("<image>", "").strip():
-                instr = DEFAULT_IMAGE_INSTRUCTION
-            x = self.proc.input_ids(text, n, instr) + self.proc.compression_ids
+            x = self.proc.input_ids(text, n, _instruction(self.cfg.instruction, text, has_image=True)) + self.proc.compression_ids
             try:
                 d, t = self._fit_dialogue(conv, loss_on, len(x), key)
             except ValueError as e:

@@ -80,9 +80,10 @@ def merged_backbone(model: CoMaModel, state_dict: Optional[dict] = None) -> torc
     hf = model.hf
     cfg = copy.deepcopy(hf.config)
     cfg.get_text_config()._attn_implementation = model.base_attn  # the saved model needs no project code
-    dtype = next(iter(sd.values())).dtype if next(iter(sd.values())).is_floating_point() else torch.float32
+    first = next(iter(sd.values()))
+    dtype = first.dtype if first.is_floating_point() else torch.float32
     with _zero3_construction_off():
-        with _default_dtype(dtype if dtype.is_floating_point else torch.float32):
+        with _default_dtype(dtype):
             skel = type(hf)(cfg)
         if model.is_peft:
             from peft import get_peft_model
@@ -115,7 +116,6 @@ def export_model(model: CoMaModel, out_dir: str | os.PathLike, state_dict: Optio
     "float32", …) casts the saved weights; default: as trained.  Call it on one rank.
     """
     out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     hf = merged_backbone(model, state_dict)
     if dtype is not None:
         hf = hf.to(DTYPES[dtype])

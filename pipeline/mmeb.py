@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from pipeline.evaluate import Encode, embed_items, rank_of_positive
+from pipeline.evaluate import Encode, ItemTable, embed_items, rank_of_positive
 from pipeline.fileio import atomic_write_text
 from pipeline.prompts import normalize_placeholders, strip_placeholders
 
@@ -154,30 +154,21 @@ def parse_row(file: str, lineno: int, row: dict, image_root: str) -> tuple[dict,
 
 
 # ------------------------------------------------------------------------------------ scoring
-def _item_key(item: dict) -> tuple:
-    return item.get("text"), item.get("image")
-
-
 def evaluate_dataset(encode: Encode, rows: list[tuple[str, int, dict]], image_root: str,
                      batch_size: int = 32, progress: bool = True, desc: str = "") -> tuple[dict, list[dict]]:
     """Score one dataset.  Returns (score dict, one prediction dict per row)."""
     parsed = [parse_row(f, n, r, image_root) for f, n, r in rows]
     if not parsed:
         raise MMEBDataError(f"{desc}: no rows")
-    # Embed every distinct input once (MMEB's reference code keys embeddings by (text, image) too).
-    index: dict[tuple, int] = {}
-    items: list[dict] = []
-    for q, cands in parsed:
-        for it in [q, *cands]:
-            k = _item_key(it)
-            if k not in index:
-                index[k] = len(items)
-                items.append(it)
-    emb = embed_items(encode, items, batch_size, desc=desc or "embedding", progress=progress)
+    # Embed every distinct input once (MMEB's reference code keys embeddings by (text, image) too;
+    # images here are path strings, so the table keys them by path without reading them).
+    table = ItemTable()
+    rows_idx = [(table.add(q), [table.add(c) for c in cands]) for q, cands in parsed]
+    emb = embed_items(encode, table.items, batch_size, desc=desc or "embedding", progress=progress)
     preds, correct = [], 0
-    for (f, n, _), (q, cands) in zip(rows, parsed):
-        qv = emb[index[_item_key(q)]]
-        cv = emb[torch.as_tensor([index[_item_key(c)] for c in cands])]
+    for (f, n, _), (_q, cands), (qi, ci) in zip(rows, parsed, rows_idx):
+        qv = emb[qi]
+        cv = emb[torch.as_tensor(ci)]
         scores = cv @ qv
         pred = int(torch.argmax(scores))          # first maximum, as numpy.argmax
         rank = rank_of_positive(scores, 0, ties="first")

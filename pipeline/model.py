@@ -54,9 +54,6 @@ class Stage1Output:
     num_targets: torch.Tensor   # 0-dim long: target tokens (for token-weighted averaging)
     num_tokens: torch.Tensor    # 0-dim long: real (non-pad) tokens processed
 
-    def __getitem__(self, key):  # dict-style access for callers that prefer out["loss"]
-        return getattr(self, key)
-
 
 class CoMaModel(nn.Module):
     """Wraps the (possibly peft-wrapped) HF VLM ``backbone``.  Build it with :func:`load_model`."""
@@ -228,8 +225,8 @@ def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.0
     base_attn = choose_attn(model_cfg.attn_implementation, model_cfg.mask_impl)
     hf = AutoModelForImageTextToText.from_pretrained(model_cfg.init, dtype=DTYPES[model_cfg.dtype],
                                                      attn_implementation=base_attn)
-    old_rows = hf.get_input_embeddings().weight.shape[0] if not hasattr(
-        hf.get_input_embeddings().weight, "ds_shape") else hf.get_input_embeddings().weight.ds_shape[0]
+    w = hf.get_input_embeddings().weight
+    old_rows = getattr(w, "ds_shape", w.shape)[0]  # ZeRO-3 partitions hold an empty local shard
     vocab_needed = len(proc.tokenizer)
     if vocab_needed > old_rows:
         hf.resize_token_embeddings(vocab_needed, pad_to_multiple_of=64, mean_resizing=False)

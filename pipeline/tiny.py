@@ -149,6 +149,5 @@ def make_tiny_model(out_dir: str | os.PathLike, family: Literal["qwen2_vl", "qwe
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         improc.save_pretrained(tmp)
-        (tmp / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
         (tmp / "tiny_model.json").write_text(json.dumps({"family": family, "seed": seed}), encoding="utf-8")
     return out
