@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import get_ops, resolve_backend
-from .infonce import acc_dtype, check_inputs, tile_grads
+from .infonce import check_inputs, loss_grads, per_query_losses
 
 
 class _GatherRows(torch.autograd.Function):
@@ -71,22 +71,15 @@ class _LocalQueries(torch.autograd.Function):
     Backward: with w = d loss / d per-query loss, the column coefficient of key j is
     Σ_{i: p_i = j} ½ w_i over the queries of *every* rank (all-reduced, 1 float per key), so each
     rank back-propagates every column term into its own queries; then the same tile gradients
-    as the single-process loss (:func:`kernels.infonce.tile_grads`, positives included).
+    as the single-process loss (:func:`kernels.infonce.loss_grads`, positives included).
     """
 
     @staticmethod
     def forward(ctx, query, keys, logit_scale, pidx, symmetric, ops, group):
         scale = float(logit_scale)
-        row_lse, col_part = ops.stats(query, keys, scale, symmetric)
-        acc = acc_dtype(query.dtype)
-        row_lse = row_lse.to(acc)
-        pos = scale * (query.to(acc) * keys.index_select(0, pidx).to(acc)).sum(-1)
-        per_query = row_lse - pos
-        col_lse = row_lse[:0]
-        if symmetric:
-            col_lse = _all_reduce_lse(col_part.to(acc), group)
-            per_query = 0.5 * (per_query + col_lse.index_select(0, pidx) - pos)
-        ctx.save_for_backward(query, keys, pidx, row_lse, col_lse)
+        per_query, row_lse, col_lse, _ = per_query_losses(
+            query, keys, scale, pidx, symmetric, ops, reduce_col=lambda part: _all_reduce_lse(part, group))
+        ctx.save_for_backward(query, keys, pidx, row_lse, col_lse if symmetric else row_lse[:0])
         ctx.cfg = (scale, symmetric, ops, group, logit_scale.dtype, logit_scale.device)
         return per_query
 
@@ -94,15 +87,13 @@ class _LocalQueries(torch.autograd.Function):
     def backward(ctx, w):
         query, keys, pidx, row_lse, col_lse = ctx.saved_tensors
         scale, symmetric, ops, group, s_dtype, s_device = ctx.cfg
-        acc = row_lse.dtype
-        w = w.to(acc).contiguous()
-        alpha = 0.5 if symmetric else 1.0
-        col_coef = None
-        if symmetric:
-            col_coef = torch.zeros(keys.shape[0], dtype=acc, device=keys.device).index_add_(0, pidx, alpha * w)
+
+        def sum_over_ranks(col_coef):
             dist.all_reduce(col_coef, op=dist.ReduceOp.SUM, group=group)
-        dq, dk, ds = tile_grads(query, keys, scale, pidx, ops, row_lse, alpha * w,
-                                col_lse if symmetric else None, col_coef, w)
+            return col_coef
+
+        dq, dk, ds = loss_grads(query, keys, scale, pidx, symmetric, ops, row_lse,
+                                col_lse if symmetric else None, w, reduce_col=sum_over_ranks)
         return (dq.to(query.dtype), dk.to(keys.dtype), ds.to(device=s_device, dtype=s_dtype),
                 None, None, None, None)
 

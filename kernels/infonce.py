@@ -96,22 +96,25 @@ def combine(row_loss, col_loss, reduction):
     return per_query
 
 
-def per_query_losses(query, key, scale: float, positive_index, symmetric, ops):
+def per_query_losses(query, key, scale: float, positive_index, symmetric, ops, reduce_col=None):
     """Forward without a graph: (per-query losses [n], row_lse [n], col_lse [m] | None, dots [n])
-    in the accumulation dtype; dots_i = q_i · k_{p_i}."""
+    in the accumulation dtype; dots_i = q_i · k_{p_i}.  ``reduce_col`` (kernels.distributed)
+    turns the column LSE over these queries into the global one before it is used."""
     row_lse, col_lse = ops.stats(query, key, scale, symmetric)
     acc = acc_dtype(query.dtype)
     row_lse = row_lse.to(acc)
     col_lse = col_lse.to(acc) if symmetric else None
+    if symmetric and reduce_col is not None:
+        col_lse = reduce_col(col_lse)
     dots = (query.to(acc) * key.index_select(0, positive_index).to(acc)).sum(-1)
     pos = scale * dots
     row_loss = row_lse - pos
     col_loss = col_lse.index_select(0, positive_index) - pos if symmetric else None
-    per_query = row_loss if col_loss is None else 0.5 * (row_loss + col_loss)
-    return per_query, row_lse, col_lse, dots
+    return combine(row_loss, col_loss, "none"), row_lse, col_lse, dots
 
 
-def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse, col_lse, weight):
+def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse, col_lse, weight,
+               reduce_col=None):
     """Gradients of Σ_i weight_i · loss_i w.r.t. (query, key, logit_scale), in the accumulation
     dtype (the caller rounds to the input dtype once).
 
@@ -119,7 +122,8 @@ def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse
     (symmetric), so: row coefficient a_i = α·w_i, column coefficient b_j = Σ_{i: p_i = j} α·w_i
     (α = ½ if symmetric else 1), and the positive logit of query i has weight −w_i (folded into
     the tiles, see the module docstring).  ``col_lse`` may be any column statistic the caller
-    owns (kernels.distributed passes the all-reduced global one)."""
+    owns (kernels.distributed passes the all-reduced global one, and a ``reduce_col`` that sums
+    the column coefficients over ranks: a key's positive query may live on another rank)."""
     acc = row_lse.dtype
     alpha = 0.5 if symmetric else 1.0
     w = weight.to(acc).contiguous()
@@ -127,6 +131,8 @@ def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse
     col_coef = None
     if symmetric:
         col_coef = torch.zeros(key.shape[0], dtype=acc, device=key.device).index_add_(0, positive_index, row_coef)
+        if reduce_col is not None:
+            col_coef = reduce_col(col_coef)
     return tile_grads(query, key, scale, positive_index, ops, row_lse, row_coef, col_lse, col_coef, w)
 
 
