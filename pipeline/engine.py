@@ -222,17 +222,20 @@ class Built:
     hf_ds_config: Any       # keep alive: transformers consults it while ZeRO-3 is active
 
 
-def build(cfg: Config, world_size: int, total_steps: int, model_loader=None) -> Built:
+def build(cfg: Config, world_size: int, total_steps: int, model_loader=None,
+          ds: Optional[dict] = None, plan: Optional[BatchPlan] = None) -> Built:
     """Build the model under ZeRO and wrap it in a DeepSpeed engine.  ``model_loader`` defaults
     to ``pipeline.model.load_model`` with the loss's temperature / learnable-scale settings
-    (takes ``cfg.model``, returns the CoMa ``nn.Module``).  ``total_steps`` sizes the schedule."""
+    (takes ``cfg.model``, returns the CoMa ``nn.Module``).  ``total_steps`` sizes the schedule.
+    ``ds`` / ``plan``: what :func:`build_ds_config` / :func:`plan_batches` already returned for
+    this config (the trainer validates them before starting the process group)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     from pipeline.schedule import make_scheduler_factory
 
-    ds = build_ds_config(cfg, world_size)
-    plan = plan_batches(cfg, world_size)
+    ds = ds if ds is not None else build_ds_config(cfg, world_size)
+    plan = plan if plan is not None else plan_batches(cfg, world_size)
     hf_ds = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None
     if hf_ds is not None:
         _peft_trainable_tokens_off_cuda()

@@ -38,6 +38,15 @@ class TrainState:
     bad_in_row: int = 0
     last_checkpoint: Optional[str] = None
 
+    _SAVED = ("step", "samples_seen", "skipped_steps")  # what a checkpoint's client state holds
+
+    def to_client(self) -> dict:
+        return {k: getattr(self, k) for k in self._SAVED}
+
+    @classmethod
+    def from_client(cls, client: dict, checkpoint: str) -> "TrainState":
+        return cls(**{k: int(client.get(k, 0)) for k in cls._SAVED}, last_checkpoint=checkpoint)
+
 
 @contextmanager
 def _fork_rng(state: Optional[dict]):

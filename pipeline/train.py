@@ -122,8 +122,7 @@ class Loop:
 
     def save(self) -> None:
         st = self.state
-        client = {"step": st.step, "samples_seen": st.samples_seen, "skipped_steps": st.skipped_steps,
-                  "config": to_dict(self.cfg)}
+        client = {**st.to_client(), "config": to_dict(self.cfg)}
         rank_state = {"rng": rng_state(), "loader": self.source.state_dict()}
         path = self.ckpt.save(self.eng, st.step, client, rank_state, self.config_yaml)
         st.last_checkpoint = str(path)
@@ -180,7 +179,7 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
         raise ConfigError("model.init is empty: set it to a Hugging Face VLM directory or hub id, or a previous "
                           "stage's export (e.g. --model.init=runs/NAME/export)")
     world = dist.read_env().world_size
-    engine_mod.build_ds_config(cfg, world)
+    ds = engine_mod.build_ds_config(cfg, world)  # config errors surface before the process group
     plan = engine_mod.plan_batches(cfg, world)
     run_dir = Path(cfg.train.run_root) / cfg.train.name
     ckpt = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
@@ -199,14 +198,11 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     if total <= 0:
         raise ConfigError(f"nothing to train: train.max_steps={cfg.train.max_steps}, "
                           f"{source.steps_per_epoch} steps per epoch × train.epochs={cfg.train.epochs}")
-    built = engine_mod.build(cfg, env.world_size, total, model_loader=model_loader)
+    built = engine_mod.build(cfg, env.world_size, total, model_loader=model_loader, ds=ds, plan=plan)
     state = TrainState()
     if resume_path is not None:
         client, rank_state = ckpt.load(built.engine, resume_path)
-        state.step = int(client.get("step", 0))
-        state.samples_seen = int(client.get("samples_seen", 0))
-        state.skipped_steps = int(client.get("skipped_steps", 0))
-        state.last_checkpoint = str(resume_path)
+        state = TrainState.from_client(client, str(resume_path))
         if "loader" in rank_state:
             source.load_state_dict(rank_state["loader"])
         if "rng" in rank_state:
