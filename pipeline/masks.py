@@ -37,6 +37,7 @@ of compression-token ids; everything real before C is X, everything real after C
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,20 +48,14 @@ LAYOUT_KWARG = "coma_layout"
 
 
 @dataclass
-class CompressionLayout:
-    """Where X, C and D lie in a padded batch, precomputed once per forward (no host sync per layer).
-
-    Per row b: real tokens ``[start, end)``, compression tokens ``[c0, c1)``; X = ``[start, c0)``,
-    D = ``[c1, end)``.  The packed index tensors address the flattened ``[B·L]`` token axis:
+class PackedSegments:
+    """The varlen form of a layout; index tensors address the flattened ``[B·L]`` token axis:
 
     * ``idx_xc`` / ``cu_xc``: the ``[X][C]`` segments (queries = keys), causal;
     * ``idx_dq`` / ``cu_dq``: the D queries; ``idx_dk`` / ``cu_dk``: their keys ``[C][D]``,
       bottom-right causal.
     """
 
-    batch: int
-    length: int
-    rows: list[tuple[int, int, int, int]]          # (start, c0, c1, end) per row
     idx_xc: torch.Tensor
     cu_xc: torch.Tensor
     idx_dq: torch.Tensor
@@ -70,6 +65,36 @@ class CompressionLayout:
     max_xc: int
     max_dq: int
     max_dk: int
+
+
+@dataclass
+class CompressionLayout:
+    """Where X, C and D lie in a padded batch, found once per forward (no host sync per layer).
+
+    Per row b: real tokens ``[start, end)``, compression tokens ``[c0, c1)``; X = ``[start, c0)``,
+    D = ``[c1, end)``.  :attr:`packed` (the flash-attention varlen form) is built on first use
+    only, so the row-wise SDPA path never pays for index tensors it does not read.
+    """
+
+    rows: list[tuple[int, int, int, int]]          # (start, c0, c1, end) per row
+    length: int                                    # L, the padded length
+    device: torch.device
+
+    @functools.cached_property
+    def packed(self) -> PackedSegments:
+        L, dev = self.length, self.device
+
+        def pack(spans):
+            idx = torch.cat([torch.arange(b * L + s, b * L + e) for b, (s, e) in enumerate(spans)])
+            lens = torch.tensor([e - s for s, e in spans])
+            cu = torch.zeros(len(spans) + 1, dtype=torch.int32)
+            cu[1:] = torch.cumsum(lens, 0)
+            return idx.to(dev), cu.to(dev), int(lens.max()) if len(spans) else 0
+
+        idx_xc, cu_xc, max_xc = pack([(s, c1) for s, c0, c1, e in self.rows])
+        idx_dq, cu_dq, max_dq = pack([(c1, e) for s, c0, c1, e in self.rows])
+        idx_dk, cu_dk, max_dk = pack([(c0, e) for s, c0, c1, e in self.rows])
+        return PackedSegments(idx_xc, cu_xc, idx_dq, cu_dq, idx_dk, cu_dk, max_xc, max_dq, max_dk)
 
 
 def find_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, compression_ids: torch.Tensor
@@ -96,21 +121,8 @@ def find_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, compression
 
 def build_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, compression_ids: torch.Tensor
                  ) -> CompressionLayout:
-    B, L = input_ids.shape
     rows = find_rows(input_ids, attention_mask, compression_ids)
-    dev = input_ids.device
-
-    def packed(spans):
-        idx = torch.cat([torch.arange(b * L + s, b * L + e) for b, (s, e) in enumerate(spans)])
-        lens = torch.tensor([e - s for s, e in spans])
-        cu = torch.zeros(len(spans) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lens, 0)
-        return idx.to(dev), cu.to(dev), int(lens.max()) if len(spans) else 0
-
-    idx_xc, cu_xc, max_xc = packed([(s, c1) for s, c0, c1, e in rows])
-    idx_dq, cu_dq, max_dq = packed([(c1, e) for s, c0, c1, e in rows])
-    idx_dk, cu_dk, max_dk = packed([(c0, e) for s, c0, c1, e in rows])
-    return CompressionLayout(B, L, rows, idx_xc, cu_xc, idx_dq, cu_dq, idx_dk, cu_dk, max_xc, max_dq, max_dk)
+    return CompressionLayout(rows, input_ids.shape[1], input_ids.device)
 
 
 # ------------------------------------------------------------------------------ reference path
@@ -207,14 +219,13 @@ def compression_attention_packed(query, key, value, layout: CompressionLayout, s
     qf = query.transpose(1, 2).reshape(B * L, Hq, d)
     kf = key.transpose(1, 2).reshape(B * L, key.shape[1], d)
     vf = value.transpose(1, 2).reshape(B * L, value.shape[1], d)
-    o_xc = varlen_causal_attention(qf[layout.idx_xc], kf[layout.idx_xc], vf[layout.idx_xc],
-                                   layout.cu_xc, layout.cu_xc, layout.max_xc, layout.max_xc,
-                                   scale, dropout, use_flash)
-    o_d = varlen_causal_attention(qf[layout.idx_dq], kf[layout.idx_dk], vf[layout.idx_dk],
-                                  layout.cu_dq, layout.cu_dk, layout.max_dq, layout.max_dk,
-                                  scale, dropout, use_flash)
+    p = layout.packed
+    o_xc = varlen_causal_attention(qf[p.idx_xc], kf[p.idx_xc], vf[p.idx_xc], p.cu_xc, p.cu_xc,
+                                   p.max_xc, p.max_xc, scale, dropout, use_flash)
+    o_d = varlen_causal_attention(qf[p.idx_dq], kf[p.idx_dk], vf[p.idx_dk], p.cu_dq, p.cu_dk,
+                                  p.max_dq, p.max_dk, scale, dropout, use_flash)
     out = qf.new_zeros(B * L, Hq, d)
-    out = out.index_copy(0, layout.idx_xc, o_xc.to(out.dtype)).index_copy(0, layout.idx_dq, o_d.to(out.dtype))
+    out = out.index_copy(0, p.idx_xc, o_xc.to(out.dtype)).index_copy(0, p.idx_dq, o_d.to(out.dtype))
     return out.view(B, L, Hq, d)
 
 
