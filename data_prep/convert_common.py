@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from data_prep.samples import sanitize_key
+from pipeline.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD_SCRIPT = REPO / "data_prep" / "shard.py"
@@ -288,11 +289,7 @@ def finish(args: argparse.Namespace, log: ConversionLog, writer: ManifestWriter,
     """Print the summary, write the skipped-rows list, print / run the shard.py command."""
     manifest = writer.path
     skipped_path = manifest.with_name(manifest.name + ".skipped.jsonl")
-    tmp = skipped_path.with_name(skipped_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for s in log.skipped:
-            fh.write(json.dumps(s, ensure_ascii=False) + "\n")
-    os.replace(tmp, skipped_path)
+    atomic_write_text(skipped_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in log.skipped))
 
     print(f"\n{title}: {log.total_written} {kind} records -> {manifest}")
     print(log.table())

@@ -61,6 +61,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 import pipeline  # noqa: E402
 from data_prep.samples import KINDS, BadRow, record_key, record_to_sample  # noqa: E402
+from pipeline.fileio import atomic_write_bytes  # noqa: E402
 
 FORMAT_VERSION = 1
 # Common world sizes are powers of two up to 8 GPUs per node (times the node count); a shard
@@ -346,16 +347,7 @@ def write_shard(task: ShardTask) -> dict:
 def write_atomic(path: str | os.PathLike, data: bytes) -> bool:
     """Write via a temporary name + rename, unless the file already holds exactly ``data``
     (so a rerun leaves unchanged files, and their mtimes, alone).  True when written."""
-    try:
-        with open(path, "rb") as f:
-            if f.read() == data:
-                return False
-    except OSError:
-        pass
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    return atomic_write_bytes(path, data, skip_unchanged=True)
     return True
 
 

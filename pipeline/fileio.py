@@ -12,19 +12,35 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
-    """Write ``text`` to a temporary name beside ``path`` and rename it over ``path``.
-    ``fsync=True`` also flushes the data to disk first (checkpoint markers: the rename must
-    never reach the disk before the bytes it names)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False,
+                       skip_unchanged: bool = False) -> bool:
+    """Write ``data`` to a temporary name beside ``path`` and rename it over ``path``.
+
+    ``fsync=True`` flushes the bytes to disk before the rename (checkpoint markers: the rename
+    must never reach the disk before the data it names).  ``skip_unchanged=True`` leaves a file
+    that already holds exactly ``data`` alone, mtime included (idempotent data-prep reruns).
+    Returns whether the file was written."""
     path = Path(path)
+    if skip_unchanged:
+        try:
+            if path.read_bytes() == data:
+                return False
+        except OSError:
+            pass  # missing or unreadable: write it
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         if fsync:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+    return True
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 ``text``."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:

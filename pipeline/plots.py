@@ -12,10 +12,13 @@ that plotting works on headless nodes and inside SLURM jobs.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from typing import Mapping, Optional, Sequence
+
+from pipeline.fileio import atomic_write_bytes
 
 STEP_KEYS = ("step", "train/step", "global_step")
 
@@ -152,7 +155,6 @@ def plot_run(run_dir: str, out_png: Optional[str] = None) -> Optional[str]:
 
 def _save(fig, path: str) -> None:
     """Atomic: a reader (or a requeued job) never sees a half-written PNG."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
