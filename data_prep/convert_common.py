@@ -12,7 +12,8 @@ Every converter reads a public format, writes a manifest that ``data_prep/shard.
   and unique WebDataset keys.
 * :func:`finish` -- the summary table, the skipped-rows list beside the manifest
   (``<manifest>.skipped.jsonl``), the ``shard.py`` command and ``--shard``.
-* :func:`run_cli` -- an unusable invocation exits 2 with one line naming what to fix.
+* the CLI conventions (:mod:`data_prep.cli`): an unusable invocation exits 2 with one line
+  naming what to fix, ``--strict`` exits 1 at the first skipped row.
 
 Image paths go into the manifest as absolute paths: the manifest then stays valid wherever
 it is moved, and ``shard.py`` never has to guess which root a relative path meant.
@@ -27,8 +28,9 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
+from data_prep.cli import OneLineParser, StrictError, UsageError
 from data_prep.samples import sanitize_key
 from pipeline.fileio import atomic_write_text
 
@@ -36,14 +38,6 @@ REPO = Path(__file__).resolve().parent.parent
 SHARD_SCRIPT = REPO / "data_prep" / "shard.py"
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-class UsageError(Exception):
-    """The invocation cannot work at all (no such input, unknown column or subset): exit 2."""
-
-
-class StrictSkip(Exception):
-    """``--strict`` and a row had to be skipped: exit 1 with the row's location and reason."""
-
 
 def make_key(*parts: Any) -> str:
     """A WebDataset-safe key (``[A-Za-z0-9_-]+``) built from source identifiers."""
@@ -82,7 +76,7 @@ class ConversionLog:
             entry["detail"] = detail
         self.skipped.append(entry)
         if self.strict:
-            raise StrictSkip(f"{location}: {reason}" + (f" ({detail})" if detail else ""))
+            raise StrictError(f"{location}: {reason}" + (f" ({detail})" if detail else ""))
 
     def note(self, what: str, location: str, n: int = 1) -> None:
         """Something changed in a row that was still written (e.g. a marker with no image
@@ -244,15 +238,12 @@ class JSONError:
 
 
 # ------------------------------------------------------------------------------------- CLI
-class Parser(argparse.ArgumentParser):
-    """argparse with shard.py's convention: a bad invocation is one line and exit status 2."""
+class Parser(OneLineParser):
+    """shard.py's convention (data_prep/cli.py), plus the --shard-args check."""
 
     def __init__(self, doc: str):
         super().__init__(description=doc.strip().split("\n")[0], epilog=doc,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
 
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, namespace)
@@ -314,16 +305,3 @@ def finish(args: argparse.Namespace, log: ConversionLog, writer: ManifestWriter,
         print(f"error: shard.py exited with status {rc}; the manifest {manifest} is complete, "
               f"rerun the command above to resume (finished shards are kept)", file=sys.stderr)
     return rc
-
-
-def run_cli(main: Callable[[Optional[list[str]]], int], argv: Optional[list[str]] = None) -> int:
-    """Call ``main`` and map the converters' two failure kinds to exit statuses 2 and 1."""
-    try:
-        return main(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StrictSkip as e:
-        print(f"error (--strict): {e}", file=sys.stderr)
-        return 1
-

@@ -26,10 +26,11 @@ from typing import Optional
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_prep.cli import run_cli  # noqa: E402
 from data_prep.convert_common import (  # noqa: E402
     Parser,
     IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key,
-    progress, resolve_image, run_cli,
+    progress, resolve_image,
 )
 from pipeline.prompts import has_marker, strip_placeholders  # noqa: E402
 

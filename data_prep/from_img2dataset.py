@@ -35,10 +35,10 @@ from typing import Iterator, Optional
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_prep.cli import run_cli  # noqa: E402
 from data_prep.convert_common import (  # noqa: E402
     Parser,
     IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key, progress,
-    run_cli,
 )
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")

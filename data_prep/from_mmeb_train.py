@@ -49,10 +49,11 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 import numpy as np  # noqa: E402
 
+from data_prep.cli import run_cli  # noqa: E402
 from data_prep.convert_common import (  # noqa: E402
     Parser,
     ConversionLog, JSONError, ManifestWriter, UsageError, add_common_args, finish, make_key,
-    progress, read_json_records, resolve_image, run_cli,
+    progress, read_json_records, resolve_image,
 )
 from pipeline.prompts import has_marker, normalize_placeholders, strip_placeholders  # noqa: E402
 

@@ -60,6 +60,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402
+from data_prep.cli import OneLineParser, StrictError, UsageError, run_cli  # noqa: E402
 from data_prep.samples import KINDS, BadRow, record_key, record_to_sample  # noqa: E402
 from pipeline.fileio import atomic_write_bytes  # noqa: E402
 
@@ -68,19 +69,6 @@ FORMAT_VERSION = 1
 # count that is a multiple of 8 splits evenly over all of them.
 WORLD_MULTIPLE = 8
 TAR_MTIME = 0  # fixed member metadata: byte-identical tars on every machine and rerun
-
-
-class UsageError(Exception):
-    """The invocation cannot work at all: exit status 2, one line."""
-
-
-class StrictError(Exception):
-    """--strict and a row had to be skipped: exit status 1."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of usage + error
-        raise UsageError(f"{message} (see --help)")
 
 
 @dataclass
@@ -430,7 +418,7 @@ def _merge_sizes(out_dir: str, prefix: str, sizes: dict[str, int]) -> dict[str, 
 
 # -------------------------------------------------------------------------------------- main
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="manifest: .jsonl (any kind), .csv / .parquet (pair)")
     p.add_argument("--output", required=True, help="output folder (created)")
@@ -538,16 +526,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 --strict or nothing usable, 2 usage)."""
-    try:
-        return run(parse_args(argv))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StrictError as e:
-        print(f"error (--strict): {e}", file=sys.stderr)
-        return 1
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 0
+    return run_cli(lambda a: run(parse_args(a)), argv)
 
 
 if __name__ == "__main__":
