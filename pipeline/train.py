@@ -278,22 +278,21 @@ class _Window:
 
 def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, peak: Optional[float]) -> dict:
     """Reduce the window over ranks (collective: every rank calls it) and log on rank 0."""
-    loss = sum(w.losses) / len(w.losses) if w.losses else float("nan")
-    local = {
-        "loss": loss if w.losses else 0.0, "has_loss": 1.0 if w.losses else 0.0,
-        "sps": w.samples / max(w.time, 1e-9), "tps": w.tokens / max(w.time, 1e-9),
-        "flops": w.flops / max(w.time, 1e-9), "wait": w.data / max(w.time, 1e-9),
-        "mem": _peak_memory_gib(), "skipped_samples": float(source.skipped_samples),
-    }
-    mean = dist.all_reduce_dict(local, "mean")
-    skipped = dist.all_reduce_dict({"s": local["skipped_samples"]}, "sum")["s"]
-    mem = dist.all_reduce_dict({"m": local["mem"]}, "max")["m"]
+    t = max(w.time, 1e-9)
+    # Two collectives per log line: sums (per-GPU rates are sums / world) and the memory maximum.
+    tot = dist.all_reduce_dict({
+        "loss": sum(w.losses) / len(w.losses) if w.losses else 0.0, "has_loss": 1.0 if w.losses else 0.0,
+        "sps": w.samples / t, "tps": w.tokens / t, "flops": w.flops / t, "wait": w.data / t,
+        "skipped_samples": float(source.skipped_samples)}, "sum")
+    mem = dist.all_reduce_dict({"m": _peak_memory_gib()}, "max")["m"]
     world = dist.get_world_size()
-    loss_g = mean["loss"] * world / max(mean["has_loss"] * world, 1e-9) if mean["has_loss"] > 0 else float("nan")
+    mean = {k: v / world for k, v in tot.items()}
+    # mean over the ranks that had a finished step in the window
+    loss_g = tot["loss"] / tot["has_loss"] if tot["has_loss"] > 0 else float("nan")
     gn = eng.get_global_grad_norm()
     vals = {
         "loss/train": loss_g,
-        "optim/lr": w.lr if w.lr is not None else float(eng.get_lr()[0]),
+        "optim/lr": w.lr,
         "optim/grad_norm": float(gn) if gn is not None else None,
         "throughput/samples_per_s_per_gpu": mean["sps"],
         "throughput/tokens_per_s_per_gpu": mean["tps"],
@@ -302,7 +301,7 @@ def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, pe
         "memory/peak_gib": mem,
         "time/data_wait_share": mean["wait"],
         "time/step_s": w.time / max(w.steps, 1),
-        "data/skipped_samples": skipped,
+        "data/skipped_samples": tot["skipped_samples"],
         "data/samples_seen": float(state.samples_seen),
         "train/skipped_steps": float(state.skipped_steps),
     }
