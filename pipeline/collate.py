@@ -142,18 +142,22 @@ class Collator:
         """The dialogue's ids/targets, keeping whole turns while ``[X][C][D]`` fits
         ``model.max_length``; a first turn that alone is too long is cut at the limit."""
         max_len = self.cfg.max_length
-        d, t = self.proc.dialogue_ids(conv, loss_on)
-        if max_len is None or x_len + len(d) <= max_len:
-            return d, t
-        if x_len >= max_len:
-            raise ValueError(f"its image + compression tokens alone take {x_len} tokens >= model.max_length="
-                             f"{max_len}: raise model.max_length or lower model.max_pixels")
-        for turns in range(len(conv) - 1, 0, -1):
-            d, t = self.proc.dialogue_ids(conv[:turns], loss_on)
-            if x_len + len(d) <= max_len:
-                return d, t
-        d, t = self.proc.dialogue_ids(conv[:1], loss_on)
-        return d[: max_len - x_len], t[: max_len - x_len]
+        pieces = self.proc.dialogue_pieces(conv, loss_on)  # [head, turn_1, …]: tokenised once
+        total = sum(len(p) for p, _ in pieces)
+        if max_len is not None and x_len + total > max_len:
+            if x_len >= max_len:
+                raise ValueError(f"its image + compression tokens alone take {x_len} tokens >= model.max_length="
+                                 f"{max_len}: raise model.max_length or lower model.max_pixels")
+            keep, used = 2, len(pieces[0][0]) + len(pieces[1][0])  # at least the first turn (cut below)
+            while keep < len(pieces) and x_len + used + len(pieces[keep][0]) <= max_len:
+                used += len(pieces[keep][0])
+                keep += 1
+            pieces = pieces[:keep]
+        d = [i for p, _ in pieces for i in p]
+        t = [f for _, ts in pieces for f in ts]
+        if max_len is not None:
+            d, t = d[: max_len - x_len], t[: max_len - x_len]  # a first turn alone too long is cut
+        return d, t
 
     # ------------------------------------------------------------------------------ padding
     def _pad(self, seqs, targets, pv, grid) -> dict:

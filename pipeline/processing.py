@@ -93,23 +93,26 @@ class Processor:
         ids += self.text_ids(tail + a.turn_close() + a.assistant_open())
         return ids
 
-    def dialogue_ids(self, conversations: Sequence[dict], loss_on: str = "answer") -> tuple[list[int], list[bool]]:
-        """Token ids of D = ``Q_1 A_1 … Q_t A_t`` (ChatML turns after C) and a per-token flag "this
-        token is a target": answers (+ their end-of-turn token) for ``loss_on="answer"``,
-        every token of D for ``"all"``."""
+    def dialogue_pieces(self, conversations: Sequence[dict], loss_on: str = "answer"
+                        ) -> list[tuple[list[int], list[bool]]]:
+        """D = ``Q_1 A_1 … Q_t A_t`` (the ChatML turns after C) as ``[head, turn_1, …, turn_t]``
+        pieces of (token ids, per-token "is a target" flags): answers (+ their end-of-turn token)
+        for ``loss_on="answer"``, every token for ``"all"``.  Each turn is tokenised on its own,
+        so D of the first t turns is the concatenation of the first t + 1 pieces."""
         a = self.adapter
-        ids = self.text_ids(a.turn_close())  # closes the assistant turn that C occupies
-        target = [loss_on == "all"] * len(ids)
+        other = loss_on == "all"
+        head = self.text_ids(a.turn_close())  # closes the assistant turn that C occupies
+        answer_close = self.text_ids(a.turn_close().rstrip("\n"))
+        nl = self.text_ids("\n")
+        pieces = [(head, [other] * len(head))]
         for i, turn in enumerate(conversations):
             q, ans = turn.get("question"), turn.get("answer")
             if not q or ans is None:
                 raise ValueError(f"conversation turn {i} needs a non-empty 'question' and an 'answer', got {turn!r}")
             q_ids = self.text_ids(a.user_open() + q + a.turn_close() + a.assistant_open())
-            a_ids = self.text_ids(str(ans)) + self.text_ids(a.turn_close().rstrip("\n"))
-            nl = self.text_ids("\n")
-            ids += q_ids + a_ids + nl
-            target += [loss_on == "all"] * len(q_ids) + [True] * len(a_ids) + [loss_on == "all"] * len(nl)
-        return ids, target
+            a_ids = self.text_ids(str(ans)) + answer_close
+            pieces.append((q_ids + a_ids + nl, [other] * len(q_ids) + [True] * len(a_ids) + [other] * len(nl)))
+        return pieces
 
 
 def add_compression_tokens(tokenizer, k: int) -> int:
