@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from pipeline.evaluate import Encode, ItemTable, embed_items, rank_of_positive
-from pipeline.fileio import atomic_write_text
+from pipeline.fileio import atomic_write_json, atomic_write_text
 from pipeline.prompts import normalize_placeholders, strip_placeholders
 
 # The 36 MMEB v1 datasets by meta-task, and which are in-distribution (their training splits are
@@ -282,12 +282,12 @@ def run_mmeb(encode: Encode, mmeb_root: str, out_dir: str, datasets: Optional[Se
                       "split": "ID" if name in IN_DISTRIBUTION else "OOD",
                       "files": [os.path.relpath(f, mmeb_root) for f in files], "seconds": round(time.time() - t0, 2)})
         atomic_write_text(os.path.join(out_dir, f"{name}_pred.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
-        atomic_write_text(score_path, json.dumps(score, indent=2))  # last: its presence marks the dataset done
+        atomic_write_json(score_path, score)  # last: its presence marks the dataset done
         results[name] = score
         log(f"[{i + 1}/{len(datasets)}] {name}: P@1 {100 * score['precision@1']:.1f} over {score['n']} rows")
     summary = {"mmeb_root": os.path.abspath(mmeb_root), "datasets": results, "missing": missing, "failed": failed,
                "aggregate": aggregate({d: s["precision@1"] for d, s in results.items()}, datasets),
                "metric": "precision@1 (fraction); tables print percent"}
-    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+    atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
     atomic_write_text(os.path.join(out_dir, "summary.txt"), format_summary(summary) + "\n")
     return summary
