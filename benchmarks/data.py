@@ -86,6 +86,8 @@ def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[d
     paths = image_paths(manifest)
     n = len(paths)
     out = work / f"shards-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work / f"shards-{name}-x2", ignore_errors=True)
 
     def decode_loop():
         for p in paths:
@@ -93,17 +95,19 @@ def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[d
                 Image.open(io.BytesIO(f.read())).load()
 
     def run_shard(workers, dest):
-        def go():
-            shutil.rmtree(dest, ignore_errors=True)
+        rounds = iter(range(10**6))
+
+        def go():  # a fresh output folder each round; deleting the last one is not timed
+            d = dest / f"r{next(rounds)}"
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                rc = shard.main(["--input", str(manifest), "--output", str(dest), "--kind", "pair",
+                rc = shard.main(["--input", str(manifest), "--output", str(d), "--kind", "pair",
                                  "--samples-per-shard", str(max(1, n // 8)), "--workers", str(workers)])
             assert rc == 0
         return go
 
     write = best_times({"decode_loop": decode_loop, "shard.py": run_shard(1, out),
                         "shard.py x2": run_shard(2, work / f"shards-{name}-x2")}, repeats)
-    urls = sorted(str(p) for p in out.glob("train-*.tar"))
+    urls = sorted(str(p) for p in (out / "r0").glob("train-*.tar"))
 
     def plain_wds():
         for _ in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):

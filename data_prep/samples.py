@@ -24,6 +24,7 @@ marker.  Images are validated by decoding; their original bytes are kept unless
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -76,7 +77,12 @@ def record_key(record: Any, line: int, stem: str) -> str:
         key = sanitize_key(str(record["key"]))
         if key:
             return key
-    return f"{sanitize_key(stem) or 'row'}-{line:09d}"
+    return f"{_key_stem(stem)}-{line:09d}"
+
+
+@functools.lru_cache(maxsize=64)
+def _key_stem(stem: str) -> str:  # once per manifest, not once per row
+    return sanitize_key(stem) or "row"
 
 
 # ------------------------------------------------------------------------------------ images
@@ -91,7 +97,7 @@ def load_image(value: Any, base_dir: str, max_side: Optional[int] = None) -> tup
         raise BadRow("schema", f"image must be a non-empty path string, got {value!r}")
     path = value if os.path.isabs(value) else os.path.join(base_dir, value)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:  # one read of the whole file, no buffer layer
             data = f.read()
     except FileNotFoundError:
         raise BadRow("missing_image", f"{path} does not exist") from None
