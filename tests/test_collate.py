@@ -129,3 +129,71 @@ def test_max_length_drops_trailing_turns(proc):
     assert int(cut["attention_mask"].sum()) == x_len + 12                # first turn cut at the limit
     with pytest.raises(ValueError, match="model.max_length=10"):
         Collator(proc, model_cfg(max_length=10), kind="qa")(samples)
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Collated stage-1 and contrastive batches, made inside the DataLoader worker."""
+
+    def __init__(self, proc, packed):
+        self.proc, self.packed = proc, packed
+
+    def __iter__(self):
+        from pipeline.collate import PackedCollate
+
+        cfg = model_cfg()
+        qa, mm = Collator(self.proc, cfg, kind="qa"), Collator(self.proc, cfg, kind="mmeb")
+        mmeb = [{"__key__": "m", "kind": "mmeb", "task": "t", "meta": {},
+                 "query": {"text": "<image> which?", "image": image(56, 84)}, "positive": {"text": "3", "image": None},
+                 "negatives": [{"text": None, "image": image(56, 56, 4)}]}]
+        for make in (lambda s: qa(s), lambda s: [mm(mmeb), mm(mmeb)]):   # one batch; a list of chunks
+            yield (PackedCollate(make) if self.packed else make)(qa_samples())
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_packed_batches_cross_worker_processes_unchanged(proc, inline, monkeypatch):
+    """Packed (one buffer per batch) gives back the exact batch, dtypes and nesting included,
+    both by value (small) and through shared memory (large), from real worker processes."""
+    from pipeline.collate import Packed
+
+    monkeypatch.setattr(Packed, "INLINE_BYTES", 1 << 30 if inline else 0)  # workers fork: they see it
+    direct = list(_Batches(proc, packed=False))
+    dl = torch.utils.data.DataLoader(_Batches(proc, packed=True), batch_size=None, num_workers=1)
+    got = list(dl)
+    assert all(isinstance(p, Packed) for p in got)
+    assert isinstance(got[0].buf, torch.Tensor) is not inline
+    for want, p in zip(direct, got):
+        back = p.unpack()
+        assert _same(want, back)
+        # every tensor of the batch lives in one buffer, each view aligned for its dtype
+        leaves = list(back.values()) if isinstance(back, dict) else [t for c in back for s in ("query", "candidates")
+                                                                      for t in c[s].values()]
+        assert len({t.untyped_storage().data_ptr() for t in leaves}) == 1
+        assert all(t.data_ptr() % t.element_size() == 0 for t in leaves)
+
+
+def test_packed_odd_tensors():
+    from pipeline.collate import Packed
+
+    base = torch.arange(24, dtype=torch.float64).view(4, 6)
+    batch = {"t": base.t(), "e": torch.empty(0, 3, dtype=torch.int32), "b": torch.tensor([True, False, True]),
+             "h": torch.tensor([1.5], dtype=torch.float16), "n": 3, "s": "key", "x": (torch.tensor(7), [None])}
+    assert _same(batch, Packed(batch).unpack())
+
+
+def test_cached_tokenisation_matches_the_tokenizer(proc):
+    texts = ["What digit is shown?", "", "three", "What digit is shown?", "<|im_start|>user\nx<|im_end|>\n"]
+    want = [proc.tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in texts]
+    assert proc.many_text_ids(texts) == want
+    first = proc.text_ids("three")
+    first.append(-1)                                  # the caller owns the list it gets
+    assert proc.text_ids("three") == want[2] and proc.many_text_ids(texts) == want
