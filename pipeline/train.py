@@ -375,6 +375,7 @@ class LoaderSource(BatchSource):
     batch counts across ranks; corrupt samples are replaced by repeats and counted)."""
 
     def __init__(self, cfg: Config, plan, env, collator):
+        from pipeline.collate import PackedCollate
         from pipeline.data import loader_from_config
 
         self.stage = cfg.train.stage
@@ -383,9 +384,14 @@ class LoaderSource(BatchSource):
             batch, collate = plan.micro, collator
         else:
             batch, collate = plan.per_rank, ChunkCollate(collator, plan.cache_chunk or plan.per_rank)
+        # Workers hand over each batch as one buffer (pipeline/collate.py's Packed: one transfer
+        # instead of one per tensor, which otherwise is most of the data wait on a small model).
+        self.packed = cfg.data.workers > 0
+        if self.packed:
+            collate = PackedCollate(collate)
         try:
             self.loader = loader_from_config(cfg.data, batch, rank=env.rank, world_size=env.world_size,
-                                             collate_fn=collate, drop_last=True)
+                                             collate_fn=collate, drop_last=True, **loader_settings(cfg, plan))
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"data.sources: {e}") from None
         self.steps_per_epoch = len(self.loader) // self.acc
@@ -399,7 +405,8 @@ class LoaderSource(BatchSource):
 
     def _batches(self) -> Iterator:
         while True:  # ShardLoader moves to the next epoch by itself at the end of one
-            yield from self.loader
+            for b in self.loader:
+                yield b.unpack() if self.packed else b
 
     def __iter__(self) -> Iterator[list]:
         it = self._batches()
@@ -412,6 +419,19 @@ class LoaderSource(BatchSource):
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
+
+
+def loader_settings(cfg: Config, plan) -> dict:
+    """DataLoader knobs that follow from the run rather than from ``cfg.data``: enough prefetch
+    for one whole optimizer step plus the next (stage 1 takes ``accumulation`` batches per step,
+    and the DataLoader's default of 2 per worker would leave a step waiting on the rest), and
+    pinned memory when batches go to a CUDA device (the copies in ``to_device`` are non-blocking)."""
+    import torch
+
+    workers = cfg.data.workers
+    per_step = plan.accumulation if cfg.train.stage == 1 else 1
+    return {"prefetch_factor": max(2, -(-2 * per_step // workers)) if workers > 0 else None,
+            "pin_memory": workers > 0 and torch.cuda.is_available()}
 
 
 def make_loader(cfg: Config, plan, env) -> LoaderSource:
