@@ -154,9 +154,9 @@ def _text(value: Any, what: str, allow_none: bool = False) -> Optional[str]:
 def _check_fields(record: Any, kind: str) -> dict:
     if not isinstance(record, dict):
         raise BadRow("schema", f"a record must be a JSON object, got {type(record).__name__}")
-    unknown = sorted(set(record) - RECORD_FIELDS[kind])
+    unknown = record.keys() - RECORD_FIELDS[kind]
     if unknown:
-        raise BadRow("schema", f"unknown field(s) {unknown} for kind {kind}; "
+        raise BadRow("schema", f"unknown field(s) {sorted(unknown)} for kind {kind}; "
                                f"allowed: {sorted(RECORD_FIELDS[kind])}")
     meta = record.get("meta")
     if meta is not None and not isinstance(meta, dict):
@@ -191,8 +191,12 @@ def _side(value: Any, name: str, base_dir: str, max_side: Optional[int],
     return {"text": text, "image": member}
 
 
+# One encoder for every sample: json.dumps with non-default options builds a new encoder per call.
+_SAMPLE_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
 def _json_bytes(obj: dict) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return _SAMPLE_JSON.encode(obj).encode("utf-8")
 
 
 def record_to_sample(record: Any, kind: str, key: str, line: int, base_dir: str,
