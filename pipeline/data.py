@@ -334,10 +334,16 @@ class ShardDataset(IterableDataset):
         it = self._shuffled(self._raw(wp, k, ctx), rng)
         if self.task_batch_size:
             it = self._task_runs(it)
-        it = self._decoded(itertools.islice(it, sum(wp.batch_sizes[:skip]), None), ctx)
+        # Batches consumed before a resume: read past their raw samples (same shuffle state),
+        # undecoded.  What reading them counted (corrupt or short shards, padding) is already
+        # in the checkpoint's counters, so it is reported from here on as a delta only.
+        for _ in itertools.islice(it, sum(wp.batch_sizes[:skip])):
+            pass
+        base = Counter(ctx)
+        it = self._decoded(it, ctx)
         for size in wp.batch_sizes[skip:]:
             batch = list(itertools.islice(it, size))
-            yield _Item(self.collate_fn(batch), k, dict(ctx))
+            yield _Item(self.collate_fn(batch), k, dict(ctx - base))
 
 
 # ------------------------------------------------------------------------------------ loader

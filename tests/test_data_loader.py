@@ -202,6 +202,37 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(pairs, tmp_
     assert len(keys(loader)) == 6 and loader.metrics()["data/corrupt_shards"] == 2
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_counts_corrupt_data_once(pairs, tmp_path, workers):
+    """Counters restored from a checkpoint plus what the resumed loader counts equal the
+    uninterrupted run's: re-reading the consumed prefix (a truncated shard) is not counted twice."""
+    bad = tmp_path / "bad"
+    shutil.copytree(pairs, bad)
+    with open(bad / "train-000000.tar", "r+b") as f:
+        f.truncate(os.path.getsize(bad / "train-000000.tar") // 2)
+
+    def make():
+        return build_loader(str(bad), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=workers,
+                            seed=1, shuffle_buffer=3, drop_last=False)
+
+    full = make()
+    reference = keys(full)
+    want = full.metrics()
+    assert want["data/corrupt_shards"] >= 1 and want["data/padded_samples"] >= 1
+    for stop in range(1, len(reference)):
+        first = make()
+        seen = []
+        for batch in first:
+            seen += keys([batch])
+            if len(seen) == stop:
+                break
+        resumed = make()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        seen += keys(resumed)
+        assert seen == reference, stop
+        assert resumed.metrics() == want, stop
+
+
 def test_task_homogeneous_sub_batches(mmeb):
     loader = build_loader(str(mmeb), kind="mmeb", batch_size=6, rank=0, world_size=1, num_workers=2,
                           task_batch_size=3, drop_last=True)
