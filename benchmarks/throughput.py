@@ -28,9 +28,27 @@ after ``--warmup`` steps of each, so drift on a shared machine hits both; the re
 time is the median over blocks of the block means (max over ranks: the slowest rank sets the
 pace).  Targets: pipeline ≤ 1.05 × bare, data wait ≤ 5 % of the step.
 
+What keeps the comparison fair:
+
+* all three run in the same processes with the same torch threads, set as training sets them
+  (``pipeline.train.set_cpu_threads``: on a CPU run, the node's cores per rank less one per
+  loader worker, unless ``OMP_NUM_THREADS`` is set), so neither side gains from a thread count
+  the other does not get;
+* the synthetic source hands batches over exactly as ``LoaderSource`` does (packed buffers,
+  the same prefetch and pinning from ``pipeline.train.loader_settings``);
+* the iterator that pre-collates the bare batches is closed before timing, so no extra
+  DataLoader worker lives through the timed blocks.
+
+``loader_cpu_step_s`` is the loader's own CPU cost per step (read, decode, collate) measured in
+process, outside the timed blocks.  On a GPU node it runs on idle cores beside the step; on a
+CPU-only machine whose cores are all busy with the model (2 ranks on 2 cores), it is taken from
+the step itself, so there ``pipeline / bare`` is bounded below by roughly
+``1 + loader_cpu_share``, whatever the loader settings.
+
 One JSON row per run appended to ``benchmarks/results/throughput.jsonl`` (git sha, device, world
 size, ZeRO stage, batch, mean sequence length, versions, samples/s, tokens/s, TFLOPs and MFU per
-GPU, peak memory, data-wait share, both step times and their ratio); a table is printed.
+GPU, peak memory, data-wait share, the step times and their ratios, loader CPU per step, torch
+threads and loader workers); a table is printed.
 """
 from __future__ import annotations
 
@@ -50,7 +68,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from pipeline.train import BatchSource  # noqa: E402
+from pipeline.collate import Packed  # noqa: E402
+from pipeline.train import BatchSource, loader_settings  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ synthetic data
@@ -69,9 +88,12 @@ class SyntheticSource(BatchSource):
         self.collator = Collator(processor, cfg.model, kind=kind)
         self.cfg, self.plan, self.env, self.image_size = cfg, plan, env, image_size
         self.part = plan.micro if cfg.train.stage == 1 else (plan.cache_chunk or plan.per_rank)
+        self.packed = cfg.data.workers > 0  # the same transport and loader knobs as LoaderSource
+        settings = loader_settings(cfg, plan)
         self._loader = torch.utils.data.DataLoader(
             _SyntheticStream(self), batch_size=None, num_workers=max(cfg.data.workers, 0),
-            prefetch_factor=4 if cfg.data.workers > 0 else None, persistent_workers=cfg.data.workers > 0)
+            prefetch_factor=settings["prefetch_factor"], pin_memory=settings["pin_memory"],
+            persistent_workers=cfg.data.workers > 0)
 
     def sample(self, i: int) -> dict:
         import numpy as np
@@ -90,7 +112,8 @@ class SyntheticSource(BatchSource):
                 "positive": {"text": f"a handwritten {w}", "image": None}, "negatives": []}
 
     def __iter__(self):
-        return iter(self._loader)
+        for parts in self._loader:
+            yield parts.unpack() if self.packed else parts
 
 
 class _SyntheticStream(torch.utils.data.IterableDataset):
@@ -105,8 +128,41 @@ class _SyntheticStream(torch.utils.data.IterableDataset):
         while True:
             base = (step * src.env.world_size + src.env.rank) * src.plan.per_rank
             samples = [src.sample(base + j) for j in range(src.plan.per_rank)]
-            yield [src.collator(samples[j:j + src.part]) for j in range(0, len(samples), src.part)]
+            parts = [src.collator(samples[j:j + src.part]) for j in range(0, len(samples), src.part)]
+            yield Packed(parts) if src.packed else parts
             step += nw
+
+
+def loader_cpu_per_step(cfg, plan, env, data: str, processor, image_size: int, steps: int) -> float:
+    """CPU seconds one rank's loader spends per optimizer step (read, decode, collate: what the
+    DataLoader workers do, less packing and the hand-over), measured in this process on the same
+    data with ``data.workers=0``.  Not in the
+    timed blocks.  On a GPU this work overlaps the step on otherwise idle cores; where the cores
+    are all busy with compute (a CPU run), it is taken from the step, so ``pipeline / bare`` cannot
+    fall below about ``1 + loader_cpu_step_s / bare_step_s`` divided by the spare cores."""
+    import copy
+
+    from pipeline.train import make_loader
+
+    if data == "synthetic":
+        src = SyntheticSource.__new__(SyntheticSource)  # in-process: no DataLoader, same samples and collator
+        from pipeline.collate import Collator
+
+        src.collator = Collator(processor, cfg.model, kind="qa" if cfg.train.stage == 1 else "mmeb")
+        src.cfg, src.plan, src.env, src.image_size, src.packed = cfg, plan, env, image_size, False
+        src.part = plan.micro if cfg.train.stage == 1 else (plan.cache_chunk or plan.per_rank)
+        stream = iter(_SyntheticStream(src))
+    else:
+        c = copy.deepcopy(cfg)
+        c.data.workers = 0
+        stream = iter(make_loader(c, plan, env))
+    next(stream)  # first step: shuffle buffer fill, shard open
+    t0 = time.process_time()
+    for _ in range(steps):
+        next(stream)
+    cpu = (time.process_time() - t0) / steps
+    stream.close()
+    return cpu
 
 
 # ------------------------------------------------------------------------- random-init shapes
@@ -196,7 +252,8 @@ def main(argv: list) -> int:
     from pipeline.config import load_config
     from pipeline.engine import build, plan_batches, zero_stage
     from pipeline.metrics import Metrics
-    from pipeline.train import Loop, StepRunner, TrainState, _count_tokens, make_loader, parse_cli, seed_all, setup_logging
+    from pipeline.train import (Loop, StepRunner, TrainState, _count_tokens, make_loader, parse_cli, seed_all,
+                                set_cpu_threads, setup_logging)
 
     argv = list(argv)
     warmup = _pop_flag(argv, "--warmup", 3, int)
@@ -222,6 +279,7 @@ def main(argv: list) -> int:
 
     env = dist.init(cfg.train.dist_timeout_s)
     setup_logging(None, env.rank)
+    set_cpu_threads(cfg, env)  # as train() does: all three loops run with these threads
     if shape is not None:
         where = Path(shape_dir or Path(tempfile.gettempdir()) / f"coma-{shape}")
         if env.rank == 0:
@@ -246,6 +304,10 @@ def main(argv: list) -> int:
     # Batches for the bare loop, collated up front from the same source (not timed).
     it = iter(source)
     bare_batches = [next(it) for _ in range(min(steps, 8))]
+    # Close this second iterator: its DataLoader worker would otherwise stay alive through the
+    # timed blocks with a prefetch queue of its own.
+    if hasattr(it, "close"):
+        it.close()
     tok_per_step, seqs, _ = _count_tokens(bare_batches[0])
 
     class _InMemory(BatchSource):
@@ -296,8 +358,9 @@ def main(argv: list) -> int:
         mem_loop.window = type(mem_loop.window)()
         mem_t.append(timed(mem_block, steps))
         bare_t.append(timed(bare_block, steps))
+    loader_cpu = loader_cpu_per_step(cfg, plan, env, data, built.model.processor, image_size, steps)
     red = dist.all_reduce_dict({"pipe": statistics.median(pipe_t), "mem": statistics.median(mem_t),
-                                "bare": statistics.median(bare_t)}, "max")
+                                "bare": statistics.median(bare_t), "loader_cpu": loader_cpu}, "max")
     last = logged[-1] if logged else {}
     metrics.close()
 
@@ -322,6 +385,8 @@ def main(argv: list) -> int:
             "warmup": warmup, "steps": steps, "rounds": rounds,
             "pipeline_step_s": red["pipe"], "loop_in_memory_step_s": red["mem"], "bare_step_s": red["bare"],
             "overhead_ratio": red["pipe"] / red["bare"], "loop_overhead_ratio": red["mem"] / red["bare"],
+            "loader_cpu_step_s": red["loader_cpu"], "loader_cpu_share": red["loader_cpu"] / red["bare"],
+            "torch_threads": torch.get_num_threads(), "data_workers": cfg.data.workers,
             "load_average": os.getloadavg()[0],
             "samples_per_s_per_gpu": last.get("throughput/samples_per_s_per_gpu"),
             "tokens_per_s_per_gpu": last.get("throughput/tokens_per_s_per_gpu"),
@@ -338,7 +403,7 @@ def main(argv: list) -> int:
         for k, f in [("device", "{}"), ("world_size", "{}"), ("zero_stage", "{}"), ("stage", "{}"),
                      ("global_batch", "{}"), ("mean_seq_len", "{:.1f}"), ("bare_step_s", "{:.4f}"),
                      ("pipeline_step_s", "{:.4f}"), ("loop_in_memory_step_s", "{:.4f}"), ("overhead_ratio", "{:.3f}"),
-                     ("loop_overhead_ratio", "{:.3f}"), ("data_wait_share", "{:.2%}"), ("load_average", "{:.1f}"),
+                     ("loop_overhead_ratio", "{:.3f}"), ("loader_cpu_step_s", "{:.4f}"), ("loader_cpu_share", "{:.2%}"), ("data_wait_share", "{:.2%}"), ("load_average", "{:.1f}"),
                      ("samples_per_s_per_gpu", "{:.2f}"), ("tokens_per_s_per_gpu", "{:.0f}"),
                      ("tflops_per_gpu", "{:.4g}"), ("mfu", "{:.2%}"), ("peak_memory_gib", "{:.2f}")]:
             print(f"| {k} | {fmt(row[k], f)} |")

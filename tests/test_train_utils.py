@@ -76,3 +76,21 @@ def test_loader_source_workers_give_the_same_steps(builtin_dir, stage):
                               [(f"{s}.{k}", v) for s in ("query", "candidates") for k, v in d[s].items()])}
             fx, fy = flat(x), flat(y)
             assert fx.keys() == fy.keys() and all(torch.equal(fx[k], fy[k]) and fx[k].dtype == fy[k].dtype for k in fx)
+
+
+def test_cpu_threads_leave_cores_to_the_loader_workers():
+    """CPU runs: a node's cores shared among its ranks, one per DataLoader worker left to the
+    collator; OMP_NUM_THREADS, when set, is the user's choice and wins."""
+    import os
+    from types import SimpleNamespace
+
+    from pipeline.train import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    cfg = lambda w: SimpleNamespace(data=SimpleNamespace(workers=w))  # noqa: E731
+    env = lambda n: SimpleNamespace(local_world_size=n)  # noqa: E731
+    assert cpu_threads(cfg(0), env(1), environ={}) == cores
+    assert cpu_threads(cfg(1), env(1), environ={}) == max(1, cores - 1)
+    assert cpu_threads(cfg(2), env(2), environ={}) == max(1, cores // 2 - 2)
+    assert cpu_threads(cfg(4), env(64), environ={}) == 1
+    assert cpu_threads(cfg(1), env(1), environ={"OMP_NUM_THREADS": "3"}) is None
