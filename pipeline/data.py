@@ -68,7 +68,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data_plan import Piece, Plan, Source, WorkerPlan, expand_sources, shard_sizes, split_name
+from pipeline.data_plan import (Piece, Plan, Source, WorkerPlan, expand_sources, open_tar, shard_sizes,
+                                split_name)
 
 __all__ = ["build_loader", "loader_from_config", "ShardLoader", "ShardDataset", "decode_sample",
            "default_collate", "Plan", "Source", "expand_sources", "shard_sizes", "KINDS", "COUNTERS"]
@@ -81,14 +82,6 @@ COUNTERS = ("corrupt_samples", "corrupt_shards", "padded_samples")
 
 
 # ------------------------------------------------------------------------------------ reading
-def _open_tar(url: str):
-    if os.path.exists(url):
-        return tarfile.open(url, "r:")  # seekable: skipped members are never read
-    from webdataset.gopen import gopen  # pipe:, http(s):, … streamed
-
-    return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
-
-
 def _info(raw: dict) -> dict:
     """A raw sample's JSON member, parsed once (task grouping and decoding both need it)."""
     if "__info__" not in raw:
@@ -188,7 +181,7 @@ class ShardDataset(IterableDataset):
         source = self.plan.sources[self.plan.shard_source[piece.shard]].name
         seen, got, cur = 0, 0, None
         try:
-            with _open_tar(url) as tf:
+            with open_tar(url) as tf:
                 for m in tf:
                     if not m.isfile():
                         continue

@@ -3,8 +3,9 @@ and the plan.  Pure Python (no torch), so every rank computes the same plan inde
 
 How an epoch is cut (deterministic mode)
 ----------------------------------------
-Every rank reads ``sizes.json`` beside the shards (written by ``shard.py``; shards missing
-from it are counted by scanning their tar headers), so every rank computes the same plan
+Every rank reads ``sizes.json`` beside the shards (written by ``shard.py``; found through the
+same ``pipe:``/URL for remote shards; shards missing from it are counted by scanning their tar
+headers), so every rank computes the same plan
 without any collective:
 
 1. the shard list is permuted from ``(seed, epoch)``; the epoch is the concatenation of those
@@ -35,6 +36,7 @@ import logging
 import math
 import os
 import random
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -97,34 +99,76 @@ def expand_sources(shards: Any, weights: Any = None) -> list[Source]:
 
 def shard_sizes(urls: Sequence[str]) -> list[int]:
     """Sample counts from the ``sizes.json`` beside each shard; a shard missing from it (or a
-    folder without one) is counted from its tar headers, with a warning."""
+    folder without one) is counted from its tar headers, with a warning.
+
+    Remote shards (``pipe:…``, ``http(s)://…``) find theirs through the same command or
+    address with the shard's file name replaced by ``sizes.json``: ``pipe:aws s3 cp
+    s3://b/d/train-000001.tar -`` reads ``pipe:aws s3 cp s3://b/d/sizes.json -``."""
     cache: dict[str, dict] = {}
     out = []
     for url in urls:
-        d = os.path.dirname(url)
-        if d not in cache:
-            try:
-                with open(os.path.join(d, "sizes.json"), encoding="utf-8") as f:
-                    cache[d] = json.load(f)
-            except (OSError, ValueError):
-                cache[d] = {}
-        n = cache[d].get(os.path.basename(url))
+        where, name = sizes_location(url)
+        if where not in cache:
+            cache[where] = _read_sizes(where)
+        n = cache[where].get(name)
         if n is None:
-            log.warning("%s is not in %s/sizes.json: counting its samples from the tar headers "
-                        "(write shards with data_prep/shard.py to avoid this)", url, d or ".")
+            log.warning("%s is not in %s: counting its samples from the tar headers "
+                        "(write shards with data_prep/shard.py, and keep its sizes.json beside them, "
+                        "to avoid this)", url, where)
             n = _count_samples(url)
         out.append(int(n))
     return out
 
 
+_SHARD_FILE = re.compile(r"[^\s/'\"]+\.tar(?![\w.])")
+
+
+def sizes_location(url: str) -> tuple[str, str]:
+    """(where the ``sizes.json`` that counts shard ``url`` is, the shard's key in it)."""
+    if is_local(url):
+        return os.path.join(os.path.dirname(url), "sizes.json"), os.path.basename(url)
+    found = list(_SHARD_FILE.finditer(url))
+    if not found:
+        return f"(no .tar file name in {url!r})", url
+    m = found[-1]
+    return url[:m.start()] + "sizes.json" + url[m.end():], m.group(0)
+
+
+def is_local(url: str) -> bool:
+    """A plain file path (read seekably); anything else goes through ``webdataset.gopen``."""
+    return os.path.exists(url) or not (url.startswith("pipe:") or "://" in url)
+
+
+def open_tar(url: str) -> tarfile.TarFile:
+    """A local shard seekably (skipped members are never read); a remote one streamed."""
+    if is_local(url):
+        return tarfile.open(url, "r:")
+    from webdataset.gopen import gopen
+
+    return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+
+
+def _read_sizes(where: str) -> dict:
+    try:
+        if is_local(where):
+            with open(where, encoding="utf-8") as f:
+                return json.load(f)
+        from webdataset.gopen import gopen
+
+        with gopen(where, "rb") as f:
+            return json.loads(f.read())
+    except Exception:  # noqa: BLE001 — missing/unreachable/invalid: count from the tars instead
+        return {}
+
+
 def _count_samples(url: str) -> int:
     keys = set()
     try:
-        with tarfile.open(url, "r:") as tf:
+        with open_tar(url) as tf:
             for m in tf:
                 if m.isfile():
                     keys.add(split_name(m.name)[0])
-    except (OSError, tarfile.TarError) as e:
+    except Exception as e:  # noqa: BLE001 — OSError, TarError, a failed pipe command, …
         log.warning("cannot count samples of %s (%s): treated as empty", url, e)
     return len(keys)
 

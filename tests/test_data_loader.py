@@ -296,3 +296,22 @@ def test_caps_are_per_source_even_with_equal_names():
         for shard, take in plan.sequence(epoch):
             taken[plan.shard_source[shard]] += take
         assert taken == {0: 5, 1: 6} and plan.total == 11
+
+
+def test_remote_shards_find_sizes_json_through_the_same_command(pairs, caplog):
+    """pipe:/http shards: sizes.json is read through the same command with the shard's file
+    name swapped (no fallback to counting — which for a pipe: shard used to give 0 samples)."""
+    from pipeline.data_plan import sizes_location
+
+    assert sizes_location("pipe:aws s3 cp s3://b/d/train-000001.tar -") == \
+        ("pipe:aws s3 cp s3://b/d/sizes.json -", "train-000001.tar")
+    assert sizes_location("https://h/d/val-000002.tar?sig=1") == ("https://h/d/sizes.json?sig=1", "val-000002.tar")
+
+    caplog.set_level(logging.WARNING, logger="pipeline.data_plan")
+    local = build_loader(str(pairs), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, seed=2)
+    remote = build_loader(f"pipe:cat {pairs}/train-{{000000..000002}}.tar", kind="pair", batch_size=3, rank=0,
+                          world_size=1, num_workers=0, seed=2)
+    assert remote.dataset.plan.sizes == [7, 7, 3]
+    assert keys(remote) == keys(local)
+    assert remote.metrics()["data/corrupt_shards"] == 0 and "counting its samples" not in caplog.text
+
