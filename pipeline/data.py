@@ -55,12 +55,14 @@ the plan differs: the loader warns and resumes at the same fraction of the epoch
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
 import logging
 import os
 import random
+import sys
 import tarfile
 from collections import Counter
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -339,6 +341,26 @@ class ShardDataset(IterableDataset):
             yield _Item(self.collate_fn(batch), k, dict(ctx - base))
 
 
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn`` (bind ``parent_pid`` with functools.partial in the rank):
+    on Linux the kernel SIGKILLs this worker when the rank that forked it dies.
+
+    Why: when a rank is killed mid-step (OOM killer, a failed node, a crash in a CUDA kernel),
+    PyTorch's workers notice the dead parent but then block forever at interpreter exit,
+    flushing result batches into the queue pipe whose only other readers are the sibling
+    workers, stuck the same way.  Those orphans keep the job's stdout/stderr open, so
+    ``torchrun``, ``srun`` or a CI runner waiting for end-of-output hangs with them."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent_pid:  # the rank died between fork and prctl
+        os._exit(1)
+
+
 # ------------------------------------------------------------------------------------ loader
 class ShardLoader:
     """Iterates one rank's batches epoch by epoch (see module docstring); wraps a
@@ -373,6 +395,8 @@ class ShardLoader:
         kwargs = {}
         if self.num_workers > 0 and self.prefetch_factor:
             kwargs["prefetch_factor"] = self.prefetch_factor
+        if self.num_workers > 0:
+            kwargs["worker_init_fn"] = functools.partial(die_with_parent, os.getpid())
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                         pin_memory=self.pin_memory, **kwargs)
         for item in dl:

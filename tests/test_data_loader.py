@@ -315,3 +315,46 @@ def test_remote_shards_find_sizes_json_through_the_same_command(pairs, caplog):
     assert keys(remote) == keys(local)
     assert remote.metrics()["data/corrupt_shards"] == 0 and "counting its samples" not in caplog.text
 
+
+KILLED_RANK = r"""
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from pipeline.data import build_loader
+loader = build_loader(sys.argv[2], kind="pair", batch_size=4, rank=0, world_size=1, num_workers=2,
+                      prefetch_factor=8, shuffle_buffer=1)
+it = iter(loader)
+next(it)
+time.sleep(3)  # let the workers fill the result queue's pipe
+me = str(os.getpid())
+kids = [p for p in os.listdir("/proc") if p.isdigit() and open(f"/proc/{p}/stat").read().split(") ")[1].split()[1] == me]
+print(" ".join(kids), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a rank dying hard mid-epoch
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_die_with_their_rank(tmp_path):
+    """A rank killed mid-epoch leaves no DataLoader worker behind (they used to block forever
+    flushing a full result pipe, holding the job's stdout open: the launcher never returned)."""
+    import time
+
+    big = tmp_path / "big"  # 256 px images: a few prefetched batches overflow a 64 KiB pipe
+    manifest = dataset(big, "pair", 24, size=(256, 256))
+    assert shard.main(["--input", str(manifest), "--output", str(big / "shards"), "--kind", "pair",
+                       "--samples-per-shard", "6", "--workers", "1"]) == 0
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        proc = subprocess.run([sys.executable, "-c", KILLED_RANK, str(REPO), str(big / "shards")], stdout=f,
+                              stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == -9, out.read_text()[-2000:]
+    workers = out.read_text().split()
+    assert len(workers) == 2, out.read_text()[-2000:]
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and
+                 open(f"/proc/{p}/stat").read().split(") ")[1].split()[0] != "Z"]
+    for p in alive:  # leave nothing behind even when the assertion fails
+        os.kill(int(p), 9)
+    assert not alive, f"DataLoader workers {alive} outlived their rank"
