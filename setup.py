@@ -62,7 +62,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.2"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "wandb>=0.17"],  # wandb: tests/test_wandb.py, offline
         "gpu": ["flash-attn>=2.6"],
         "wandb": ["wandb>=0.17"],
     },

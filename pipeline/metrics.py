@@ -12,9 +12,12 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from pipeline.fileio import atomic_write_text
 
 log = logging.getLogger("coma.train")
 
@@ -64,7 +67,18 @@ class Metrics:
                             "logging to metrics.jsonl and TensorBoard only")
             else:
                 self._wandb = _wandb.init(project=wandb_project, name=run_name, dir=str(self.run_dir),
-                                          config=dict(config or {}), resume="allow")
+                                          id=self._wandb_id(), config=dict(config or {}), resume="allow")
+
+    def _wandb_id(self) -> str:
+        """The W&B run id, kept in the run directory: a resumed run (``--resume auto``, a
+        requeued SLURM job) continues the same W&B run instead of starting a new one."""
+        path = self.run_dir / "wandb_id.txt"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            run_id = secrets.token_hex(6)  # W&B ids: letters/digits, unique per project
+            atomic_write_text(path, run_id + "\n")
+            return run_id
 
     def log(self, step: int, values: Mapping[str, float], console: bool = True) -> None:
         """Record ``values`` (namespaced keys → floats) for optimizer step ``step``."""
