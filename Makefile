@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.coma-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv bench clean-venv
+.PHONY: demo test venv bench wheelhouse clean-venv
 
 venv: $(STAMP)
 
@@ -37,3 +37,6 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+wheelhouse: $(STAMP)   # .whl/ for a GPU machine without network (see benchmarks/gpu_session.sh)
+	PY=$(PY) bash benchmarks/wheelhouse.sh
