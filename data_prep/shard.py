@@ -53,6 +53,8 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
@@ -62,7 +64,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402
-from data_prep.cli import OneLineParser, StrictError, UsageError, run_cli  # noqa: E402
+from data_prep.cli import OneLineParser, RunError, StrictError, UsageError, run_cli  # noqa: E402
 from data_prep.samples import KINDS, BadRow, record_key, record_to_sample  # noqa: E402
 from pipeline.fileio import atomic_write_bytes  # noqa: E402
 
@@ -387,15 +389,23 @@ def _run_tasks(tasks: list[ShardTask], settings: Settings, workers: int, bar) ->
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
+    # A ProcessPoolExecutor, not multiprocessing.Pool: when a worker dies (the OOM killer, a
+    # segfault in an image library) Pool silently replaces it and waits forever for the lost
+    # shard; the executor raises BrokenProcessPool, and the run stops with a message instead.
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
+                               initargs=(settings, queue))
     try:
-        with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(settings, queue)) as pool:
-            # Ordered: with --strict the error surfacing first is that of the earliest shard.
-            written = {st["shard"]: st for st in pool.imap(write_shard, tasks)}
-            # Normal end: let workers exit on their own so their queued ticks are flushed;
-            # on an exception the with-block terminates them instead.
-            pool.close()
-            pool.join()
+        # Ordered: with --strict the error surfacing first is that of the earliest shard.
+        written = {st["shard"]: st for st in pool.map(write_shard, tasks)}
+        # Normal end: workers exit on their own, so their queued ticks are flushed.
+        pool.shutdown(wait=True)
+    except BrokenProcessPool:
+        done = sum(is_complete(t, settings.out_dir) for t in tasks)
+        raise RunError(f"a shard worker process died (killed by the system, e.g. out of memory?) after "
+                       f"{done} of {len(tasks)} shard(s) were complete; they are kept: rerun the same "
+                       f"command to write the rest (fewer --workers use less memory)") from None
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         stop.set()
         reader.join(timeout=5)  # daemon: a reader stuck on a half-written tick never blocks exit
     return written

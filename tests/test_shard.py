@@ -308,3 +308,46 @@ def test_parallel_runs_exit_cleanly_as_a_command(tmp_path):
         strict = subprocess.run(cmd + ["--input", str(bad), "--output", str(tmp_path / f"strict{i}"), "--strict"],
                                 capture_output=True, text=True, timeout=120)
         assert strict.returncode == 1 and "missing_image" in strict.stderr, strict.stderr
+
+
+def test_a_killed_worker_stops_the_run_and_a_rerun_finishes(tmp_path):
+    """A worker killed mid-run (as the OOM killer would) ends the run with exit 1 and a message
+    (multiprocessing.Pool used to wait forever for the lost shard); the rerun completes, and its
+    tars equal a clean run's."""
+    import signal
+    import time
+
+    manifest = dataset(tmp_path, "pair", 48, size=(640, 640))  # ~ms per image: the run lasts a while
+    cmd = [sys.executable, str(REPO / "data_prep" / "shard.py"), "--input", str(manifest), "--workers", "2",
+           "--samples-per-shard", "3", "--max-image-side", "64"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd + ["--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    me, victim, deadline = str(proc.pid), None, time.time() + 60
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        kids = [p for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")]
+        for p in kids:
+            try:
+                ppid = open(f"/proc/{p}/stat").read().rsplit(") ", 1)[1].split()[1]
+            except OSError:
+                continue
+            if ppid == me and any(out.glob("*_stats.json")):  # a worker, once work is under way
+                victim = int(p)
+                break
+        time.sleep(0.01)
+    assert victim is not None, "the run ended before a worker could be killed; make it longer"
+    os.kill(victim, signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("shard.py hung after a worker was killed") from None
+    assert proc.returncode == 1 and "worker process died" in err and "rerun the same command" in err, err
+
+    assert subprocess.run(cmd + ["--output", str(out)], capture_output=True, timeout=120).returncode == 0
+    clean = tmp_path / "clean"
+    assert subprocess.run(cmd + ["--output", str(clean)], capture_output=True, timeout=120).returncode == 0
+    tars = sorted(p.name for p in clean.glob("*.tar"))
+    assert tars == sorted(p.name for p in out.glob("*.tar")) and len(tars) == 16
+    for t in tars:
+        assert (out / t).read_bytes() == (clean / t).read_bytes(), t
