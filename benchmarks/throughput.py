@@ -399,6 +399,7 @@ def main(argv: list) -> int:
             "warmup": warmup, "steps": steps, "rounds": rounds,
             "pipeline_step_s": red["pipe"], "loop_in_memory_step_s": red["mem"], "bare_step_s": red["bare"],
             "overhead_ratio": red["ratio"], "loop_overhead_ratio": red["mem_ratio"],
+            "block_step_s": blk, "data_wait_blocks": waits,
             "loader_cpu_step_s": red["loader_cpu"], "loader_cpu_share": red["loader_cpu"] / red["bare"],
             "torch_threads": torch.get_num_threads(), "data_workers": cfg.data.workers,
             "load_average": os.getloadavg()[0],

@@ -45,6 +45,7 @@ class Processor:
         self.added_tokens = add_compression_tokens(tokenizer, num_compression_tokens)
         self.compression_ids = [tokenizer.convert_tokens_to_ids(t) for t in compression_tokens(num_compression_tokens)]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._ids: dict[str, tuple[int, ...]] = {}  # many_text_ids' memo
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, num_compression_tokens: int = 32, family: str = "auto",
@@ -76,7 +77,7 @@ class Processor:
     def many_text_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text (no special tokens added; ``""`` → ``[]``), fresh lists the
         caller may extend; the texts not seen before go through the tokenizer in one call."""
-        cache = self.__dict__.setdefault("_ids", {})
+        cache = self._ids
         todo = [t for t in dict.fromkeys(texts) if t and t not in cache]
         if todo:
             if len(cache) + len(todo) > self.CACHE_SIZE:

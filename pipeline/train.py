@@ -85,7 +85,8 @@ def cpu_threads(cfg: Config, env, environ=os.environ) -> Optional[int]:
 
     Why: torch starts as many threads as cores in every rank, so 2 ranks with 2 workers each on a
     2-core machine ran 4 compute threads + 4 workers; the threads spin on each other and the
-    workers preempt them.  The tiny model's step took 0.36 s with 2 threads and 0.18 s with 1."""
+    workers preempt them.  One rank of the tiny model on 2 cores: 0.36 s per step with 2 threads,
+    0.18 s with 1."""
     from deepspeed.accelerator import get_accelerator
 
     if "OMP_NUM_THREADS" in environ or get_accelerator().device_name() != "cpu":
