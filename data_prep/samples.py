@@ -97,8 +97,7 @@ def load_image(value: Any, base_dir: str, max_side: Optional[int] = None) -> tup
         raise BadRow("schema", f"image must be a non-empty path string, got {value!r}")
     path = value if os.path.isabs(value) else os.path.join(base_dir, value)
     try:
-        with open(path, "rb", buffering=0) as f:  # one read of the whole file, no buffer layer
-            data = f.read()
+        data = read_file(path)
     except FileNotFoundError:
         raise BadRow("missing_image", f"{path} does not exist") from None
     except OSError as e:
@@ -120,6 +119,23 @@ def load_image(value: Any, base_dir: str, max_side: Optional[int] = None) -> tup
     if shrink or ext is None:
         return _reencode(img, max_side if shrink else None, jpeg=shrink)
     return ext, data
+
+
+def read_file(path: str) -> bytes:
+    """A file's bytes in as few system calls as Python allows (``open().read()`` costs a third
+    as much again on a 3 KB image, where shard.py's per-image overhead matters)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)  # a regular file: all of it in one call; +1 sees growth
+        if len(data) != size:  # short read, or the file changed under us: read to EOF
+            parts = [data]
+            while chunk := os.read(fd, 1 << 20):
+                parts.append(chunk)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
 
 
 def _target_size(w: int, h: int, max_side: int) -> tuple[int, int]:

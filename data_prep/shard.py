@@ -244,9 +244,9 @@ class TarOut:
                 parts += _header_parts(name, size)
             else:  # _header_parts inlined, with the name's byte sum from its two halves
                 size_field = b"%011o\0" % size
-                parts += (name, _HEAD[len(name):], size_field, _MID,
+                parts += (name, _HEAD_REST[len(name)], size_field, _MID,
                           b"%06o\0 " % (_USTAR_SUM + key_sum + ext_sum + sum(size_field)), _TAIL)
-            parts += (data, _ZEROS[:-size % 512])
+            parts += (data, _PADS[-size % 512])
         self._put(b"".join(parts))
 
     def close(self) -> None:
@@ -271,7 +271,8 @@ def _ustar_template() -> bytes:
 _USTAR = _ustar_template()
 _USTAR_SUM = sum(_USTAR)
 _HEAD, _MID, _TAIL = _USTAR[:124], _USTAR[136:148], _USTAR[156:]
-_ZEROS = bytes(512)
+_HEAD_REST = [_HEAD[n:] for n in range(101)]  # the header after an n-byte name, prebuilt
+_PADS = [bytes(n) for n in range(512)]         # zero padding to the next 512-byte block, prebuilt
 
 
 def ustar_header(name: bytes, size: int) -> bytes:
@@ -288,7 +289,7 @@ def _header_parts(name: bytes, size: int) -> tuple:
         return (ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"),)
     size_field = b"%011o\0" % size
     chk = _USTAR_SUM + sum(name) + sum(size_field)
-    return name, _HEAD[len(name):], size_field, _MID, b"%06o\0 " % chk, _TAIL
+    return name, _HEAD_REST[len(name)], size_field, _MID, b"%06o\0 " % chk, _TAIL
 
 
 @functools.lru_cache(maxsize=None)
