@@ -106,7 +106,8 @@ def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             rank=int(environ["RANK"]),
             local_rank=int(environ.get("LOCAL_RANK", 0)),
             world_size=world,
-            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", world)),
+            # torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or world),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", 29500)),
             launcher="torchrun",

@@ -71,6 +71,9 @@ def test_hostlist_and_slurm_env():
     env = read_env({"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07",
                     "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
     assert (env.rank, env.world_size, env.master_port, env.launcher) == (3, 16, 1234, "torchrun")
+    # ranks per node: torchrun's LOCAL_WORLD_SIZE, or what DeepSpeed's launcher sets (LOCAL_SIZE)
+    assert read_env({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}).local_world_size == 8
+    assert read_env({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_SIZE": "8"}).local_world_size == 8
     assert read_env({}).world_size == 1
 
 
