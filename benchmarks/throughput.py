@@ -53,6 +53,7 @@ threads and loader workers); a table is printed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -70,6 +71,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from pipeline.collate import Packed  # noqa: E402
+from pipeline.data import die_with_parent  # noqa: E402
 from pipeline.train import BatchSource, loader_settings  # noqa: E402
 
 
@@ -94,7 +96,8 @@ class SyntheticSource(BatchSource):
         self._loader = torch.utils.data.DataLoader(
             _SyntheticStream(self), batch_size=None, num_workers=max(cfg.data.workers, 0),
             prefetch_factor=settings["prefetch_factor"], pin_memory=settings["pin_memory"],
-            persistent_workers=cfg.data.workers > 0)
+            persistent_workers=cfg.data.workers > 0,
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if cfg.data.workers > 0 else None)
 
     def sample(self, i: int) -> dict:
         import numpy as np
