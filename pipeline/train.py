@@ -91,8 +91,7 @@ def cpu_threads(cfg: Config, env, environ=os.environ) -> Optional[int]:
 
     if "OMP_NUM_THREADS" in environ or get_accelerator().device_name() != "cpu":
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(env.local_world_size, 1) - max(cfg.data.workers, 0))
+    return max(1, cpu_cores() // max(env.local_world_size, 1) - max(cfg.data.workers, 0))
 
 
 def set_cpu_threads(cfg: Config, env) -> Optional[int]:
@@ -104,7 +103,18 @@ def set_cpu_threads(cfg: Config, env) -> Optional[int]:
         torch.set_num_threads(threads)
         log.info("CPU run: %d torch threads per rank (%d ranks on this node, data.workers=%d; "
                  "OMP_NUM_THREADS overrides)", threads, env.local_world_size, cfg.data.workers)
+        per_rank = cpu_cores() // max(env.local_world_size, 1)
+        if cfg.data.workers > 0 and per_rank <= cfg.data.workers and env.rank == 0:
+            log.warning("CPU run: %d rank(s) per node already take all %d cores, so data.workers=%d "
+                        "competes with the model for them; --data.workers=0 (loading in each rank) is "
+                        "faster here (README: Throughput on a CPU-only machine)",
+                        env.local_world_size, cpu_cores(), cfg.data.workers)
     return threads
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a SLURM allocation's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _peak_memory_gib() -> float:

@@ -94,3 +94,27 @@ def test_cpu_threads_leave_cores_to_the_loader_workers():
     assert cpu_threads(cfg(2), env(2), environ={}) == max(1, cores // 2 - 2)
     assert cpu_threads(cfg(4), env(64), environ={}) == 1
     assert cpu_threads(cfg(1), env(1), environ={"OMP_NUM_THREADS": "3"}) is None
+
+
+def test_saturated_cpu_warns_about_loader_workers(caplog, monkeypatch):
+    """Ranks that already take every core: a loader worker can only compete with them; say so."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.train import cpu_cores, set_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    cfg = lambda w: SimpleNamespace(data=SimpleNamespace(workers=w))  # noqa: E731
+    env = SimpleNamespace(local_world_size=cpu_cores(), rank=0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="coma.train"):
+            set_cpu_threads(cfg(1), env)
+            assert "--data.workers=0" in caplog.text
+            caplog.clear()
+            set_cpu_threads(cfg(0), env)
+            assert "--data.workers=0" not in caplog.text
+    finally:
+        torch.set_num_threads(before)
