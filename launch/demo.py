@@ -130,12 +130,19 @@ def _launcher(world_size: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size), "--master_port", port]
 
 
-def stage_args(stage: int, init: str, shards: str, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
+def stage_args(stage: int, init: str, shards: str, run_dir: Path, steps: int, extra: list[str],
+               world_size: int = 2) -> list[str]:
     """Arguments of launch/stage{stage}.py for one demo run: the tiny preset pointed at the demo's
-    model, shards, run directory and step count (``extra``: the user's ``--override``s)."""
+    model, shards, run directory and step count (``extra``: the user's ``--override``s, last so
+    they win).  Where the ranks take every core (2 ranks on a 2-core laptop or CI runner), data
+    loads in each rank (``data.workers=0``): a worker would only compete with them (README:
+    Throughput on a CPU-only machine; the epoch plan is the same either way)."""
+    from pipeline.train import cpu_cores
+
+    workers = ["--data.workers=0"] if cpu_cores() // max(world_size, 1) <= 1 else []
     return ["--config", str(REPO / f"launch/configs/stage{stage}_tiny.yaml"), f"--model.init={init}",
             f"--data.sources=[{{shards: '{shards}', name: digits}}]", f"--train.run_root={run_dir.parent}",
-            f"--train.name={run_dir.name}", f"--train.max_steps={steps}", *extra]
+            f"--train.name={run_dir.name}", f"--train.max_steps={steps}", *workers, *extra]
 
 
 def train_stage(stage: int, init: str, shards: str, run_dir: Path, steps: int, world_size: int,
@@ -146,7 +153,7 @@ def train_stage(stage: int, init: str, shards: str, run_dir: Path, steps: int, w
     """
     name = run_dir.name
     cmd = _launcher(world_size) + [str(REPO / f"launch/stage{stage}.py")] + stage_args(
-        stage, init, shards, run_dir, steps, extra)
+        stage, init, shards, run_dir, steps, extra, world_size)
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     log_path = run_dir.parent / f"{name}.log"
     shown = shlex.join(cmd[cmd.index(str(REPO / f"launch/stage{stage}.py")):]).replace(str(REPO) + "/", "")
