@@ -18,7 +18,7 @@ DEST=.whl
 GPU_PY=${GPU_PY:-3.12}
 PURE=(deepspeed hjson webdataset braceexpand transformers peft pydantic annotated-types
       typing-inspection inf_cl)
-COMPILED=(pydantic_core)
+COMPILED=(pydantic_core regex)  # regex: transformers checks its version at import
 rm -rf "$DEST" && mkdir -p "$DEST"
 ver() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 for p in "${PURE[@]}"; do
