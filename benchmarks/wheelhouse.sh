@@ -17,7 +17,7 @@ PY=${PY:-.venv/bin/python}
 DEST=.whl
 GPU_PY=${GPU_PY:-3.12}
 PURE=(deepspeed hjson webdataset braceexpand transformers peft pydantic annotated-types
-      typing-inspection inf_cl)
+      typing-inspection typing_extensions inf_cl)
 COMPILED=(pydantic_core regex)  # regex: transformers checks its version at import
 rm -rf "$DEST" && mkdir -p "$DEST"
 ver() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
