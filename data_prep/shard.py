@@ -238,15 +238,9 @@ class TarOut:
         parts: list = []
         for ext in sorted(k for k in sample if k[0] != "_"):
             dot_ext, ext_sum = _dot_ext(ext)
-            name, data = key + dot_ext, sample[ext]
-            size = len(data)
-            if len(name) > 100:
-                parts += _header_parts(name, size)
-            else:  # _header_parts inlined, with the name's byte sum from its two halves
-                size_field = b"%011o\0" % size
-                parts += (name, _HEAD_REST[len(name)], size_field, _MID,
-                          b"%06o\0 " % (_USTAR_SUM + key_sum + ext_sum + sum(size_field)), _TAIL)
-            parts += (data, _PADS[-size % 512])
+            data = sample[ext]
+            parts += _header_parts(key + dot_ext, len(data), key_sum + ext_sum)
+            parts += (data, _PADS[-len(data) % 512])
         self._put(b"".join(parts))
 
     def close(self) -> None:
@@ -277,18 +271,19 @@ _PADS = [bytes(n) for n in range(512)]         # zero padding to the next 512-by
 
 def ustar_header(name: bytes, size: int) -> bytes:
     """The header of a regular file member (fixed fields: see :class:`TarOut`)."""
-    return b"".join(_header_parts(name, size))
+    return b"".join(_header_parts(name, size, sum(name)))
 
 
-def _header_parts(name: bytes, size: int) -> tuple:
+def _header_parts(name: bytes, size: int, name_sum: int) -> tuple:
     """Header pieces of a member: ustar (the template's checksum is precomputed; only the name
-    and size bytes are added), or a GNU long-name record + header for names over 100 bytes."""
+    and size bytes are added, ``name_sum`` being the sum of the name's bytes), or a GNU
+    long-name record + header for names over 100 bytes."""
     if len(name) > 100:
         ti = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
         ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, TAR_MTIME, 0o444, "coma", "coma"
         return (ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"),)
     size_field = b"%011o\0" % size
-    chk = _USTAR_SUM + sum(name) + sum(size_field)
+    chk = _USTAR_SUM + name_sum + sum(size_field)
     return name, _HEAD_REST[len(name)], size_field, _MID, b"%06o\0 " % chk, _TAIL
 
 
