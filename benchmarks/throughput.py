@@ -148,18 +148,10 @@ def loader_cpu_per_step(cfg, plan, env, data: str, processor, image_size: int, s
 
     from pipeline.train import make_loader
 
-    if data == "synthetic":
-        src = SyntheticSource.__new__(SyntheticSource)  # in-process: no DataLoader, same samples and collator
-        from pipeline.collate import Collator
-
-        src.collator = Collator(processor, cfg.model, kind="qa" if cfg.train.stage == 1 else "mmeb")
-        src.cfg, src.plan, src.env, src.image_size, src.packed = cfg, plan, env, image_size, False
-        src.part = plan.micro if cfg.train.stage == 1 else (plan.cache_chunk or plan.per_rank)
-        stream = iter(_SyntheticStream(src))
-    else:
-        c = copy.deepcopy(cfg)
-        c.data.workers = 0
-        stream = iter(make_loader(c, plan, env))
+    c = copy.deepcopy(cfg)
+    c.data.workers = 0  # in this process: same samples and collator, no hand-over
+    source = SyntheticSource(c, plan, env, processor, image_size) if data == "synthetic" else make_loader(c, plan, env)
+    stream = iter(source)
     next(stream)  # first step: shuffle buffer fill, shard open
     t0 = time.process_time()
     for _ in range(steps):
