@@ -137,10 +137,13 @@ def stage_args(stage: int, init: str, shards: str, run_dir: Path, steps: int, ex
     they win).  Where the ranks take every core (2 ranks on a 2-core laptop or CI runner), data
     loads in each rank (``data.workers=0``): a worker would only compete with them (README:
     Throughput on a CPU-only machine; the epoch plan is the same either way)."""
-    from pipeline.train import cpu_cores
+    from pipeline.config import load_config
+    from pipeline.train import loader_workers_compete
 
-    workers = ["--data.workers=0"] if cpu_cores() // max(world_size, 1) <= 1 else []
-    return ["--config", str(REPO / f"launch/configs/stage{stage}_tiny.yaml"), f"--model.init={init}",
+    preset = REPO / f"launch/configs/stage{stage}_tiny.yaml"
+    compete = loader_workers_compete(world_size, load_config(str(preset)).data.workers)
+    workers = ["--data.workers=0"] if compete else []
+    return ["--config", str(preset), f"--model.init={init}",
             f"--data.sources=[{{shards: '{shards}', name: digits}}]", f"--train.run_root={run_dir.parent}",
             f"--train.name={run_dir.name}", f"--train.max_steps={steps}", *workers, *extra]
 

@@ -103,13 +103,18 @@ def set_cpu_threads(cfg: Config, env) -> Optional[int]:
         torch.set_num_threads(threads)
         log.info("CPU run: %d torch threads per rank (%d ranks on this node, data.workers=%d; "
                  "OMP_NUM_THREADS overrides)", threads, env.local_world_size, cfg.data.workers)
-        per_rank = cpu_cores() // max(env.local_world_size, 1)
-        if cfg.data.workers > 0 and per_rank <= cfg.data.workers and env.rank == 0:
+        if loader_workers_compete(env.local_world_size, cfg.data.workers) and env.rank == 0:
             log.warning("CPU run: %d rank(s) per node already take all %d cores, so data.workers=%d "
                         "competes with the model for them; --data.workers=0 (loading in each rank) is "
                         "faster here (README: Throughput on a CPU-only machine)",
                         env.local_world_size, cpu_cores(), cfg.data.workers)
     return threads
+
+
+def loader_workers_compete(ranks_per_node: int, workers: int) -> bool:
+    """Whether ``workers`` DataLoader workers per rank would find no core of their own on this
+    CPU node (the ranks' share of the cores is already used up): loading in each rank is faster."""
+    return workers > 0 and cpu_cores() // max(ranks_per_node, 1) <= workers
 
 
 def cpu_cores() -> int:
