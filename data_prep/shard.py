@@ -142,6 +142,7 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
             raise UsageError(f"--input {path}: not a readable Parquet file ({e})") from None
         columns = list(t.column_names)
         _check_columns(path, columns, image_column, text_column)
+        _check_parquet_meta(path, t.schema, (image_column, text_column, "key"))
         table = list(enumerate(t.to_pylist(), 1))
     rows = []
     for line, row in table:
@@ -150,10 +151,31 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
             record["key"] = str(row["key"])
         meta = {c: row[c] for c in columns if c not in (image_column, text_column, "key")}
         if meta:
-            record["meta"] = meta
+            # Parquet columns arrive as Python objects (datetime, Decimal, timedelta): the sample
+            # JSON holds them as text, timestamps as ISO 8601.
+            record["meta"] = json.loads(json.dumps(meta, default=_json_scalar, ensure_ascii=False))
         raw = json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
         rows.append(Row(line, record, raw, record_key(record, line, path.stem)))
     return rows
+
+
+def _json_scalar(value: Any) -> str:
+    """A Parquet value JSON has no type for: dates and times as ISO 8601, the rest as ``str``."""
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _check_parquet_meta(path: Path, schema, used: tuple) -> None:
+    """Every extra column becomes sample metadata (JSON): a binary column (embedded image or
+    feature bytes, often megabytes per row) would bloat every sample, so it is refused up front."""
+    import pyarrow as pa
+
+    binary = [f.name for f in schema if f.name not in used
+              and (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+                   or pa.types.is_fixed_size_binary(f.type))]
+    if binary:
+        raise UsageError(f"--input {path}: column(s) {binary} hold binary data, which cannot go into a "
+                         f"sample's JSON metadata; write the manifest without them (images are read "
+                         f"from the paths in the image column)")
 
 
 def _check_columns(path: Path, columns: list[str], image_column: str, text_column: str) -> None:

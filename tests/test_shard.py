@@ -107,6 +107,34 @@ def test_round_trip_table_manifests(tmp_path, fmt):
     assert run_shard(path, tmp_path / "out2", "--text-column", "text", "--image-column", "img") == 2
 
 
+def test_parquet_columns_without_a_json_type(tmp_path, capsys):
+    """Timestamps, decimals and durations in extra Parquet columns become JSON text in the
+    sample's meta (they used to crash the run with a TypeError); a binary column is refused
+    before any work with exit 2 and its name."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = make_images(tmp_path / "images", 2)
+    table = {"image": [f"images/{n}" for n in names], "text": ["a", "b"],
+             "when": [datetime.datetime(2024, 1, 2, 3, 4, 5), None],
+             "price": pa.array([decimal.Decimal("1.50"), None], pa.decimal128(5, 2)),
+             "took": [datetime.timedelta(seconds=3), None], "tags": [["x"], []]}
+    pq.write_table(pa.table(table), tmp_path / "m.parquet")
+    assert run_shard(tmp_path / "m.parquet", tmp_path / "out") == 0
+    assert [s["meta"] for s in read_all(tmp_path / "out", "pair")] == [
+        {"when": "2024-01-02T03:04:05", "price": "1.50", "took": "0:00:03", "tags": ["x"]},
+        {"when": None, "price": None, "took": None, "tags": []}]
+
+    pq.write_table(pa.table({**table, "thumb": [b"\xff\xd8", b""]}), tmp_path / "bin.parquet")
+    capsys.readouterr()
+    assert run_shard(tmp_path / "bin.parquet", tmp_path / "out2") == 2
+    assert "['thumb'] hold binary data" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+
 # ------------------------------------------------------------------------------------- bad rows
 def _bad_manifest(tmp_path):
     names = make_images(tmp_path / "images", 4)
