@@ -258,11 +258,16 @@ class TarOut:
         key = sample["__key__"].encode("utf-8")
         key_sum = sum(key)
         parts: list = []
-        for ext in sorted(k for k in sample if k[0] != "_"):
+        for ext in sorted(sample):
+            if ext[0] == "_":
+                continue
             dot_ext, ext_sum = _dot_ext(ext)
             data = sample[ext]
-            parts += _header_parts(key + dot_ext, len(data), key_sum + ext_sum)
-            parts += (data, _PADS[-len(data) % 512])
+            name, n = key + dot_ext, len(data)
+            if len(name) <= 100:  # header, data and padding in one formatting call
+                parts.append(_MEMBER % (*_ustar_fields(name, key_sum + ext_sum, n), data, _PADS[-n % 512]))
+            else:
+                parts += (_gnu_header(name, n), data, _PADS[-n % 512])
         self._put(b"".join(parts))
 
     def close(self) -> None:
@@ -286,27 +291,51 @@ def _ustar_template() -> bytes:
 
 _USTAR = _ustar_template()
 _USTAR_SUM = sum(_USTAR)
-_HEAD, _MID, _TAIL = _USTAR[:124], _USTAR[136:148], _USTAR[156:]
-_HEAD_REST = [_HEAD[n:] for n in range(101)]  # the header after an n-byte name, prebuilt
-_PADS = [bytes(n) for n in range(512)]         # zero padding to the next 512-byte block, prebuilt
+_PADS = [bytes(n) for n in range(512)]  # zero padding to the next 512-byte block, prebuilt
+
+
+def _literal(b: bytes) -> bytes:
+    return b.replace(b"%", b"%%")
+
+
+# ustar header of a name of at most 100 bytes as a %-template: name (NUL-padded), size field,
+# checksum; _MEMBER appends the data and its padding, so a member is one formatting call.
+_HEADER = (b"%s" + _literal(_USTAR[100:124]) + b"%s" + _literal(_USTAR[136:148]) + b"%06o\0 "
+           + _literal(_USTAR[156:]))
+_MEMBER = _HEADER + b"%s%s"
+
+
+def _size_field(size: int, _cache: dict = {}) -> tuple[bytes, int]:
+    """The octal size field and its byte sum; cached below 64 KiB, where sizes repeat across
+    samples (captions, JSON, small images)."""
+    hit = _cache.get(size)
+    if hit is None:
+        field = b"%011o\0" % size
+        hit = (field, sum(field))
+        if size < 1 << 16:
+            _cache[size] = hit
+    return hit
+
+
+def _ustar_fields(name: bytes, name_sum: int, size: int) -> tuple:
+    """The %-arguments of :data:`_HEADER`.  The template's checksum is precomputed; only the
+    name's bytes (their sum: ``name_sum``) and the size field's are added."""
+    field, field_sum = _size_field(size)
+    return name.ljust(100, b"\0"), field, _USTAR_SUM + name_sum + field_sum
+
+
+def _gnu_header(name: bytes, size: int) -> bytes:
+    """A GNU long-name record + header, for a name over ustar's 100 bytes (rare: long keys)."""
+    ti = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, TAR_MTIME, 0o444, "coma", "coma"
+    return ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
 
 
 def ustar_header(name: bytes, size: int) -> bytes:
     """The header of a regular file member (fixed fields: see :class:`TarOut`)."""
-    return b"".join(_header_parts(name, size, sum(name)))
-
-
-def _header_parts(name: bytes, size: int, name_sum: int) -> tuple:
-    """Header pieces of a member: ustar (the template's checksum is precomputed; only the name
-    and size bytes are added, ``name_sum`` being the sum of the name's bytes), or a GNU
-    long-name record + header for names over 100 bytes."""
     if len(name) > 100:
-        ti = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
-        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, TAR_MTIME, 0o444, "coma", "coma"
-        return (ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"),)
-    size_field = b"%011o\0" % size
-    chk = _USTAR_SUM + name_sum + sum(size_field)
-    return name, _HEAD_REST[len(name)], size_field, _MID, b"%06o\0 " % chk, _TAIL
+        return _gnu_header(name, size)
+    return _HEADER % _ustar_fields(name, sum(name), size)
 
 
 @functools.lru_cache(maxsize=None)
