@@ -39,6 +39,32 @@ SHARD_SCRIPT = REPO / "data_prep" / "shard.py"
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
+def printable(text: Any) -> Any:
+    """``text`` with lone surrogates (undecodable bytes of a file name or a non-UTF-8 input, as
+    Python carries them) spelled ``\\udce9``, so that the summary table and the skipped-rows
+    list, both UTF-8, can always be written."""
+    if not isinstance(text, str):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def bad_unicode_field(obj: Any, where: str = "") -> Optional[tuple[str, str]]:
+    """``(field, text)`` of the first field of a record (``image``,
+    ``conversations[0].question``) whose text cannot be written as UTF-8, or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "value", obj
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = bad_unicode_field(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
 def make_key(*parts: Any) -> str:
     """A WebDataset-safe key (``[A-Za-z0-9_-]+``) built from source identifiers."""
     raw = "-".join(str(p) for p in parts if p is not None and str(p) != "")
@@ -69,6 +95,7 @@ class ConversionLog:
              detail: Optional[str] = None) -> None:
         """Record a row that is left out.  ``reason`` is a short stable category (it is what
         gets counted); ``detail`` says what exactly was wrong with this row."""
+        location, key, detail = printable(location), printable(key), printable(detail)
         self.skipped_by_group[group] += 1
         self.reasons[reason] += 1
         entry = {"location": location, "key": key, "reason": reason}
@@ -83,7 +110,7 @@ class ConversionLog:
         was removed, a duplicate key renamed), or rows left out on purpose (a cap): counted,
         first location kept."""
         self.notes[what] += n
-        self.note_examples.setdefault(what, location)
+        self.note_examples.setdefault(what, printable(location))
 
     @property
     def total_written(self) -> int:
@@ -123,9 +150,11 @@ class ConversionLog:
 class ManifestWriter:
     """Writes manifest records to ``path`` atomically and keeps keys unique.
 
-    Records are written to ``path.tmp`` and renamed over ``path`` by :meth:`commit`; an
-    exception inside the ``with`` block removes the temporary file and leaves any previous
-    manifest untouched.
+    Records are written to ``path.tmp`` and renamed over ``path`` when the ``with`` block
+    ends; an exception inside the block removes the temporary file and leaves any previous
+    manifest untouched, and so does a run that wrote no record at all (a rerun whose input
+    vanished must not replace a finished manifest with an empty one): ``committed`` says
+    which happened.
     """
 
     def __init__(self, path: str | os.PathLike, log: ConversionLog):
@@ -135,15 +164,28 @@ class ManifestWriter:
         self.per_task: Counter = Counter()
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._fh = None
+        self.committed = False
 
     def __enter__(self) -> "ManifestWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self._tmp, "w", encoding="utf-8")
+        self._fh = open(self._tmp, "wb")
         return self
 
-    def write(self, record: dict, group: str, location: str) -> str:
-        """Write one record; returns the key it got (``record['key']`` made unique)."""
+    def write(self, record: dict, group: str, location: str) -> Optional[str]:
+        """Write one record; returns the key it got (``record['key']`` made unique), or None
+        when the record holds text that is not valid Unicode (skipped as ``invalid_unicode``)."""
         key = record.get("key") or make_key(group, self.log.written[group])
+        try:
+            # A non-UTF-8 file name or input line reaches here as lone surrogates
+            # (surrogateescape), and a JSON "\ud83d" escape (an emoji cut in half) as one too:
+            # neither can go into a UTF-8 manifest, so the row is skipped, not the run.
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:
+            field, text = bad_unicode_field(record) or ("a field", "")
+            self.log.skip(group, location, "invalid_unicode", key,
+                          f"{field} {text[:120]!r} is not valid UTF-8 text: "
+                          "re-encode the input as UTF-8 (e.g. iconv -f latin1 -t utf-8) or rename the file")
+            return None
         if key in self.keys:
             # Public data has duplicate ids (and distinct ids can sanitise to the same key);
             # WebDataset needs unique keys, so the later row gets a suffix instead of being lost.
@@ -153,8 +195,10 @@ class ManifestWriter:
             key = f"{key}_dup{n}"
             self.log.note("duplicate key renamed", location)
         self.keys.add(key)
-        record["key"] = key
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if key != record.get("key"):
+            record["key"] = key
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        self._fh.write(line)
         self.log.wrote(group)
         if "task" in record:
             self.per_task[record["task"]] += 1
@@ -162,8 +206,9 @@ class ManifestWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._fh.close()
-        if exc_type is None:
+        if exc_type is None and self.log.total_written:
             os.replace(self._tmp, self.path)
+            self.committed = True
         else:
             self._tmp.unlink(missing_ok=True)
 
@@ -195,13 +240,18 @@ def read_json_records(path: Path) -> Iterable[tuple[str, Any]]:
     A JSON Lines line that does not parse is yielded as ``(location, JSONError)`` so the caller
     can skip and count it; a ``.json`` file that does not parse at all is a usage error (there
     is no row to skip, the whole input is unusable).
+
+    Bytes that are not UTF-8 (a Latin-1 caption in a 200,000-line file) come through as lone
+    surrogates, so only the records holding them are skipped (:meth:`ManifestWriter.write`),
+    not the whole run; a leading byte-order mark (Windows tools write one) is dropped.
     """
     name = path.name
-    with open(path, "r", encoding="utf-8") as fh:
+    enc = dict(encoding="utf-8-sig", errors="surrogateescape")
+    with open(path, "r", **enc) as fh:
         head = fh.read(4096).lstrip()
     if path.suffix == ".json" or head.startswith("["):
         try:
-            with open(path, "r", encoding="utf-8") as fh:
+            with open(path, "r", **enc) as fh:
                 data = json.load(fh)
         except json.JSONDecodeError as e:
             raise UsageError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
@@ -218,7 +268,7 @@ def read_json_records(path: Path) -> Iterable[tuple[str, Any]]:
         for i, rec in enumerate(data, 1):
             yield f"{name}:record {i}", rec
         return
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, "r", **enc) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -251,6 +301,24 @@ class Parser(OneLineParser):
             shlex.split(getattr(ns, "shard_args", "") or "")
         except ValueError as e:
             raise UsageError(f"--shard-args {ns.shard_args!r}: {e}") from None
+        out = getattr(ns, "output", None)
+        if out is not None:
+            out = Path(out)
+            if out.is_dir():
+                raise UsageError(f"--output {out}: is a folder; --output names the manifest file to write, "
+                                 f"e.g. {out / 'manifest.jsonl'}")
+            parent = next((d for d in out.parents if d.exists()), None)
+            if parent is not None and not parent.is_dir():
+                raise UsageError(f"--output {out}: {parent} is a file, not a folder; choose another path")
+            sources = getattr(ns, "input", None)
+            sources = (sources if isinstance(sources, list) else [sources]) + [getattr(ns, "csv", None)]
+            for src in sources:
+                # The manifest replaces --output at the end: it would replace the input itself.
+                if src is not None and Path(src).is_file() and Path(src).resolve() == out.resolve():
+                    raise UsageError(f"--output {out}: is the input file; write the manifest elsewhere")
+        shard = getattr(ns, "shard", None)
+        if shard is not None and Path(shard).exists() and not Path(shard).is_dir():
+            raise UsageError(f"--shard {shard}: is a file; --shard names the folder the shards are written to")
         return ns
 
 
@@ -280,16 +348,21 @@ def finish(args: argparse.Namespace, log: ConversionLog, writer: ManifestWriter,
     """Print the summary, write the skipped-rows list, print / run the shard.py command."""
     manifest = writer.path
     skipped_path = manifest.with_name(manifest.name + ".skipped.jsonl")
-    atomic_write_text(skipped_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in log.skipped))
+    # A run that wrote nothing keeps an earlier run's manifest, and the skipped list that goes with it.
+    kept = not writer.committed and manifest.exists()
+    if not kept:
+        atomic_write_text(skipped_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in log.skipped))
 
-    print(f"\n{title}: {log.total_written} {kind} records -> {manifest}")
+    print(f"\n{title}: {log.total_written} {kind} records -> {manifest if writer.committed else 'no manifest written'}")
     print(log.table())
     if writer.per_task and len(writer.per_task) > 1:
         print("\nrecords per task: " + ", ".join(f"{t}={n}" for t, n in sorted(writer.per_task.items())))
-    if log.skipped:
+    if log.skipped and not kept:
         print(f"\n{log.total_skipped} skipped rows listed in {skipped_path}")
-    if log.total_written == 0:
-        print(f"error: no record could be converted from {args.input}; see the reasons above", file=sys.stderr)
+    if not writer.committed:
+        inputs = " ".join(map(str, args.input)) if isinstance(args.input, list) else args.input
+        print(f"error: no record could be converted from {inputs}; see the reasons above"
+              + (f"; the manifest of an earlier run, {manifest}, is left as it was" if kept else ""), file=sys.stderr)
         return 1
 
     out_dir = args.shard or str(manifest.with_name(manifest.stem + "-shards"))

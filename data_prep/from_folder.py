@@ -45,7 +45,16 @@ def clean(text: Optional[str], log: ConversionLog, loc: str) -> str:
 
 def walk_images(root: Path) -> list[Path]:
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    # Symlinked sub-folders are followed (``ln -s /data/coco/train2017 photos/coco`` is a common
+    # way to assemble a folder; os.walk's default would skip them without a word); a folder
+    # reached twice (a link loop, or two links to one folder) is walked once.
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         out.extend(Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in IMAGE_EXTS)
     return out
@@ -101,9 +110,24 @@ def from_sidecars(root: Path, kind: str, log: ConversionLog, writer: ManifestWri
         writer.write(rec, group, loc)
 
 
+def csv_rows(reader: csv.DictReader, csv_path: Path):
+    """The rows of ``reader``; a CSV syntax error stops the run naming the line."""
+    try:
+        yield from reader
+    except csv.Error as e:
+        # The reader cannot resynchronise after this (typically an unclosed quote that swallowed
+        # the rest of the file into one cell), so the run stops; no manifest is written.
+        # line_num still counts the lines of the last complete row, so the bad row starts after it.
+        raise UsageError(f"{csv_path}:line {reader.line_num + 1}: {e}; check the quoting of the row starting "
+                         "there (an unclosed \" joins every following line into one cell)") from None
+
+
 def from_csv(root: Path, csv_path: Path, kind: str, log: ConversionLog, writer: ManifestWriter) -> None:
     group = csv_path.name
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise glue
+    # itself to the first column name.  surrogateescape: a Latin-1 cell skips its row
+    # (ManifestWriter.write) instead of stopping the run.
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         text_col = next((c for c in ("text", "caption") if c in cols), None)
@@ -114,7 +138,7 @@ def from_csv(root: Path, csv_path: Path, kind: str, log: ConversionLog, writer: 
             raise UsageError(f"{csv_path}: no column {missing[0]!r}{alt}; found {cols}; a {kind} CSV needs "
                              f"the header {','.join(need)}")
         groups: dict[str, dict] = {}  # qa: one record per image, in first-appearance order
-        for row in progress(reader, csv_path.name):
+        for row in progress(csv_rows(reader, csv_path), csv_path.name):
             loc = f"{csv_path.name}:line {reader.line_num}"
             log.saw(group)
             image = (row.get("image") or "").strip()

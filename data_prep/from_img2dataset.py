@@ -25,6 +25,7 @@ its stats.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ from typing import Iterator, Optional
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_prep.cli import run_cli  # noqa: E402
+from data_prep.cli import RunError, run_cli  # noqa: E402
 from data_prep.convert_common import (  # noqa: E402
     Parser,
     IMAGE_EXTS, ConversionLog, ManifestWriter, UsageError, add_common_args, finish, make_key, progress,
@@ -76,15 +77,31 @@ def write_image(dst: Path, data: bytes) -> None:
     """Atomic and resumable: a complete file of the same size is kept as it is."""
     if dst.is_file() and dst.stat().st_size == len(data):
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dst)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dst)
+    except OSError as e:
+        # Not the row's fault (disk full, quota, permissions): stop instead of counting every
+        # following sample as skipped.  The images extracted so far are kept for the rerun.
+        raise RunError(f"cannot write {dst}: {e.strerror or e}; fix that (or pass --image-dir) and rerun, "
+                       "images already extracted are kept") from None
+
+
+def image_file_name(key: str, ext: str) -> str:
+    """The extracted image's file name: the key made path-safe (a key is data: it may hold
+    ``/`` or ``..``), cut to a length every file system takes, with room for ``.tmp``."""
+    name = make_key(key)
+    if len(name) > 200:
+        name = name[:150] + "-" + hashlib.sha1(name.encode()).hexdigest()[:16]
+    return f"{name}.{ext}"
 
 
 class Converter:
     def __init__(self, log: ConversionLog, writer: ManifestWriter, image_dir: Path):
         self.log, self.writer, self.image_dir = log, writer, image_dir
+        self.extracted: set[Path] = set()  # image files written by this run
 
     def sample(self, group: str, loc: str, key: str, files: dict, image_path: Optional[Path] = None) -> None:
         """One stored sample: ``files`` maps extensions to bytes (``image_path`` = already on disk)."""
@@ -94,6 +111,8 @@ class Converter:
                 meta = json.loads(files["json"])
             except (ValueError, UnicodeDecodeError):
                 meta = {}
+            if not isinstance(meta, dict):  # "null", a list: no metadata to use
+                meta = {}
         status = meta.get("status", "success")
         if status != "success":
             self.log.skip(group, loc, str(status), key, meta.get("error_message"))
@@ -102,12 +121,23 @@ class Converter:
         if image_path is None and ext is None:
             self.log.skip(group, loc, "no_image", key, f"sample has {sorted(files)}")
             return
+        if image_path is None and not isinstance(files[ext], (bytes, bytearray)):
+            self.log.skip(group, loc, "schema", key, f"the {ext!r} column holds {type(files[ext]).__name__}, "
+                                                     "expected the image bytes")
+            return
         caption = files["txt"].decode("utf-8", "replace") if "txt" in files else meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             self.log.skip(group, loc, "empty_text", key, "empty caption")
             return
         if image_path is None:
-            image_path = self.image_dir / group / f"{key}.{ext}"
+            image_path = self.image_dir / group / image_file_name(key, ext)
+            n = 0
+            while image_path in self.extracted:
+                # Two samples with one key (a hand-made tar, null keys in a Parquet file) would
+                # otherwise share one file, and the first record would show the second image.
+                n += 1
+                image_path = self.image_dir / group / image_file_name(f"{key}_dup{n}", ext)
+            self.extracted.add(image_path)
             write_image(image_path, files[ext])
         rec = {"key": make_key(key), "image": str(Path(os.path.abspath(image_path))), "text": caption.strip(),
                "meta": {"source": loc, **{k: meta[k] for k in META_KEYS if meta.get(k) is not None}}}
@@ -117,7 +147,13 @@ class Converter:
         """Metadata rows of attempts that produced no sample: counted as skipped."""
         if not meta_path.is_file():
             return
-        for i, row in enumerate(read_metadata(meta_path)):
+        try:
+            rows = read_metadata(meta_path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            self.log.skip(group, meta_path.name, "unreadable_metadata", None,
+                          f"{' '.join(str(e).split())}; failed downloads of this shard are not counted")
+            return
+        for i, row in enumerate(rows):
             key = str(row.get("key"))
             if key in seen:
                 continue
@@ -132,14 +168,21 @@ class Converter:
     def webdataset(self, tar: Path) -> None:
         group = tar.stem
         seen: set[str] = set()
-        try:
-            for key, files in iter_tar(tar):
-                seen.add(key)
-                self.log.saw(group)
-                self.sample(group, f"{tar.name}:{key}", key, files)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            # Keep what was read; the rest of this shard is reported, the other shards go on.
-            self.log.skip(group, f"{tar.name}", "unreadable_tar", None, f"{e}; the rest of this shard is lost")
+        samples = iter_tar(tar)
+        while True:
+            # Only reading the tar is guarded: an error while writing an extracted image (disk
+            # full) is not this shard's fault and must not pass for a truncated tar.
+            try:
+                key, files = next(samples)
+            except StopIteration:
+                break
+            except (tarfile.TarError, EOFError, OSError) as e:
+                # Keep what was read; the rest of this shard is reported, the other shards go on.
+                self.log.skip(group, f"{tar.name}", "unreadable_tar", None, f"{e}; the rest of this shard is lost")
+                break
+            seen.add(key)
+            self.log.saw(group)
+            self.sample(group, f"{tar.name}:{key}", key, files)
         self.failed_rows(group, tar.with_suffix(".parquet"), seen)
 
     def files(self, folder: Path) -> None:
@@ -160,13 +203,26 @@ class Converter:
         import pyarrow.parquet as pq
 
         group = path.stem
-        pf = pq.ParquetFile(path)
         i = 0
-        for batch in pf.iter_batches(batch_size=256):
+        batches = None
+        while True:
+            # Only reading is guarded (like a truncated tar: keep what was read, report the rest,
+            # go on with the other shards); pyarrow raises several types for a bad file.
+            try:
+                if batches is None:
+                    batches = pq.ParquetFile(path).iter_batches(batch_size=256)
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # noqa: BLE001
+                self.log.skip(group, f"{path.name}:row {i + 1}", "unreadable_parquet", None,
+                              f"{' '.join(str(e).split())}; the rest of this shard is lost")
+                break
             for row in batch.to_pylist():
                 i += 1
                 self.log.saw(group)
-                key = str(row.get("key", f"{group}{i:05d}"))
+                # A null key would turn into "None", the same for every such row.
+                key = str(row["key"]) if row.get("key") is not None else f"{group}{i:05d}"
                 files = {e: row[e] for e in IMAGE_FIELDS if row.get(e)}
                 if row.get("caption") is not None:
                     files["txt"] = str(row["caption"]).encode()
@@ -183,7 +239,11 @@ def detect_format(root: Path) -> str:
     import pyarrow.parquet as pq
 
     for f in sorted(root.glob("*.parquet")):
-        if any(c in pq.read_schema(f).names for c in IMAGE_FIELDS):
+        try:
+            names = pq.read_schema(f).names
+        except Exception:  # noqa: BLE001 - a broken file decides nothing; it is reported when read
+            continue
+        if any(c in names for c in IMAGE_FIELDS):
             return "parquet"
     raise UsageError(f"--input {root}: no img2dataset output found (expected NNNNN.tar shards, NNNNN/ folders of "
                      f"images, or NNNNN.parquet files with a jpg column)")

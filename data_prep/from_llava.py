@@ -104,9 +104,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
 
     inputs = [Path(x) for x in args.input]
-    for f in inputs:
+    for i, f in enumerate(inputs):
         if not f.is_file():
             raise UsageError(f"--input {f}: no such file")
+        if f.resolve() in [g.resolve() for g in inputs[:i]]:  # its records would all be in twice
+            raise UsageError(f"--input {f}: given twice")
     log = ConversionLog(strict=args.strict)
     with ManifestWriter(args.output, log) as writer:
         for f in inputs:

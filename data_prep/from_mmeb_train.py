@@ -132,7 +132,11 @@ def read_rows(files: list[Path], root: Path) -> list[tuple[str, Any]]:
                 raise UsageError(f"{f}: no column {missing[0]!r} (has {schema.names}); MMEB-train rows need "
                                  f"{list(REQUIRED)}")
             cols = [c for c in REQUIRED + OPTIONAL if c in schema.names]
-            table = pq.read_table(f, columns=cols).to_pylist()
+            try:
+                table = pq.read_table(f, columns=cols).to_pylist()
+            except Exception as e:  # noqa: BLE001 - a readable footer does not mean readable pages
+                raise UsageError(f"{f}: not a readable Parquet file ({' '.join(str(e).split())}); "
+                                 "download it again")
             rows.extend((f"{rel}:row {i + 1}", r) for i, r in enumerate(table))
         else:
             for loc, rec in read_json_records(f):
@@ -173,6 +177,11 @@ def convert_row(row: Any, task: str, image_root: Path, loc: str, log: Conversion
     missing = [c for c in REQUIRED if c not in row]
     if missing:
         return None, ("schema", f"no field {missing[0]!r}")
+    for c in REQUIRED:
+        # A number where a path or text belongs would otherwise read as "no image" / "no text":
+        # the row would be kept with its image silently dropped.
+        if row[c] is not None and not isinstance(row[c], str):
+            return None, ("schema", f"{c!r} is {type(row[c]).__name__} {str(row[c])[:60]!r}, expected text")
     query, why = make_side(row["qry"], row["qry_image_path"], image_root, "query", loc, log)
     if query is None:
         return None, why
@@ -242,8 +251,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not image_root.is_dir():
         raise UsageError(f"--image-root {image_root}: no such folder")
     found = discover_subsets(root)
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be >= 0 (numpy's generator takes no negative seed)")
     if args.subsets:
         subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
+        twice = next((s for i, s in enumerate(subsets) if s in subsets[:i]), None)
+        if twice:  # converted twice, every row of it would be in the manifest twice
+            raise UsageError(f"--subsets: {twice!r} is listed twice")
     elif args.paper_caps:
         subsets = list(PAPER_CAPS)
     else:

@@ -2,6 +2,7 @@
 built here, converted, and the records, counts, skipped rows and their locations are checked."""
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -406,3 +407,180 @@ def test_bad_shard_args_fail_before_converting(photo_dir, tmp_path, capsys):
                                                 "--shard-args", "--prefix 'unclosed"])
     assert rc == 2 and not out.exists()
     assert "--shard-args" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- bad input
+# What a researcher's real data throws at the converters: each case once crashed with a
+# traceback, wrote a wrong manifest, or lost a finished result.
+def test_non_utf8_and_bom_inputs_skip_rows_not_the_run(llava_dir, tmp_path):
+    rec = {"image": "imgs/a.jpg", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                     {"from": "gpt", "value": "A"}]}
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "bom", **rec}).encode() + b"\n"   # Windows BOM
+                    + b'{"id": "latin1", "image": "imgs/a.jpg", "conversations": [{"from": "human", '
+                      b'"value": "caf\xe9?"}, {"from": "gpt", "value": "A"}]}\n'            # Latin-1 byte
+                    + json.dumps({"id": "half-emoji", **rec}).encode().replace(b'"A"', b'"A \\ud83d"') + b"\n"
+                    + json.dumps({"id": "ok", **rec}).encode() + b"\n")
+    out = tmp_path / "qa.jsonl"
+    assert from_llava.main(["--input", str(bad), "--output", str(out), "--image-root", str(llava_dir)]) == 0
+    assert [r["key"] for r in read_jsonl(out)] == ["bom", "ok"]
+    skips = skipped(out)
+    assert [(s["location"], s["reason"]) for s in skips] == [("mixed.jsonl:line 2", "invalid_unicode"),
+                                                             ("mixed.jsonl:line 3", "invalid_unicode")]
+    assert "conversations[0].question 'caf\\udce9?'" in skips[0]["detail"]
+
+    photos = tmp_path / "photos"
+    make_image(photos / "a.jpg")
+    (photos / "a.txt").write_text("fine")
+    latin_name = os.fsdecode(bytes(photos) + b"/caf\xe9.jpg")  # a file name that is not UTF-8
+    make_image(Path(latin_name))
+    Path(latin_name[:-4] + ".txt").write_text("latin-1 name")
+    out = tmp_path / "pairs.jsonl"
+    assert from_folder.main(["--input", str(photos), "--output", str(out)]) == 0
+    assert [r["key"] for r in read_jsonl(out)] == ["a"]
+    assert [(s["location"], s["reason"]) for s in skipped(out)] == [("caf\\udce9.jpg", "invalid_unicode")]
+
+    csv_path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" (a BOM), one Latin-1 row
+    csv_path.write_bytes(b"\xef\xbb\xbfimage,text\na.jpg,fine\na.jpg,caf\xe9\n")
+    assert from_folder.main(["--input", str(photos), "--csv", str(csv_path), "--output", str(out)]) == 0
+    assert [r["text"] for r in read_jsonl(out)] == ["fine"]
+    assert [(s["location"], s["reason"]) for s in skipped(out)] == [("excel.csv:line 3", "invalid_unicode")]
+
+
+def test_folder_csv_unclosed_quote_is_one_line(photo_dir, tmp_path, capsys):
+    bad = tmp_path / "quote.csv"
+    bad.write_text('image,text\na.jpg,fine\na.jpg,"unclosed\n' + "a.jpg,more\n" * 3 + "a.jpg," + "x" * 140_000 + "\n")
+    out = tmp_path / "p.jsonl"
+    assert from_folder.run_cli(from_folder.main, ["--input", str(photo_dir), "--csv", str(bad),
+                                                  "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}:line 3: field larger than field limit" in err[0]
+    assert not out.exists() and not Path(str(out) + ".tmp").exists()
+
+
+def test_unusable_output_paths_fail_before_converting(photo_dir, llava_dir, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    src = tmp_path / "llava.json"
+    src.write_bytes((llava_dir / "llava.json").read_bytes())
+    cases = [
+        (from_folder, ["--input", str(photo_dir), "--output", str(tmp_path / "a_dir")], "is a folder"),
+        (from_folder, ["--input", str(photo_dir), "--output", str(a_file / "m.jsonl")], f"{a_file} is a file"),
+        (from_folder, ["--input", str(photo_dir), "--output", str(tmp_path / "m.jsonl"), "--shard", str(a_file)],
+         "--shard"),
+        # the manifest would replace the only copy of the input
+        (from_llava, ["--input", str(src), "--output", str(src)], "is the input file"),
+        (from_llava, ["--input", str(src), str(src), "--output", str(tmp_path / "m.jsonl")], "given twice"),
+    ]
+    for module, args, says in cases:
+        assert module.run_cli(module.main, args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert src.read_bytes() == (llava_dir / "llava.json").read_bytes()
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_rerun_that_converts_nothing_keeps_the_manifest(llava_dir, tmp_path, capsys):
+    out = tmp_path / "qa.jsonl"
+    assert from_llava.main(["--input", str(llava_dir / "llava.json"), "--output", str(out)]) == 0
+    before, skipped_before = out.read_bytes(), skipped(out)
+    moved = tmp_path / "moved.json"  # e.g. the images folder is not mounted on this node
+    moved.write_bytes((llava_dir / "llava.json").read_bytes())
+    assert from_llava.main(["--input", str(moved), "--output", str(out)]) == 1
+    assert "is left as it was" in capsys.readouterr().err
+    assert out.read_bytes() == before and skipped(out) == skipped_before
+    assert not Path(str(out) + ".tmp").exists()
+
+
+def test_folder_follows_symlinked_subfolders(tmp_path):
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    make_image(photos / "a.jpg")
+    (photos / "a.txt").write_text("here")
+    make_image(elsewhere / "b.jpg")
+    (elsewhere / "b.txt").write_text("linked in")
+    (photos / "more").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(photos)  # a link loop is walked once
+    out = tmp_path / "p.jsonl"
+    assert from_folder.main(["--input", str(photos), "--output", str(out)]) == 0
+    assert [(r["key"], r["text"]) for r in read_jsonl(out)] == [("a", "here"), ("more_b", "linked in")]
+
+
+def test_img2dataset_odd_keys_and_broken_parquet(tmp_path):
+    pqdir = tmp_path / "pq"
+    pqdir.mkdir()
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (90, 90, 90)]
+    pq.write_table(pa.table({
+        "key": [None, None, "../../escaped", "k" * 300],  # null keys; a key that is a path; a long key
+        "caption": ["red", "green", "blue", "grey"],
+        "jpg": [jpeg_bytes(c) for c in colors]}), pqdir / "00000.parquet")
+    pq.write_table(pa.table({"key": ["s"], "caption": ["a path, not bytes"], "jpg": ["/data/x.jpg"]}),
+                   pqdir / "00001.parquet")
+    (pqdir / "00002.parquet").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # not fetched
+    out = tmp_path / "p.jsonl"
+    assert from_img2dataset.main(["--input", str(pqdir), "--output", str(out)]) == 0
+    recs = read_jsonl(out)
+    assert [r["text"] for r in recs] == ["red", "green", "blue", "grey"]
+    images = [Path(r["image"]) for r in recs]
+    assert len(set(images)) == 4  # every record its own image file ...
+    for path, color in zip(images, colors):
+        assert path.parent == tmp_path / "p-images" / "00000"  # ... inside --image-dir, its own colour
+        assert all(abs(a - b) < 30 for a, b in zip(Image.open(path).getpixel((10, 10)), color)), path
+    assert not (tmp_path / "escaped.jpg").exists()
+    assert [(s["location"], s["reason"]) for s in skipped(out)] == [
+        ("00001.parquet:row 1", "schema"), ("00002.parquet:row 1", "unreadable_parquet")]
+
+
+def test_img2dataset_odd_tar_members_and_write_errors(tmp_path, capsys):
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    (wds / "00000.tar").write_bytes(_tar_bytes([
+        ("000", {"jpg": jpeg_bytes((255, 0, 0)), "txt": b"red", "json": b"null"}),  # json that is no object
+        ("001", {"jpg": jpeg_bytes((0, 255, 0)), "txt": b"green"}),
+        ("000", {"jpg": jpeg_bytes((0, 0, 255)) + b"\0" * 9, "txt": b"blue"}),       # a key seen before
+    ]))
+    out = tmp_path / "w.jsonl"
+    assert from_img2dataset.main(["--input", str(wds), "--output", str(out)]) == 0
+    recs = read_jsonl(out)
+    assert [r["text"] for r in recs] == ["red", "green", "blue"]
+    assert Image.open(recs[0]["image"]).getpixel((10, 10))[0] > 150  # red is still red
+    assert Image.open(recs[2]["image"]).getpixel((10, 10))[2] > 150
+    # an extraction folder that cannot be written is not a truncated tar: the run stops, saying so
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    rc = from_img2dataset.run_cli(from_img2dataset.main, ["--input", str(wds), "--output", str(tmp_path / "x.jsonl"),
+                                                          "--image-dir", str(blocker / "images")])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {blocker / 'images'}")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_mmeb_bad_columns_and_arguments(mmeb_root, tmp_path, capsys):
+    root = tmp_path / "M"
+    (root / "Sub").mkdir(parents=True)
+    make_image(root / "images" / "q.jpg")
+    pq.write_table(pa.table({"qry": ["<|image_1|> find it", "<|image_1|> ok"], "qry_image_path": [7, None],
+                             "pos_text": ["x", "y"], "pos_image_path": [None, "images/q.jpg"]}),
+                   root / "Sub" / "original.parquet")
+    out = tmp_path / "m.jsonl"
+    assert from_mmeb_train.main(["--input", str(root), "--output", str(out)]) == 0
+    # a number for a path is not "no image" (the query would lose its image without a word)
+    assert [r["meta"]["source"] for r in read_jsonl(out)] == ["Sub/original.parquet:row 2"]
+    assert [(s["reason"], s["detail"]) for s in skipped(out)] == [("schema", "'qry_image_path' is int '7', expected text")]
+
+    broken = tmp_path / "B" / "Sub"
+    broken.mkdir(parents=True)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(_mmeb_rows_imagenet(50)), buf)
+    data = bytearray(buf.getvalue())
+    data[10:200] = bytes(b ^ 0xFF for b in data[10:200])  # the footer reads, the pages do not
+    (broken / "original.parquet").write_bytes(bytes(data))
+    run = from_mmeb_train.run_cli
+    for args, says in [(["--input", str(broken.parent)], "not a readable Parquet file"),
+                       (["--input", str(mmeb_root), "--subsets", "ImageNet_1K,ImageNet_1K"], "listed twice"),
+                       (["--input", str(mmeb_root), "--cap", "ImageNet_1K=2", "--seed", "-1"], "--seed -1")]:
+        assert run(from_mmeb_train.main, args + ["--output", str(tmp_path / "x.jsonl")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "x.jsonl").exists()
