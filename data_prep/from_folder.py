@@ -91,14 +91,15 @@ def from_sidecars(root: Path, kind: str, log: ConversionLog, writer: ManifestWri
             continue
         rec = {"key": key, "image": str(Path(os.path.abspath(img))), "meta": {"source": loc}}
         if kind == "pair":
-            text = clean(side.read_text(encoding="utf-8", errors="replace"), log, loc)
+            # utf-8-sig: Notepad's byte-order mark would otherwise start the caption, unseen.
+            text = clean(side.read_text(encoding="utf-8-sig", errors="replace"), log, loc)
             if not text:
                 log.skip(group, loc, "empty_text", key, f"{side.name} is empty")
                 continue
             rec["text"] = text
         else:
             try:
-                data = json.loads(side.read_text(encoding="utf-8"))
+                data = json.loads(side.read_text(encoding="utf-8-sig"))
             except (ValueError, UnicodeDecodeError) as e:
                 log.skip(group, side.relative_to(root).as_posix(), "invalid_json", key, str(e))
                 continue

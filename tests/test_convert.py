@@ -447,6 +447,18 @@ def test_non_utf8_and_bom_inputs_skip_rows_not_the_run(llava_dir, tmp_path):
     assert [(s["location"], s["reason"]) for s in skipped(out)] == [("excel.csv:line 3", "invalid_unicode")]
 
 
+def test_folder_sidecars_with_a_byte_order_mark(tmp_path):
+    photos = tmp_path / "photos"  # sidecars saved by Windows Notepad
+    make_image(photos / "a.jpg")
+    (photos / "a.txt").write_bytes(b"\xef\xbb\xbfa caption")
+    (photos / "a.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"question": "Q?", "answer": "A."}]).encode())
+    out = tmp_path / "p.jsonl"
+    assert from_folder.main(["--input", str(photos), "--output", str(out)]) == 0
+    assert read_jsonl(out)[0]["text"] == "a caption"  # not "\ufeffa caption"
+    assert from_folder.main(["--input", str(photos), "--kind", "qa", "--output", str(out)]) == 0
+    assert read_jsonl(out)[0]["conversations"] == [{"question": "Q?", "answer": "A."}]
+
+
 def test_folder_csv_unclosed_quote_is_one_line(photo_dir, tmp_path, capsys):
     bad = tmp_path / "quote.csv"
     bad.write_text('image,text\na.jpg,fine\na.jpg,"unclosed\n' + "a.jpg,more\n" * 3 + "a.jpg," + "x" * 140_000 + "\n")
