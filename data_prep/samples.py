@@ -248,6 +248,18 @@ def record_to_sample(record: Any, kind: str, key: str, line: int, base_dir: str,
     ``line`` is the manifest line (kept in the sample's JSON so a sample can be traced back);
     image paths are resolved against ``base_dir``.  Raises :class:`BadRow`.
     """
+    try:
+        return _record_to_sample(record, kind, key, line, base_dir, max_side)
+    except UnicodeError as e:
+        # JSON may escape a lone surrogate ("\ud83d": half an emoji, cut by a truncating
+        # exporter): a str with no UTF-8 form, so neither a path nor tar text can hold it
+        bad = e.object[e.start:e.end] if isinstance(e.object, str) else e.object[e.start:e.end].decode("latin-1")
+        raise BadRow("invalid_unicode", f"{bad.encode('unicode_escape').decode()!s} has no UTF-8 form "
+                                        f"(half of a UTF-16 surrogate pair?); fix the text in the manifest") from None
+
+
+def _record_to_sample(record: Any, kind: str, key: str, line: int, base_dir: str,
+                      max_side: Optional[int]) -> dict:
     record = _check_fields(record, kind)
     info: dict[str, Any] = {"key": key, "line": line}
     if record.get("meta") is not None:

@@ -28,7 +28,7 @@ Behaviour:
   ``--workers`` is (fixed member mtime/uid/gid/mode, members sorted), and a shard with bad
   rows simply holds fewer than ``N`` samples.
 * Bad rows (missing/unreadable/undecodable image, image under 8 px, empty text, schema
-  violation, invalid JSON, duplicate key) are skipped and counted; ``--strict`` turns the
+  violation, invalid JSON, text that is not UTF-8, duplicate key) are skipped and counted; ``--strict`` turns the
   first one into exit status 1 with the same message.  An unusable invocation (no such
   manifest, unknown column, unknown kind, …) exits 2 with one line.
 * Each tar is written to a temporary name and renamed; its stats file is written last and
@@ -112,27 +112,42 @@ def read_manifest(path: Path, kind: str, image_column: str = "image", text_colum
 
 
 def _read_jsonl(path: Path) -> list[Row]:
+    """Rows of a JSON Lines file, decoded line by line: a line that is not UTF-8 (a Latin-1 byte
+    from an old export) is one bad row, not the end of the run; a byte-order mark (Windows
+    editors, Excel) does not make line 1 invalid."""
     rows, stem = [], path.stem
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            text = text.strip()
-            if not text:
-                continue
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
             try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                record = BadRow("invalid_json", f"{e.msg} (column {e.colno})")
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                text = raw.decode("utf-8", "surrogateescape").strip()
+                record = BadRow("invalid_unicode", f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                                   f"line is not UTF-8; re-save the manifest as UTF-8")
+            else:
+                if not text:
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    record = BadRow("invalid_json", f"{e.msg} (column {e.colno})")
             rows.append(Row(line, record, text, record_key(record, line, stem)))
     return rows
 
 
 def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark; surrogateescape: a cell that
+        # is not UTF-8 becomes one bad row (below) instead of stopping the run
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            _check_columns(path, columns, image_column, text_column)
-            table = [(reader.line_num, row) for row in reader]
+            try:
+                columns = list(reader.fieldnames or [])
+                _check_columns(path, columns, image_column, text_column)
+                table = [(reader.line_num, row) for row in reader]
+            except csv.Error as e:
+                raise UsageError(f"--input {path}:{reader.line_num}: not readable as CSV ({e}); "
+                                 f"check the quoting around that line") from None
     else:
         import pyarrow.parquet as pq
 
@@ -146,6 +161,12 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
         table = list(enumerate(t.to_pylist(), 1))
     rows = []
     for line, row in table:
+        if _has_surrogates(row):
+            bad = [c for c, v in row.items() if isinstance(v, str) and _SURROGATE.search(v)]
+            record = BadRow("invalid_unicode", f"column(s) {bad} are not UTF-8; re-save the manifest as UTF-8")
+            raw = json.dumps(row, sort_keys=True, default=str)  # ASCII: the fingerprint still covers it
+            rows.append(Row(line, record, raw, record_key(None, line, path.stem)))
+            continue
         record = {"image": row[image_column], "text": row[text_column]}
         if row.get("key") not in (None, ""):
             record["key"] = str(row["key"])
@@ -157,6 +178,13 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
         raw = json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
         rows.append(Row(line, record, raw, record_key(record, line, path.stem)))
     return rows
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what undecodable bytes become under surrogateescape
+
+
+def _has_surrogates(row: dict) -> bool:
+    return any(isinstance(v, str) and _SURROGATE.search(v) for v in row.values())
 
 
 def _json_scalar(value: Any) -> str:
@@ -409,8 +437,15 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> bool:
     return atomic_write_bytes(path, data, skip_unchanged=True)
 
 
+def json_utf8(text: str) -> bytes:
+    """JSON text as UTF-8.  A lone surrogate (a manifest's ``"\\ud83d"``, half an emoji, quoted in
+    an error detail) has no UTF-8 form: it is written as the JSON escape ``\\ud83d``, which
+    reads back as the same string."""
+    return text.encode("utf-8", "backslashreplace")
+
+
 def write_json_atomic(path: str, obj: Any) -> bool:
-    return write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    return write_atomic(path, json_utf8(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"))
 
 
 def _run_tasks(tasks: list[ShardTask], settings: Settings, workers: int, bar) -> dict[str, dict]:
@@ -588,7 +623,7 @@ def _write(args, rows, tasks, settings, manifest, out_dir) -> int:
 
     write_json_atomic(os.path.join(out_dir, "sizes.json"), _merge_sizes(out_dir, args.prefix, sizes))
     write_atomic(os.path.join(out_dir, "errors.jsonl"),
-                 "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in errors).encode())
+                 json_utf8("".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in errors)))
     write_json_atomic(os.path.join(out_dir, "manifest.json"), {
         "tool": "data_prep/shard.py", "version": pipeline.__version__, "format": FORMAT_VERSION,
         "kind": args.kind, "pattern": brace_pattern(args.prefix, len(tasks)), "shards": len(tasks),

@@ -136,6 +136,34 @@ def test_parquet_columns_without_a_json_type(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- bad rows
+def test_encoding_trouble_is_one_bad_row_each(tmp_path):
+    """A Latin-1 byte (JSONL line or CSV cell) and a lone surrogate escape (half an emoji, in a
+    caption or an image path) each skip their row as invalid_unicode, where they used to stop
+    the run with a traceback; a byte-order mark (Excel, Notepad) is not an error at all."""
+    names = make_images(tmp_path / "images", 1)
+    img = f"images/{names[0]}"
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps({"image": img, "text": "bom first"}).encode() + b"\n"
+                      + b'{"image": "' + img.encode() + b'", "text": "caf\xe9"}\n'
+                      + b'{"image": "' + img.encode() + b'", "text": "half \\ud83d"}\n'
+                      + b'{"image": "images/\\ud83d.png", "text": "x"}\n'
+                      + json.dumps({"image": img, "text": "fine"}).encode() + b"\n")
+    assert run_shard(jsonl, tmp_path / "out") == 0
+    assert [s["text"] for s in read_all(tmp_path / "out", "pair")] == ["bom first", "fine"]
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(e["line"], e["reason"]) for e in errors] == [(2, "invalid_unicode"), (3, "invalid_unicode"),
+                                                          (4, "invalid_unicode")]
+    assert "byte 0xe9" in errors[0]["detail"] and "\\ud83d" in errors[1]["detail"]
+    assert run_shard(jsonl, tmp_path / "strict", "--strict") == 1
+
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbfimage,text\n" + img.encode() + b",caf\xe9\n" + img.encode() + b",ok\n")
+    assert run_shard(csv_path, tmp_path / "out_csv") == 0
+    assert [s["text"] for s in read_all(tmp_path / "out_csv", "pair")] == ["ok"]
+    (err,) = [json.loads(line) for line in (tmp_path / "out_csv" / "errors.jsonl").read_text().splitlines()]
+    assert (err["line"], err["reason"]) == (2, "invalid_unicode") and "['text']" in err["detail"]
+
+
 def _bad_manifest(tmp_path):
     names = make_images(tmp_path / "images", 4)
     (tmp_path / "images" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
