@@ -70,8 +70,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data_plan import (Piece, Plan, Source, WorkerPlan, expand_sources, open_tar, shard_sizes,
-                                split_name)
+from pipeline.data_plan import (Piece, Plan, Source, WorkerPlan, check_kind, expand_sources, open_tar,
+                                shard_sizes, split_name)
 
 __all__ = ["build_loader", "loader_from_config", "ShardLoader", "ShardDataset", "decode_sample",
            "default_collate", "Plan", "Source", "expand_sources", "shard_sizes", "KINDS", "COUNTERS"]
@@ -137,6 +137,20 @@ def _identity(x):
     return x
 
 
+class DataError(RuntimeError):
+    """The data cannot feed training at all (every shard unreadable, or no sample decodes as
+    the configured kind).  Raised in a loader worker; the DataLoader re-raises it in the rank
+    with the worker's traceback in the message (:func:`data_error_reason` takes it back out)."""
+
+
+def data_error_reason(e: DataError) -> str:
+    """The message a :class:`DataError` was raised with, without the traceback text the
+    DataLoader adds when it re-raises a worker's exception."""
+    text = str(e).strip()
+    marker = f"{DataError.__name__}: "
+    return text.rsplit(marker, 1)[-1] if marker in text else text
+
+
 class _Item(NamedTuple):
     """What a worker hands the main process: the collated batch and its counters so far (a
     NamedTuple, so the DataLoader's pin_memory reaches into the batch)."""
@@ -164,6 +178,7 @@ class ShardDataset(IterableDataset):
         self.kind, self.rank = kind, rank
         self.shuffle_buffer, self.task_batch_size = shuffle_buffer, task_batch_size
         self.collate_fn = collate_fn or default_collate
+        check_kind(sources, kind)
         urls = [u for s in sources for u in s.urls]
         source_of = [i for i, s in enumerate(sources) for _ in s.urls]
         self.plan = Plan(urls, source_of, shard_sizes(urls), sources,
@@ -213,14 +228,19 @@ class ShardDataset(IterableDataset):
 
     def _fallback(self) -> dict:
         """The first decodable sample of the dataset: the filler for a worker left with nothing."""
+        first_error = None
         for i, n in enumerate(self.plan.sizes):
             for raw in self._read(Piece(i, 0, n), Counter()):
                 try:
                     decode_sample(raw, self.kind)
                     return raw
-                except Exception:
-                    continue
-        raise RuntimeError(f"no readable sample in any of the {len(self.plan.sizes)} shards")
+                except Exception as e:  # noqa: BLE001 — whatever a bad sample raises
+                    first_error = first_error or f"{raw.get('__key__')}: {type(e).__name__}: {e}"
+        names = sorted({s.name for s in self.plan.sources})
+        raise DataError(f"no usable {self.kind} sample in any of the {len(self.plan.sizes)} shards of "
+                        f"source(s) {names}: "
+                        + (f"samples do not decode as {self.kind} (first: {first_error}); check data.kind"
+                           if first_error else "every shard is unreadable (see the warnings above)"))
 
     def _raw(self, wp: WorkerPlan, k: int, ctx: Counter) -> Iterator[dict]:
         produced, keep = 0, []

@@ -59,8 +59,13 @@ def _expand_pattern(pattern: str) -> list[str]:
 
     pattern = pattern.strip()
     if os.path.isdir(pattern):  # a shard.py output folder
-        with open(os.path.join(pattern, "manifest.json"), encoding="utf-8") as f:
-            pattern = os.path.join(pattern, json.load(f)["pattern"])
+        try:
+            with open(os.path.join(pattern, "manifest.json"), encoding="utf-8") as f:
+                pattern = os.path.join(pattern, json.load(f)["pattern"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{pattern} is a folder but its manifest.json is missing or unreadable "
+                             f"({type(e).__name__}: {e}); shard.py writes one, or give a brace pattern such as "
+                             f"{os.path.join(pattern, 'train-{000000..000007}.tar')}") from None
     urls = []
     for p in braceexpand.braceexpand(pattern):
         urls.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
@@ -95,6 +100,32 @@ def expand_sources(shards: Any, weights: Any = None) -> list[Source]:
         name = item.get("name") or os.path.basename(os.path.dirname(urls[0])) or f"source{i}"
         out.append(Source(name, urls, float(w), item.get("max_samples")))
     return out
+
+
+def check_kind(sources: Sequence[Source], kind: str) -> None:
+    """Raise ValueError when a local shard folder's ``manifest.json`` (written by shard.py) says
+    its shards hold another kind than ``kind``: pair shards under a stage-1 (qa) config would
+    otherwise decode to nothing and stop the run much later, inside a loader worker."""
+    import braceexpand
+
+    seen: set[str] = set()
+    for src in sources:
+        for url in src.urls:
+            folder = os.path.dirname(url)
+            if folder in seen or not is_local(url):
+                continue
+            seen.add(folder)
+            try:
+                with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+                    m = json.load(f)
+                written = set(braceexpand.braceexpand(m["pattern"]))
+                other = m["kind"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a shard.py folder (or an older one): nothing to compare with
+            if other != kind and os.path.basename(url) in written:
+                raise ValueError(f"{folder} holds {other!r} shards (its manifest.json) but the data kind is "
+                                 f"{kind!r}: point the source at {kind} shards or set data.kind={other} "
+                                 f"if this stage trains on {other} samples")
 
 
 def shard_sizes(urls: Sequence[str]) -> list[int]:

@@ -222,6 +222,7 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     if not cfg.model.init:
         raise ConfigError("model.init is empty: set it to a Hugging Face VLM directory or hub id, or a previous "
                           "stage's export (e.g. --model.init=runs/NAME/export)")
+    check_model_init(cfg.model.init)
     world = dist.read_env().world_size
     ds = engine_mod.build_ds_config(cfg, world)  # config errors surface before the process group
     plan = engine_mod.plan_batches(cfg, world)
@@ -529,9 +530,26 @@ def parse_cli(stage: int, argv: list[str]) -> Config:
     return cfg
 
 
+def check_model_init(init: str) -> None:
+    """``model.init`` must be a model directory (one with ``config.json``) or a Hub id
+    (``org/name``).  A path that does not exist or holds no model is a config error here, on
+    every rank before anything loads, instead of a transformers traceback per rank."""
+    path = Path(init).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.init={init} has no config.json, so it is not a Hugging Face model "
+                              f"directory: use a VLM directory, a Hub id, or a stage's export (runs/NAME/export)")
+        return
+    if init.startswith(("/", ".", "~")) or init.count("/") > 1 or "\\" in init:
+        raise ConfigError(f"model.init={init}: no such directory (a Hub id looks like org/name); "
+                          f"a previous stage's export is runs/NAME/export")
+
+
 def main(stage: int, argv: list[str]) -> int:
     """Entry point of launch/stage1.py and launch/stage2.py; returns the process exit code:
     0 done, 2 unusable configuration, 3 the run stopped itself (message says why)."""
+    from pipeline.data import DataError, data_error_reason
+
     try:
         cfg = parse_cli(stage, argv)
         train(cfg)
@@ -540,6 +558,9 @@ def main(stage: int, argv: list[str]) -> int:
         return 2
     except TrainingStopped as e:
         log.error("training stopped: %s", e)
+        return 3
+    except DataError as e:
+        log.error("training stopped: %s", data_error_reason(e))
         return 3
     finally:
         dist.destroy()

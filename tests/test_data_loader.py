@@ -233,6 +233,35 @@ def test_resume_counts_corrupt_data_once(pairs, tmp_path, workers):
         assert resumed.metrics() == want, stop
 
 
+def test_unusable_sources_fail_early_or_with_a_clean_reason(pairs, mmeb, tmp_path):
+    """Pair shards under a qa config and a folder without manifest.json are refused when the
+    loader is built (the trainer turns that into exit 2), and data that cannot yield a single
+    sample of the kind stops iteration with a DataError whose reason survives the trip out of
+    a DataLoader worker (the trainer logs it and exits 3), instead of a worker traceback."""
+    from pipeline.data import DataError, data_error_reason
+
+    with pytest.raises(ValueError, match=r"holds 'pair' shards .* the data kind is 'qa'"):
+        build_loader(str(pairs), kind="qa", batch_size=2, rank=0, world_size=1, num_workers=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty is a folder but its manifest.json is missing"):
+        build_loader(str(tmp_path / "empty"), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=0)
+
+    # mmeb shards named explicitly (no folder manifest to compare with) read as pair: nothing decodes
+    (tmp_path / "copy").mkdir()
+    for f in mmeb.glob("train-*.tar"):
+        shutil.copy(f, tmp_path / "copy" / f.name)
+    shutil.copy(mmeb / "sizes.json", tmp_path / "copy")
+    pattern = str(tmp_path / "copy" / "train-{000000..000004}.tar")
+    for workers in (0, 1):
+        loader = build_loader(pattern, kind="pair", batch_size=2, rank=0, world_size=1, num_workers=workers)
+        with pytest.raises(DataError) as info:
+            next(iter(loader))
+        reason = data_error_reason(info.value)
+        assert reason.startswith("no usable pair sample in any of the 5 shards of source(s) ['copy']: "
+                                 "samples do not decode as pair (first: mmeb-"), reason
+        assert "Traceback" not in reason
+
+
 def test_task_homogeneous_sub_batches(mmeb):
     loader = build_loader(str(mmeb), kind="mmeb", batch_size=6, rank=0, world_size=1, num_workers=2,
                           task_batch_size=3, drop_last=True)

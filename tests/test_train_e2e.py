@@ -163,6 +163,15 @@ def test_config_errors_in_process(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.nope'"):
         parse_cli(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), "--train.nope=1"])
     assert main(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), "--model.init="]) == 2
+    # a typo'd path or a folder without a model: one line, before any rank loads anything
+    from pipeline.train import check_model_init
+
+    with pytest.raises(ConfigError, match=r"model.init=/no/such/export: no such directory"):
+        check_model_init("/no/such/export")
+    with pytest.raises(ConfigError, match=r"has no config.json"):
+        check_model_init(str(tmp_path))
+    check_model_init("Qwen/Qwen2.5-VL-3B-Instruct")  # a Hub id: left to from_pretrained
+    assert main(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), f"--model.init={tmp_path}"]) == 2
     assert main(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
                     f"--train.resume={tmp_path / 'missing'}", "--model.init=x",
                     f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json", f"--train.run_root={tmp_path}"]) == 2
