@@ -35,8 +35,13 @@ def main(argv=None) -> int:
     from pipeline.evaluate import load_encoder
     from pipeline.mmeb import MMEBDataError, format_summary, run_mmeb
 
+    from pipeline.fileio import output_problem
+
     if not os.path.isdir(args.mmeb_root):
         print(f"error: --mmeb-root {args.mmeb_root} is not a directory", file=sys.stderr)
+        return 2
+    if problem := output_problem(args.out, folder=True):
+        print(f"error: --out: {problem}", file=sys.stderr)
         return 2
     try:
         encode = load_encoder(args.model, device=args.device, batch_size=args.batch_size)

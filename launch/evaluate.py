@@ -32,7 +32,11 @@ def main(argv=None) -> int:
 
     from pipeline.evaluate import evaluate, format_table, load_encoder, read_mmeb_shards
     from pipeline.fileio import atomic_write_json as write_json
+    from pipeline.fileio import output_problem
 
+    if problem := output_problem(args.out, folder=False):
+        print(f"error: --out: {problem}", file=sys.stderr)
+        return 2
     try:
         samples = read_mmeb_shards(args.data, max_samples=args.max_samples)
     except (FileNotFoundError, ValueError) as e:

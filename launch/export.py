@@ -22,12 +22,21 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="weights' dtype in the export (default: the run's model.dtype)")
     args = ap.parse_args(argv)
+    from pipeline.config import ConfigError
+    from pipeline.fileio import output_problem
     from pipeline.train import export_checkpoint
 
+    if problem := output_problem(args.out, folder=True):
+        print(f"error: --out: {problem}", file=sys.stderr)
+        return 2
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.dtype)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:  # the checkpoint's config.yaml no longer fits this version's schema
+        print(f"error: the checkpoint's config.yaml: {e}; edit that file (the model section is what "
+              f"export needs) and rerun", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {out}")
     return 0

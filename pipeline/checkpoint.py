@@ -51,13 +51,14 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def resolve_resume(resume: str, root: str | os.PathLike) -> Optional[Path]:
+def resolve_resume(resume: str, root: str | os.PathLike, what: str = "train.resume") -> Optional[Path]:
     """Which checkpoint to load.
 
     ``none``: start fresh.  ``auto``: the one ``root/latest`` names, or (if that file is
     missing or points at an incomplete directory) the newest COMPLETE ``step-N``; None when
     there is none yet (a first run).  Anything else is a path: a ``step-N`` directory or a
-    checkpoints directory holding ``latest``; it must exist and be complete.
+    checkpoints directory holding ``latest``; it must exist and be complete.  ``what`` names
+    the setting in error messages (``--checkpoint`` for launch/export.py).
     """
     if resume in ("none", "", None):
         return None
@@ -74,19 +75,21 @@ def resolve_resume(resume: str, root: str | os.PathLike) -> Optional[Path]:
         return done[-1] if done else None
     path = Path(resume)
     if (path / "latest").exists() and not (path / MARKER).exists():
-        return resolve_resume("auto", path) or _missing(resume)
+        return resolve_resume("auto", path) or _missing(resume, what)
     if not path.is_dir():
-        _missing(resume)
+        _missing(resume, what)
     if not (path / MARKER).exists():
+        hint = "use --train.resume=auto or an earlier step-N" if what == "train.resume" else "pick another step-N"
         raise FileNotFoundError(
-            f"train.resume={resume}: {path} has no {MARKER} marker (the save was interrupted); "
-            f"pick an earlier step-N directory or use --train.resume=auto")
+            f"{what}={resume}: {path} has no {MARKER} marker, so it is not a finished checkpoint (not a "
+            f"step-N or checkpoints directory, or its save was interrupted); {hint}")
     return path
 
 
-def _missing(resume: str):
-    raise FileNotFoundError(f"train.resume={resume}: no such checkpoint directory; use auto, none, or a "
-                            f"step-N directory under runs/NAME/checkpoints")
+def _missing(resume: str, what: str = "train.resume"):
+    raise FileNotFoundError(f"{what}={resume}: no such checkpoint directory; use "
+                            + ("auto, none, or " if what == "train.resume" else "")
+                            + "a step-N directory under runs/NAME/checkpoints, or that checkpoints directory")
 
 
 # ----------------------------------------------------------------------------------- RNG state

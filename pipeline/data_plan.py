@@ -123,9 +123,9 @@ def check_kind(sources: Sequence[Source], kind: str) -> None:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not a shard.py folder (or an older one): nothing to compare with
             if other != kind and os.path.basename(url) in written:
-                raise ValueError(f"{folder} holds {other!r} shards (its manifest.json) but the data kind is "
-                                 f"{kind!r}: point the source at {kind} shards or set data.kind={other} "
-                                 f"if this stage trains on {other} samples")
+                raise ValueError(f"{folder} holds {other!r} shards (its manifest.json) where {kind!r} shards "
+                                 f"are read: point at {kind} shards (in a training config, or set "
+                                 f"data.kind={other} if this stage trains on {other} samples)")
 
 
 def shard_sizes(urls: Sequence[str]) -> list[int]:

@@ -38,6 +38,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
     return True
 
 
+def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
+    """Why ``path`` cannot be written as a file (``folder=False``) or a folder, or None.
+
+    Entry points check their outputs before the work, so a typo'd ``--out`` costs a second, not
+    an evaluation or an export that fails at its last step."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and p.is_dir() != folder:
+        return f"{p} exists and is a {'file' if folder else 'folder'}"
+    ancestor = p.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, so {p} cannot be created"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"no permission to write in {ancestor}"
+    return None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
     """:func:`atomic_write_bytes` of UTF-8 ``text``."""
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)

@@ -579,7 +579,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: Optional[str] = None
     from pipeline.export import export_model
     from pipeline.model import load_model
 
-    path = resolve_resume(checkpoint, checkpoint)
+    path = resolve_resume(checkpoint, checkpoint, what="--checkpoint")
     if path is None:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint there")
     cfg = load_config(path / "config.yaml")

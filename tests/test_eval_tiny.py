@@ -106,3 +106,30 @@ def test_eval_mmeb_cli_with_tiny_model(export_dir, tmp_path):
     assert len((out / "ImageNet-1K_pred.jsonl").read_text().splitlines()) == 4
     assert cli.main(["--model", export_dir, "--mmeb-root", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert cli.main(["--model", str(tmp_path), "--mmeb-root", str(root), "--out", str(out)]) == 2  # not an export
+
+
+def test_entry_points_check_their_outputs_before_any_work(tmp_path, capsys):
+    """A --out that is a folder where a file goes (or the reverse), or that sits under a file,
+    is refused with exit 2 before the model loads or the data is read: it used to fail at the
+    final write, after the whole evaluation or export."""
+    import launch.eval_mmeb as eval_mmeb
+    import launch.evaluate as evaluate
+    import launch.export as export
+    from pipeline.fileio import output_problem
+
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    assert output_problem(tmp_path / "a_folder", folder=False).endswith("exists and is a folder")
+    assert output_problem(tmp_path / "a_file", folder=True).endswith("exists and is a file")
+    assert "is a file, so" in output_problem(tmp_path / "a_file" / "sub" / "scores.json", folder=False)
+    assert output_problem(tmp_path / "new" / "deeper" / "scores.json", folder=False) is None
+
+    # the model and data do not exist either: the output is what gets reported, first
+    missing = str(tmp_path / "missing")
+    assert evaluate.main(["--model", missing, "--data", missing, "--out", str(tmp_path / "a_folder")]) == 2
+    assert eval_mmeb.main(["--model", missing, "--mmeb-root", str(tmp_path), "--out", str(tmp_path / "a_file")]) == 2
+    assert export.main(["--checkpoint", missing, "--out", str(tmp_path / "a_file")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1] for line in err] == ["--out"] * 3, err
+    assert export.main(["--checkpoint", str(tmp_path / "a_folder"), "--out", str(tmp_path / "x")]) == 2
+    assert "--checkpoint=" in capsys.readouterr().err
