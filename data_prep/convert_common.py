@@ -32,7 +32,7 @@ from typing import Any, Iterable, Optional
 
 from data_prep.cli import OneLineParser, StrictError, UsageError
 from data_prep.samples import sanitize_key
-from pipeline.fileio import atomic_write_text
+from pipeline.fileio import atomic_write_text, output_problem
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD_SCRIPT = REPO / "data_prep" / "shard.py"
@@ -307,9 +307,8 @@ class Parser(OneLineParser):
             if out.is_dir():
                 raise UsageError(f"--output {out}: is a folder; --output names the manifest file to write, "
                                  f"e.g. {out / 'manifest.jsonl'}")
-            parent = next((d for d in out.parents if d.exists()), None)
-            if parent is not None and not parent.is_dir():
-                raise UsageError(f"--output {out}: {parent} is a file, not a folder; choose another path")
+            if problem := output_problem(out, folder=False):
+                raise UsageError(f"--output {out}: {problem}; choose another path")
             sources = getattr(ns, "input", None)
             sources = (sources if isinstance(sources, list) else [sources]) + [getattr(ns, "csv", None)]
             for src in sources:
@@ -317,8 +316,8 @@ class Parser(OneLineParser):
                 if src is not None and Path(src).is_file() and Path(src).resolve() == out.resolve():
                     raise UsageError(f"--output {out}: is the input file; write the manifest elsewhere")
         shard = getattr(ns, "shard", None)
-        if shard is not None and Path(shard).exists() and not Path(shard).is_dir():
-            raise UsageError(f"--shard {shard}: is a file; --shard names the folder the shards are written to")
+        if shard is not None and (problem := output_problem(shard, folder=True)):
+            raise UsageError(f"--shard {shard}: {problem}; --shard names the folder the shards are written to")
         return ns
 
 

@@ -19,6 +19,13 @@ from data_prep import from_folder, from_img2dataset, from_llava, from_mmeb_train
 from pipeline.prompts import IMAGE_PLACEHOLDER
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_bars(monkeypatch):
+    """Progress bars off (they go to stderr whenever COMA_NO_PROGRESS is unset), so the tests
+    that expect exactly one error line on stderr see only that."""
+    monkeypatch.setenv("COMA_NO_PROGRESS", "1")
+
+
 def make_image(path: Path, color=(200, 30, 30), size=(24, 16), fmt=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path, format=fmt)
