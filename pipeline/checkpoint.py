@@ -7,6 +7,8 @@ Layout under ``runs/NAME/checkpoints/``::
     step-200/rank{r}.pt       per-rank client state: RNG states and the loader state of rank r
     step-200/config.yaml      the resolved run config
     step-200/COMPLETE         written last, after every rank finished writing
+    step-200/universal/       DeepSpeed's universal form of it, made once when a run resumes
+                              it at another world size (see :meth:`CheckpointManager.universal`)
     latest                    the name of the newest COMPLETE checkpoint, replaced atomically
 
 Why the marker and our own ``latest``: DeepSpeed's ``save_latest`` rewrites its file in place
@@ -22,6 +24,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,8 +38,16 @@ _TAG = re.compile(r"^step-(\d+)$")
 MARKER = "COMPLETE"
 
 
+UNIVERSAL = "universal"
+
+
 def tag_for(step: int) -> str:
     return f"step-{step}"
+
+
+def saved_world_size(path: Path) -> int:
+    """How many ranks wrote checkpoint ``path`` (each writes one ``rank{r}.pt``)."""
+    return sum(1 for _ in Path(path).glob("rank*.pt"))
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -165,19 +177,53 @@ class CheckpointManager:
             if m and int(m.group(1)) < newest and not (d / MARKER).exists():
                 shutil.rmtree(d, ignore_errors=True)
 
-    def load(self, engine: Any, path: Path, load_optimizer_states: bool = True) -> tuple[dict, dict]:
+    def universal(self, path: Path) -> Path:
+        """Collective.  ``path`` in DeepSpeed's universal checkpoint format (``path/universal``),
+        which any world size can load (the engine needs ``checkpoint.load_universal``): ZeRO
+        partitions are stored per rank count, so a SLURM requeue onto fewer or more GPUs cannot
+        load them as saved.  Rank 0 converts once with DeepSpeed's ``ds_to_universal`` (a child
+        process: it forks workers, which a rank holding a process group should not) into a
+        temporary folder renamed when complete; the other ranks wait at a barrier, so a very
+        large checkpoint may need a longer ``train.dist_timeout_s``."""
+        out = path / UNIVERSAL
+        if dist.get_rank() == 0 and not (out / MARKER).exists():
+            tmp = path / f".{UNIVERSAL}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            log.info("converting %s to DeepSpeed's universal format (once; kept in %s)", path, out)
+            r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                                "--num_merge_workers", "1"], capture_output=True, text=True)
+            (path / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer: unused
+            if r.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"converting {path} to a universal checkpoint failed "
+                                   f"(exit {r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}")
+            atomic_write_text(tmp / MARKER, "universal\n", fsync=True)
+            os.replace(tmp, out)
+        dist.barrier()
+        return out
+
+    def load(self, engine: Any, path: Path, load_optimizer_states: bool = True,
+             universal: Optional[Path] = None) -> tuple[dict, dict]:
         """Collective.  Restores module, optimizer and scheduler through DeepSpeed; returns
-        (common client state, this rank's state).  A rank file missing means the checkpoint
-        was written by a different world size: the loader position cannot be restored then."""
+        (common client state, this rank's state).  ``universal``: load from that universal form
+        of ``path`` (another world size saved it); then only the loader position carries over
+        (the same in every rank file; the loader maps it onto the new world size), not the
+        per-rank RNG streams."""
         import torch
 
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
+        src = universal or path
+        load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name,
                                                    load_optimizer_states=load_optimizer_states,
                                                    load_lr_scheduler_states=load_optimizer_states)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {src}")
         rank_file = path / f"rank{dist.get_rank()}.pt"
-        if rank_file.exists():
+        if universal is not None:
+            state = torch.load(path / "rank0.pt", map_location="cpu", weights_only=False)
+            rank_state = {"loader": state["loader"]} if "loader" in state else {}
+        elif rank_file.exists():
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
         else:
             log.warning("%s missing (checkpoint from another world size?): RNG and loader position not restored",

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from pipeline import dist
-from pipeline.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state, tag_for
+from pipeline.checkpoint import (CheckpointManager, resolve_resume, rng_state, saved_world_size, set_rng_state,
+                                 tag_for)
 from pipeline.config import Config, ConfigError, save_yaml, to_dict, to_yaml
 from pipeline.flops import FlopsModel, batch_shape_stats, peak_flops
 from pipeline.metrics import Metrics
@@ -232,6 +233,10 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
         resume_path = resolve_resume(cfg.train.resume, ckpt.root)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    saved_world = saved_world_size(resume_path) if resume_path is not None else 0
+    reshard = bool(saved_world) and saved_world != world
+    if reshard:  # ZeRO partitions of another world size: load DeepSpeed's universal form of them
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     env = dist.init(cfg.train.dist_timeout_s)
     setup_logging(run_dir, env.rank)
     set_cpu_threads(cfg, env)
@@ -247,7 +252,12 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     built = engine_mod.build(cfg, env.world_size, total, model_loader=model_loader, ds=ds, plan=plan)
     state = TrainState()
     if resume_path is not None:
-        client, rank_state = ckpt.load(built.engine, resume_path)
+        universal = ckpt.universal(resume_path) if reshard else None
+        if universal is not None:
+            log.info("%s was saved by %d ranks, this run has %d: its ZeRO partitions are loaded from the "
+                     "universal form %s; the per-rank RNG streams restart", resume_path, saved_world,
+                     env.world_size, universal)
+        client, rank_state = ckpt.load(built.engine, resume_path, universal=universal)
         state = TrainState.from_client(client, str(resume_path))
         if "loader" in rank_state:
             source.load_state_dict(rank_state["loader"])

@@ -13,6 +13,9 @@ gives the same weights.  Loss decreases over the 8 steps.
 Stage 2 (``torchrun``, full fine-tuning, from the stage-1 export, embedding cache in chunks of
 4): a NaN loss injected at step 4 is skipped and counted; the loss decreases; the export embeds.
 
+The 2-rank stage-1 checkpoint resumes on 1 rank (converted once to DeepSpeed's universal
+format): the same weights, and training goes on.
+
 DeepSpeed's CPU Adam with ZeRO-3 optimizer offload trains the same as torch AdamW (per-step losses).
 
 Config errors exit 2 with the offending key named, before any process group exists.
@@ -152,6 +155,42 @@ def test_stage2_torchrun_cache_nan_skip(assets, stage1):
     before = Embedder.from_pretrained(init).encode(items)
     after = Embedder.from_pretrained(run / "export").encode(items)
     assert after.shape == (2, 64) and float((after - before).abs().max()) > 1e-3
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size_through_the_universal_checkpoint(assets, stage1):
+    """A SLURM requeue onto fewer GPUs: the 2-rank stage-1 run's last checkpoint, resumed by 1
+    rank.  ZeRO-3 partitions of 2 ranks do not load into 1 (it was a size-mismatch traceback);
+    the trainer converts the checkpoint once to DeepSpeed's universal format and loads that.
+    With nothing left to train, the export equals the 2-rank run's own export exactly; one more
+    step trains from there and reuses the conversion."""
+    from safetensors.torch import load_file
+
+    from conftest import free_port
+
+    ckpt = stage1["run"] / "checkpoints" / "step-8"
+
+    def resume_with_one_rank(*extra):
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
+               str(REPO / "launch/stage1.py"), "--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
+               f"--model.init={assets['tiny']}", f"--data.sources=[{{shards: '{assets['qa']}'}}]",
+               f"--train.run_root={assets['root'] / 'runs'}", f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json",
+               "--train.name=stage1_tiny_world1", f"--train.resume={ckpt}", "--train.save_every=100",
+               "--train.log_every=1", "--optim.lr=3e-3", f"--train.dist_timeout_s={TIMEOUT_S}", *extra]
+        r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        return r
+
+    r = resume_with_one_rank("--train.max_steps=8")
+    assert "was saved by 2 ranks, this run has 1" in r.stdout and (ckpt / "universal" / "COMPLETE").exists()
+    a = load_file(stage1["run"] / "export/model.safetensors")
+    b = load_file(assets["root"] / "runs/stage1_tiny_world1/export/model.safetensors")
+    assert a.keys() == b.keys() and all(float((a[k].float() - b[k].float()).abs().max()) == 0.0 for k in a)
+
+    r = resume_with_one_rank("--train.max_steps=9", "--train.name=stage1_tiny_world1_more")
+    assert "converting" not in r.stdout  # the universal form made above is reused
+    (row,) = _raw_rows(assets["root"] / "runs/stage1_tiny_world1_more")
+    assert row["step"] == 9 and math.isfinite(row["loss/train"])
 
 
 def test_config_errors_in_process(tmp_path):
