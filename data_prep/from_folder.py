@@ -47,17 +47,27 @@ def walk_images(root: Path) -> list[Path]:
     out = []
     # Symlinked sub-folders are followed (``ln -s /data/coco/train2017 photos/coco`` is a common
     # way to assemble a folder; os.walk's default would skip them without a word); a folder
-    # reached twice (a link loop, or two links to one folder) is walked once.
+    # reached twice (a link loop, or two links to one folder) is walked once.  A link to a
+    # folder inside the root is not followed: that folder is walked under its own name, so keys
+    # do not depend on which of the two names sorts first.
     seen = set()
+    real_root = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not _link_inside(os.path.join(dirpath, d), real_root))
         out.extend(Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in IMAGE_EXTS)
     return out
+
+
+def _link_inside(path: str, real_root: str) -> bool:
+    if not os.path.islink(path):
+        return False
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root + os.sep)
 
 
 def qa_turns(data, log: ConversionLog, loc: str) -> tuple[Optional[list], Optional[str]]:

@@ -112,21 +112,21 @@ def read_manifest(path: Path, kind: str, image_column: str = "image", text_colum
 
 
 def _read_jsonl(path: Path) -> list[Row]:
-    """Rows of a JSON Lines file, decoded line by line: a line that is not UTF-8 (a Latin-1 byte
-    from an old export) is one bad row, not the end of the run; a byte-order mark (Windows
-    editors, Excel) does not make line 1 invalid."""
+    """Rows of a JSON Lines file.  A line that is not UTF-8 (a Latin-1 byte from an old export)
+    is one bad row, not the end of the run (surrogateescape keeps its bytes, the regex finds
+    them); a byte-order mark (Windows editors, Excel) does not make line 1 invalid; any newline
+    convention reads (text mode)."""
     rows, stem = [], path.stem
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if line == 1 else "utf-8").strip()
-            except UnicodeDecodeError as e:
-                text = raw.decode("utf-8", "surrogateescape").strip()
-                record = BadRow("invalid_unicode", f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
-                                                   f"line is not UTF-8; re-save the manifest as UTF-8")
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for line, text in enumerate(f, 1):
+            text = text.strip()
+            if not text:
+                continue
+            bad = _UNDECODABLE.search(text)
+            if bad:
+                record = BadRow("invalid_unicode", f"byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
+                                                   f"{bad.start() + 1} is not UTF-8; re-save the manifest as UTF-8")
             else:
-                if not text:
-                    continue
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as e:
@@ -146,7 +146,7 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
                 _check_columns(path, columns, image_column, text_column)
                 table = [(reader.line_num, row) for row in reader]
             except csv.Error as e:
-                raise UsageError(f"--input {path}:{reader.line_num}: not readable as CSV ({e}); "
+                raise UsageError(f"--input {path}:{reader.line_num + 1}: not readable as CSV ({e}); "
                                  f"check the quoting around that line") from None
     else:
         import pyarrow.parquet as pq
@@ -162,7 +162,7 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
     rows = []
     for line, row in table:
         if _has_surrogates(row):
-            bad = [c for c, v in row.items() if isinstance(v, str) and _SURROGATE.search(v)]
+            bad = [c for c, v in row.items() if isinstance(v, str) and _UNDECODABLE.search(v)]
             record = BadRow("invalid_unicode", f"column(s) {bad} are not UTF-8; re-save the manifest as UTF-8")
             raw = json.dumps(row, sort_keys=True, default=str)  # ASCII: the fingerprint still covers it
             rows.append(Row(line, record, raw, record_key(None, line, path.stem)))
@@ -180,11 +180,11 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
     return rows
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")  # what undecodable bytes become under surrogateescape
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under surrogateescape
 
 
 def _has_surrogates(row: dict) -> bool:
-    return any(isinstance(v, str) and _SURROGATE.search(v) for v in row.values())
+    return any(isinstance(v, str) and _UNDECODABLE.search(v) for v in row.values())
 
 
 def _json_scalar(value: Any) -> str:
@@ -197,9 +197,13 @@ def _check_parquet_meta(path: Path, schema, used: tuple) -> None:
     feature bytes, often megabytes per row) would bloat every sample, so it is refused up front."""
     import pyarrow as pa
 
-    binary = [f.name for f in schema if f.name not in used
-              and (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
-                   or pa.types.is_fixed_size_binary(f.type))]
+    def is_binary(t) -> bool:
+        if pa.types.is_dictionary(t):  # dictionary-encoded: the values' type is what lands in meta
+            t = t.value_type
+        return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+                or getattr(pa.types, "is_binary_view", lambda _: False)(t))
+
+    binary = [f.name for f in schema if f.name not in used and is_binary(f.type)]
     if binary:
         raise UsageError(f"--input {path}: column(s) {binary} hold binary data, which cannot go into a "
                          f"sample's JSON metadata; write the manifest without them (images are read "

@@ -102,30 +102,37 @@ def expand_sources(shards: Any, weights: Any = None) -> list[Source]:
     return out
 
 
+class KindMismatch(ValueError):
+    """Shards of one kind where another is read (``found`` / ``wanted``)."""
+
+    def __init__(self, folder: str, found: str, wanted: str):
+        super().__init__(f"{folder} holds {found!r} shards (its manifest.json), not {wanted!r} shards")
+        self.found, self.wanted = found, wanted
+
+
 def check_kind(sources: Sequence[Source], kind: str) -> None:
-    """Raise ValueError when a local shard folder's ``manifest.json`` (written by shard.py) says
-    its shards hold another kind than ``kind``: pair shards under a stage-1 (qa) config would
-    otherwise decode to nothing and stop the run much later, inside a loader worker."""
+    """Raise :class:`KindMismatch` when a local shard's folder ``manifest.json`` (written by
+    shard.py) says it holds another kind than ``kind``: pair shards read as qa would otherwise
+    decode to nothing and stop a run much later, inside a loader worker.  Shards not named by
+    their folder's manifest (another prefix, another tool) are not checked."""
     import braceexpand
 
-    seen: set[str] = set()
+    manifests: dict[str, Optional[tuple[str, set]]] = {}
     for src in sources:
         for url in src.urls:
-            folder = os.path.dirname(url)
-            if folder in seen or not is_local(url):
+            if not is_local(url):
                 continue
-            seen.add(folder)
-            try:
-                with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-                    m = json.load(f)
-                written = set(braceexpand.braceexpand(m["pattern"]))
-                other = m["kind"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # not a shard.py folder (or an older one): nothing to compare with
-            if other != kind and os.path.basename(url) in written:
-                raise ValueError(f"{folder} holds {other!r} shards (its manifest.json) where {kind!r} shards "
-                                 f"are read: point at {kind} shards (in a training config, or set "
-                                 f"data.kind={other} if this stage trains on {other} samples)")
+            folder = os.path.dirname(url)
+            if folder not in manifests:
+                try:
+                    with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+                        m = json.load(f)
+                    manifests[folder] = (m["kind"], set(braceexpand.braceexpand(m["pattern"])))
+                except (OSError, ValueError, KeyError, TypeError):
+                    manifests[folder] = None  # not a shard.py folder (or an older one)
+            known = manifests[folder]
+            if known is not None and known[0] != kind and os.path.basename(url) in known[1]:
+                raise KindMismatch(folder, known[0], kind)
 
 
 def shard_sizes(urls: Sequence[str]) -> list[int]:

@@ -280,10 +280,15 @@ def read_mmeb_shards(spec: str, max_samples: Optional[int] = None, batch_size: i
     scores then cover fewer queries.  Returns decoded samples as pipeline/data.py documents them.
     """
     from pipeline.data import build_loader
+    from pipeline.data_plan import KindMismatch
 
+    hint = "evaluation needs shards written by data_prep/shard.py --kind mmeb"
     _check_shards_exist(spec)
-    loader = build_loader(spec, kind="mmeb", batch_size=batch_size, rank=0, world_size=1, num_workers=0,
-                          shuffle=False, drop_last=False)
+    try:
+        loader = build_loader(spec, kind="mmeb", batch_size=batch_size, rank=0, world_size=1, num_workers=0,
+                              shuffle=False, drop_last=False)
+    except KindMismatch as e:
+        raise ValueError(f"{e}: {hint}") from None
     out: list[dict] = []
     try:
         for batch in loader:
@@ -292,7 +297,7 @@ def read_mmeb_shards(spec: str, max_samples: Optional[int] = None, batch_size: i
                 out = out[:max_samples]
                 break
     except RuntimeError as e:  # the loader found nothing decodable as mmeb (e.g. qa or pair shards)
-        raise ValueError(f"{spec}: {e}; evaluation needs shards written by data_prep/shard.py --kind mmeb") from None
+        raise ValueError(f"{spec}: {e}; {hint}") from None
     bad = {k: v for k, v in loader.metrics().items() if v and "corrupt" in k}
     if bad:
         import warnings

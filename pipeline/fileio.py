@@ -38,17 +38,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
     return True
 
 
-def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
+def output_problem(path: str | os.PathLike, *, folder: bool, replace: bool = False) -> str | None:
     """Why ``path`` cannot be written as a file (``folder=False``) or a folder, or None.
 
-    Entry points check their outputs before the work, so a typo'd ``--out`` costs a second, not
-    an evaluation or an export that fails at its last step."""
+    ``replace=True``: the folder is written as a whole beside itself and renamed over it
+    (:func:`atomic_directory`), so its parent must be writable; otherwise an existing folder is
+    written into.  Entry points check their outputs before the work, so a typo'd ``--out`` costs
+    a second, not an evaluation or an export that fails at its last step."""
     p = Path(path).expanduser().absolute()
-    if p.exists() and p.is_dir() != folder:
-        return f"{p} exists and is a {'file' if folder else 'folder'}"
-    ancestor = p.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    try:
+        if p.exists():
+            if p.is_dir() != folder:
+                return f"{p} exists and is a {'file' if folder else 'folder'}"
+            if folder and not replace:
+                return None if os.access(p, os.W_OK | os.X_OK) else f"no permission to write in {p}"
+        ancestor = p.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    except OSError as e:  # a parent we may not enter
+        return f"cannot look at {p} ({e.strerror or e})"
     if not ancestor.is_dir():
         return f"{ancestor} is a file, so {p} cannot be created"
     if not os.access(ancestor, os.W_OK | os.X_OK):

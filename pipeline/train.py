@@ -433,6 +433,7 @@ class LoaderSource(BatchSource):
     def __init__(self, cfg: Config, plan, env, collator):
         from pipeline.collate import PackedCollate
         from pipeline.data import loader_from_config
+        from pipeline.data_plan import KindMismatch
 
         self.stage = cfg.train.stage
         self.acc = plan.accumulation  # plan_batches sets 1 for stage 2
@@ -448,6 +449,9 @@ class LoaderSource(BatchSource):
         try:
             self.loader = loader_from_config(cfg.data, batch, rank=env.rank, world_size=env.world_size,
                                              collate_fn=collate, drop_last=True, **loader_settings(cfg, plan))
+        except KindMismatch as e:
+            raise ConfigError(f"data.sources: {e}: point data.sources at {e.wanted} shards, or set "
+                              f"data.kind={e.found} if this stage trains on {e.found} samples") from None
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"data.sources: {e}") from None
         self.steps_per_epoch = len(self.loader) // self.acc

@@ -523,6 +523,12 @@ def test_folder_follows_symlinked_subfolders(tmp_path):
     out = tmp_path / "p.jsonl"
     assert from_folder.main(["--input", str(photos), "--output", str(out)]) == 0
     assert [(r["key"], r["text"]) for r in read_jsonl(out)] == [("a", "here"), ("more_b", "linked in")]
+    # a link to a folder inside the root does not take that folder's images (keys stay stable)
+    make_image(photos / "z_real" / "c.jpg")
+    (photos / "z_real" / "c.txt").write_text("real")
+    (photos / "a_alias").symlink_to(photos / "z_real")
+    assert from_folder.main(["--input", str(photos), "--output", str(out)]) == 0
+    assert [r["key"] for r in read_jsonl(out)] == ["a", "more_b", "z_real_c"]
 
 
 def test_img2dataset_odd_keys_and_broken_parquet(tmp_path):

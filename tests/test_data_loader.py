@@ -240,7 +240,7 @@ def test_unusable_sources_fail_early_or_with_a_clean_reason(pairs, mmeb, tmp_pat
     a DataLoader worker (the trainer logs it and exits 3), instead of a worker traceback."""
     from pipeline.data import DataError, data_error_reason
 
-    with pytest.raises(ValueError, match=r"holds 'pair' shards \(its manifest.json\) where 'qa' shards are read"):
+    with pytest.raises(ValueError, match=r"holds 'pair' shards \(its manifest.json\), not 'qa' shards"):
         build_loader(str(pairs), kind="qa", batch_size=2, rank=0, world_size=1, num_workers=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty is a folder but its manifest.json is missing"):

@@ -128,15 +128,16 @@ def test_parquet_columns_without_a_json_type(tmp_path, capsys):
         {"when": "2024-01-02T03:04:05", "price": "1.50", "took": "0:00:03", "tags": ["x"]},
         {"when": None, "price": None, "took": None, "tags": []}]
 
-    pq.write_table(pa.table({**table, "thumb": [b"\xff\xd8", b""]}), tmp_path / "bin.parquet")
+    thumbs = pa.array([b"\xff\xd8", b""])
+    pq.write_table(pa.table({**table, "thumb": thumbs, "enc": thumbs.dictionary_encode()}), tmp_path / "bin.parquet")
     capsys.readouterr()
     assert run_shard(tmp_path / "bin.parquet", tmp_path / "out2") == 2
-    assert "['thumb'] hold binary data" in capsys.readouterr().err
+    assert "['thumb', 'enc'] hold binary data" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
 
 
 # ------------------------------------------------------------------------------------- bad rows
-def test_encoding_trouble_is_one_bad_row_each(tmp_path):
+def test_encoding_trouble_is_one_bad_row_each(tmp_path, capsys):
     """A Latin-1 byte (JSONL line or CSV cell) and a lone surrogate escape (half an emoji, in a
     caption or an image path) each skip their row as invalid_unicode, where they used to stop
     the run with a traceback; a byte-order mark (Excel, Notepad) is not an error at all."""
@@ -155,6 +156,18 @@ def test_encoding_trouble_is_one_bad_row_each(tmp_path):
                                                           (4, "invalid_unicode")]
     assert "byte 0xe9" in errors[0]["detail"] and "\\ud83d" in errors[1]["detail"]
     assert run_shard(jsonl, tmp_path / "strict", "--strict") == 1
+    # the BOM shifts no position: the bad byte of a first line is reported where it is
+    first = tmp_path / "first.jsonl"
+    first.write_bytes(b"\xef\xbb\xbf" + b'{"image": "' + img.encode() + b'", "text": "caf\xe9"}\n')
+    assert run_shard(first, tmp_path / "out_first") == 1
+    (err,) = [json.loads(x) for x in (tmp_path / "out_first" / "errors.jsonl").read_text().splitlines()]
+    col = len('{"image": "' + img + '", "text": "caf') + 1
+    assert err["detail"].startswith(f"byte 0xe9 at column {col} "), err
+    # old-Mac line endings (CR only) still split into lines
+    cr = tmp_path / "cr.jsonl"
+    cr.write_bytes(b"\r".join(json.dumps({"image": img, "text": t}).encode() for t in "abc") + b"\r")
+    assert run_shard(cr, tmp_path / "out_cr") == 0
+    assert [s["text"] for s in read_all(tmp_path / "out_cr", "pair")] == ["a", "b", "c"]
 
     csv_path = tmp_path / "m.csv"
     csv_path.write_bytes(b"\xef\xbb\xbfimage,text\n" + img.encode() + b",caf\xe9\n" + img.encode() + b",ok\n")
@@ -162,6 +175,12 @@ def test_encoding_trouble_is_one_bad_row_each(tmp_path):
     assert [s["text"] for s in read_all(tmp_path / "out_csv", "pair")] == ["ok"]
     (err,) = [json.loads(line) for line in (tmp_path / "out_csv" / "errors.jsonl").read_text().splitlines()]
     assert (err["line"], err["reason"]) == (2, "invalid_unicode") and "['text']" in err["detail"]
+    # an unclosed quote swallows the rest of the file: exit 2 naming the line it starts on
+    quote = tmp_path / "quote.csv"
+    quote.write_text(f'image,text\n{img},ok\n{img},"unclosed\n' + "x" * 200_000 + "\n")
+    capsys.readouterr()
+    assert run_shard(quote, tmp_path / "out_quote") == 2
+    assert f"{quote}:3: not readable as CSV" in capsys.readouterr().err
 
 
 def _bad_manifest(tmp_path):
