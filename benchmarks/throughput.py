@@ -86,9 +86,10 @@ class SyntheticSource(BatchSource):
         import torch
 
         from pipeline.collate import Collator
+        from pipeline.train import pixel_dtype
 
         kind = "qa" if cfg.train.stage == 1 else "mmeb"
-        self.collator = Collator(processor, cfg.model, kind=kind)
+        self.collator = Collator(processor, cfg.model, kind=kind, pixel_dtype=pixel_dtype(cfg))
         self.cfg, self.plan, self.env, self.image_size = cfg, plan, env, image_size
         self.part = plan.micro if cfg.train.stage == 1 else (plan.cache_chunk or plan.per_rank)
         self.packed = cfg.data.workers > 0  # the same transport and loader knobs as LoaderSource

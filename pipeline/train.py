@@ -494,6 +494,14 @@ def loader_settings(cfg: Config, plan) -> dict:
             "pin_memory": workers > 0 and torch.cuda.is_available()}
 
 
+def pixel_dtype(cfg: Config):
+    """The dtype training batches carry ``pixel_values`` in: the model's (bit-identical, as the
+    vision tower casts to it first; half the bytes of float32 for a bf16/fp16 model)."""
+    from pipeline.model import DTYPES
+
+    return DTYPES[cfg.model.dtype]
+
+
 def make_loader(cfg: Config, plan, env) -> LoaderSource:
     """The per-rank batch source of a run: shards from ``cfg.data`` through the model's
     collator (stage 1: ``[X][C][D]`` + labels; stage 2: query/candidate chunks)."""
@@ -507,7 +515,7 @@ def make_loader(cfg: Config, plan, env) -> LoaderSource:
     try:
         # loss.hard_negatives=false: in-batch negatives only (the samples' hard negatives dropped)
         collator = Collator(proc, m, kind=kind, mode=mode,
-                            max_negatives=None if cfg.loss.hard_negatives else 0)
+                            max_negatives=None if cfg.loss.hard_negatives else 0, pixel_dtype=pixel_dtype(cfg))
     except ValueError as e:
         raise ConfigError(f"data.kind={kind} with train.stage={cfg.train.stage}: {e}") from None
     return LoaderSource(cfg, plan, env, collator)

@@ -197,3 +197,25 @@ def test_cached_tokenisation_matches_the_tokenizer(proc):
     first = proc.text_ids("three")
     first.append(-1)                                  # the caller owns the list it gets
     assert proc.text_ids("three") == want[2] and proc.many_text_ids(texts) == want
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_pixels_in_the_model_dtype_change_nothing_but_the_bytes(proc, dtype):
+    """Training collates pixel_values in the model's dtype (pipeline.train.pixel_dtype): half the
+    bytes through the worker pipe, pinned memory and the copy to the GPU.  The vision tower
+    casts them to that dtype first thing, so a 16-bit model's stage-1 loss and embeddings are
+    bit-identical to those from float32 pixels."""
+    from pipeline.model import DTYPES, load_model
+
+    cfg = model_cfg(dtype=dtype)
+    model = load_model(cfg, for_training=False)
+    samples = qa_samples()
+    wide = Collator(proc, cfg, kind="qa")(samples)
+    narrow = Collator(proc, cfg, kind="qa", pixel_dtype=DTYPES[dtype])(samples)
+    assert wide["pixel_values"].dtype == torch.float32 and narrow["pixel_values"].dtype == DTYPES[dtype]
+    assert narrow["pixel_values"].nbytes * 2 == wide["pixel_values"].nbytes
+    with torch.no_grad():
+        assert torch.equal(model(**wide).loss, model(**narrow).loss)
+        side = {k: v for k, v in narrow.items() if k != "labels"}
+        side_wide = {k: v for k, v in wide.items() if k != "labels"}
+        assert torch.equal(model.embed(**side), model.embed(**side_wide))
