@@ -226,21 +226,44 @@ class ShardDataset(IterableDataset):
                         url, got, piece.take)
             ctx["corrupt_shards"] += 1
 
-    def _fallback(self) -> dict:
-        """The first decodable sample of the dataset: the filler for a worker left with nothing."""
-        first_error = None
+    # A fallback search that collates as well gives up after this many samples that decode but
+    # do not collate: past that it is the configuration (model.max_length, the collator's kind),
+    # not a few bad samples, and scanning the whole dataset one sample at a time would look like a hang.
+    FALLBACK_COLLATE_TRIES = 256
+
+    def _fallback(self, collate: bool = False) -> dict:
+        """The first decodable sample of the dataset (that also collates on its own, with
+        ``collate``): the filler for a worker left with nothing."""
+        first_error, failed = None, 0
         for i, n in enumerate(self.plan.sizes):
             for raw in self._read(Piece(i, 0, n), Counter()):
                 try:
-                    decode_sample(raw, self.kind)
-                    return raw
+                    s = decode_sample(raw, self.kind)
                 except Exception as e:  # noqa: BLE001 — whatever a bad sample raises
                     first_error = first_error or f"{raw.get('__key__')}: {type(e).__name__}: {e}"
+                    continue
+                if not collate:
+                    return raw
+                try:
+                    self.collate_fn([s])
+                    return raw
+                except Exception as e:  # noqa: BLE001 — whatever the collator raises
+                    first_error = first_error or f"{raw.get('__key__')}: {type(e).__name__}: {e}"
+                    failed += 1
+                    if failed >= self.FALLBACK_COLLATE_TRIES:
+                        break
+            if failed >= self.FALLBACK_COLLATE_TRIES:
+                break
         names = sorted({s.name for s in self.plan.sources})
+        if not first_error:
+            reason = "every shard is unreadable (see the warnings above)"
+        elif collate:
+            reason = (f"samples do not decode as {self.kind} or the collator rejects them (first: {first_error}); "
+                      "check data.kind and the model settings (model.max_length, model.max_pixels)")
+        else:
+            reason = f"samples do not decode as {self.kind} (first: {first_error}); check data.kind"
         raise DataError(f"no usable {self.kind} sample in any of the {len(self.plan.sizes)} shards of "
-                        f"source(s) {names}: "
-                        + (f"samples do not decode as {self.kind} (first: {first_error}); check data.kind"
-                           if first_error else "every shard is unreadable (see the warnings above)"))
+                        f"source(s) {names}: {reason}")
 
     def _raw(self, wp: WorkerPlan, k: int, ctx: Counter) -> Iterator[dict]:
         produced, keep = 0, []
@@ -356,9 +379,59 @@ class ShardDataset(IterableDataset):
             pass
         base = Counter(ctx)
         it = self._decoded(it, ctx)
+        good: dict[str, dict] = {}
         for size in wp.batch_sizes[skip:]:
             batch = list(itertools.islice(it, size))
-            yield _Item(self.collate_fn(batch), k, dict(ctx - base))
+            yield _Item(self._collate(batch, good, ctx), k, dict(ctx - base))
+
+    def _task(self, s: dict) -> str:
+        return str(s.get("task", "")) if self.kind == "mmeb" else ""
+
+    def _collate(self, batch: list[dict], good: dict[str, dict], ctx: Counter) -> Any:
+        """``collate_fn(batch)``; a sample the collator rejects although it decoded (an image
+        the processor refuses, a conversation without a question, a side with neither text nor
+        image, …) is counted corrupt and replaced like an undecodable one: by a good sample of
+        the batch of the same task, else of any task, else the worker's last good one (``good``,
+        task → sample, kept up to date here), else the dataset's first usable sample."""
+        try:
+            out = self.collate_fn(batch)
+        except Exception as e:  # noqa: BLE001 — whatever the collator raises
+            if self.collate_fn is default_collate:
+                raise
+            error = e
+        else:
+            for s in batch:
+                good[self._task(s)] = s
+            return out
+        rejected = {}
+        for i, s in enumerate(batch):
+            try:
+                self.collate_fn([s])
+            except Exception as e:  # noqa: BLE001
+                rejected[i] = e
+        if not rejected:  # every sample collates alone: the batch as a whole is the problem
+            raise error
+        ok = [s for i, s in enumerate(batch) if i not in rejected]
+        for s in ok:
+            good[self._task(s)] = s
+        fixed = []
+        for i, s in enumerate(batch):
+            if i not in rejected:
+                fixed.append(s)
+                continue
+            e = rejected[i]
+            log.warning("sample %s in %s rejected by the collator (%s: %s): replaced by a repeat",
+                        s.get("__key__"), s.get("__source__"), type(e).__name__, e)
+            ctx["corrupt_samples"] += 1
+            ctx["padded_samples"] += 1
+            task = self._task(s)
+            rep = (next((x for x in ok if self._task(x) == task), None) or (ok[0] if ok else None)
+                   or good.get(task) or next(iter(good.values()), None))
+            if rep is None:
+                rep = decode_sample(self._fallback(collate=True), self.kind)
+                good[self._task(rep)] = rep
+            fixed.append(dict(rep, __pad__=True))
+        return self.collate_fn(fixed)
 
 
 def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
@@ -369,11 +442,19 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
     PyTorch's workers notice the dead parent but then block forever at interpreter exit,
     flushing result batches into the queue pipe whose only other readers are the sibling
     workers, stuck the same way.  Those orphans keep the job's stdout/stderr open, so
-    ``torchrun``, ``srun`` or a CI runner waiting for end-of-output hangs with them."""
+    ``torchrun``, ``srun`` or a CI runner waiting for end-of-output hangs with them.
+
+    The worker also ignores SIGTERM and SIGUSR1: SLURM signals every process of a job step at
+    preemption or with ``--signal``, and a worker dying of it makes its rank raise at once
+    (PyTorch's SIGCHLD check), cutting short the checkpoint the rank saves on that signal
+    (``pipeline.train.StopSignals``).  The worker still ends with its rank (this SIGKILL)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))

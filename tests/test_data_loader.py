@@ -387,3 +387,70 @@ def test_workers_die_with_their_rank(tmp_path):
     for p in alive:  # leave nothing behind even when the assertion fails
         os.kill(int(p), 9)
     assert not alive, f"DataLoader workers {alive} outlived their rank"
+
+
+def _tar(path, samples):
+    """A plain WebDataset tar (what another tool could write): samples = [(key, {ext: bytes})]."""
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def _png(w, h, mode="RGB", color=(90, 140, 200)):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), color if mode == "RGB" else None).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _qa(question="What is it?", answer="a digit"):
+    return json.dumps({"conversations": [{"question": question, "answer": answer}]}).encode()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_samples_the_collator_rejects_are_skipped_and_counted(tmp_path, caplog, batch_size):
+    """Samples that decode but that the model's collator refuses (a 2000x1 px image the Qwen2-VL
+    processor rejects, an empty or malformed conversation) are replaced and counted like
+    undecodable ones, instead of an exception that ends the run; a dataset where nothing
+    collates stops with a DataError that says why."""
+    from pipeline.collate import Collator
+    from pipeline.data import DataError, data_error_reason
+    from pipeline.processing import Processor
+    from tests.tiny_models import model_cfg, tiny_model_dir
+
+    proc = Processor.from_pretrained(tiny_model_dir("qwen2_vl"), num_compression_tokens=4)
+    collate = Collator(proc, model_cfg(), kind="qa")
+    good = {"png": _png(56, 56), "json": _qa()}
+    samples = [("a-0", {"png": _png(2000, 1), "json": _qa()}), ("a-1", good),
+               ("a-2", {"png": _png(56, 56), "json": json.dumps({"conversations": []}).encode()}),
+               ("a-3", {"png": _png(56, 56), "json": json.dumps({"conversations": "hi"}).encode()}),
+               ("a-4", good), ("a-5", {"png": _png(56, 56), "json": _qa(question="")})]
+    _tar(tmp_path / "s-000000.tar", samples)
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": len(samples)}))
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    loader = build_loader(str(tmp_path / "s-000000.tar"), kind="qa", batch_size=batch_size, rank=0,
+                          world_size=1, num_workers=0, shuffle=False, drop_last=False,
+                          collate_fn=lambda b: (collate(b), [(s["__key__"], s["__pad__"]) for s in b]))
+    got = list(loader)
+    assert len(got) == len(loader) == 6 // batch_size
+    for batch, ks in got:
+        assert batch["input_ids"].shape[0] == len(ks) == batch_size
+        assert batch["image_grid_thw"].shape[0] == batch_size
+    real = [k for _, ks in got for k, pad in ks if not pad]
+    assert real == ["a-1", "a-4"]
+    assert loader.metrics() == {"data/corrupt_samples": 4, "data/corrupt_shards": 0, "data/padded_samples": 4}
+    assert "sample a-0 in " in caplog.text and "rejected by the collator (ValueError: absolute aspect" in caplog.text
+
+    # nothing collates (model.max_length below the image + C tokens): a DataError with the reason
+    tight = Collator(proc, model_cfg(max_length=8), kind="qa")
+    loader = build_loader(str(tmp_path / "s-000000.tar"), kind="qa", batch_size=batch_size, rank=0,
+                          world_size=1, num_workers=0, shuffle=False, drop_last=False, collate_fn=tight)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    reason = data_error_reason(info.value)
+    assert "the collator rejects them (first: a-0: ValueError" in reason and "model.max_length" in reason, reason
+    assert "Traceback" not in reason
