@@ -13,6 +13,7 @@ processor and the family adapter's prompt format.  ``save_pretrained`` writes th
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -46,6 +47,10 @@ class Processor:
         self.compression_ids = [tokenizer.convert_tokens_to_ids(t) for t in compression_tokens(num_compression_tokens)]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._ids: dict[str, tuple[int, ...]] = {}  # many_text_ids' memo
+        # Every string the tokenizer turns into one added token (<|image_pad|>, <|im_end|>, the
+        # compression tokens, …): in sample text they are plain characters (see user_ids).
+        added = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+        self._added = re.compile("|".join(map(re.escape, added))) if added else None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, num_compression_tokens: int = 32, family: str = "auto",
@@ -86,6 +91,19 @@ class Processor:
                 cache[t] = tuple(ids)
         return [list(cache[t]) if t else [] for t in texts]
 
+    def user_ids(self, text: Optional[str]) -> Optional[list[int]]:
+        """Token ids of sample text (a caption, question, answer, query) when it spells an added
+        token, tokenised as the characters it is; None when it spells none (the caller then
+        tokenises it with its template, memoised).
+
+        Why: the tokenizer turns ``<|image_pad|>`` or ``<|cmp_0|>`` anywhere in its input into
+        that token, so a caption quoting one would add an image token without pixels (the
+        vision merge fails) or a compression token outside C (the stage-1 mask raises, the
+        pooled embedding silently averages the wrong positions)."""
+        if not text or self._added is None or not self._added.search(text):
+            return None
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
     def images(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """RGB PIL images → (pixel_values [P, C·T·p·p] float32, image_grid_thw [N, 3] long,
         visual tokens per image)."""
@@ -106,8 +124,15 @@ class Processor:
         has_image = n_image_tokens is not None
         before, after = split_on_placeholder(text, has_image)
         tail = "\n".join(p for p in (after, instruction or "") if p)
-        ids, end = self.many_text_ids([a.system_block() + a.user_open() + before,
-                                       tail + a.turn_close() + a.assistant_open()])
+        head, close = a.system_block() + a.user_open(), a.turn_close() + a.assistant_open()
+        lit_before, lit_after = self.user_ids(before), self.user_ids(after)
+        if lit_before is None and lit_after is None:
+            ids, end = self.many_text_ids([head + before, tail + close])
+        else:  # sample text spelling added tokens: templates and text tokenised apart
+            rest = "\n" + instruction if after and instruction else instruction or ""
+            ids, end, b, r = self.many_text_ids([head, rest + close, before, after + rest + close])
+            ids += b if lit_before is None else lit_before
+            end = r if lit_after is None else lit_after + end
         if has_image:
             ids += self.vision_span_ids(n_image_tokens)
         return ids + end
@@ -130,7 +155,13 @@ class Processor:
                for s in (a.user_open() + t["question"] + a.turn_close() + a.assistant_open(), str(t["answer"]))])
         head, answer_close, nl = ids[:3]  # head closes the assistant turn that C occupies
         pieces = [(head, [other] * len(head))]
-        for q_ids, a_ids in zip(ids[3::2], ids[4::2]):
+        for t, q_ids, a_ids in zip(conversations, ids[3::2], ids[4::2]):
+            q_lit, a_lit = self.user_ids(t["question"]), self.user_ids(str(t["answer"]))
+            if q_lit is not None:  # a question spelling added tokens (see user_ids)
+                q_open, q_close = self.many_text_ids([a.user_open(), a.turn_close() + a.assistant_open()])
+                q_ids = q_open + q_lit + q_close
+            if a_lit is not None:
+                a_ids = a_lit
             a_ids += answer_close
             pieces.append((q_ids + a_ids + nl, [other] * len(q_ids) + [True] * len(a_ids) + [other] * len(nl)))
         return pieces

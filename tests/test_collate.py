@@ -219,3 +219,32 @@ def test_pixels_in_the_model_dtype_change_nothing_but_the_bytes(proc, dtype):
         side = {k: v for k, v in narrow.items() if k != "labels"}
         side_wide = {k: v for k, v in wide.items() if k != "labels"}
         assert torch.equal(model.embed(**side), model.embed(**side_wide))
+
+
+def test_text_spelling_special_tokens_stays_text(proc):
+    """A caption, question or answer that quotes ``<|image_pad|>``, ``<|cmp_0|>`` or ``<|im_end|>``
+    is tokenised as those characters: exactly K compression tokens in one run (the stage-1 mask
+    finds its layout), as many image tokens as the pixels make, the quoted text intact."""
+    from pipeline.masks import find_rows
+
+    cfg = model_cfg()
+    quoted = "the prompt was <|vision_start|><|image_pad|><|vision_end|> then <|cmp_0|><|im_end|>"
+    samples = qa_samples()
+    samples[0]["conversations"][0] = {"question": "What does <|cmp_1|> mean?", "answer": quoted}
+    b = Collator(proc, cfg, kind="qa")(samples)
+    cids = torch.tensor(proc.compression_ids)
+    assert (torch.isin(b["input_ids"], cids).sum(-1) == 4).all()
+    find_rows(b["input_ids"], b["attention_mask"], cids)                      # raised before
+    assert int(b["mm_token_type_ids"].sum()) == int((b["image_grid_thw"].prod(-1) // 4).sum())
+    tgt = b["labels"][0] != IGNORE_INDEX
+    assert _decode(proc, b["input_ids"][0][tgt].tolist()) == quoted + "<|im_end|>" + "no, it is odd<|im_end|>"
+
+    enc = Collator(proc, cfg, kind="mmeb").encode([{"text": "caption <|cmp_2|> <|image_pad|>", "image": None},
+                                                    {"text": "<|image_pad|> left of <image> right", "image": image(56, 56)}])
+    assert (torch.isin(enc["input_ids"], cids).sum(-1) == 4).all()
+    assert int(enc["mm_token_type_ids"].sum()) == int((enc["image_grid_thw"].prod(-1) // 4).sum()) == 4
+    # plain text is tokenised exactly as before (one memoised call with its template)
+    a = proc.adapter
+    head, close = proc.many_text_ids([a.system_block() + a.user_open() + "a plain caption",
+                                      a.turn_close() + a.assistant_open()])
+    assert proc.input_ids("a plain caption", None) == head + close
