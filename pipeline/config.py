@@ -120,6 +120,9 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "coma"
     peak_tflops: Optional[float] = None   # per-device peak for MFU when the device is not in pipeline/flops.py
+    # Signals that mean "save and exit": any rank receiving one makes every rank checkpoint at
+    # the end of the current step and exit with status 4 (SLURM: --signal=USR1@300, preemption)
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     # Fault injection, for the robustness tests: NaN loss on rank 0 at these steps; SIGKILL of
     # rank fault_kill_rank in the middle of step fault_kill_step.
     fault_nan_steps: list[int] = field(default_factory=list)

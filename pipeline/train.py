@@ -32,6 +32,7 @@ from pipeline import dist
 from pipeline.checkpoint import (CheckpointManager, resolve_resume, rng_state, saved_world_size, set_rng_state,
                                  tag_for)
 from pipeline.config import Config, ConfigError, save_yaml, to_dict, to_yaml
+from pipeline.fileio import atomic_write_text
 from pipeline.flops import FlopsModel, batch_shape_stats, peak_flops
 from pipeline.metrics import Metrics
 from pipeline.steps import StepRunner, TrainState, num_samples
@@ -41,6 +42,63 @@ log = logging.getLogger("coma.train")
 
 class TrainingStopped(RuntimeError):
     """The run cannot continue (e.g. too many non-finite steps in a row); message says why."""
+
+
+class StoppedOnSignal(RuntimeError):
+    """A stop signal arrived; the checkpoint of the step it interrupted is saved (exit 4)."""
+
+
+STOPPED_FILE = "STOPPED"  # runs/NAME/STOPPED: the run stopped on a signal with a checkpoint saved
+
+
+class StopSignals:
+    """Handlers for ``train.stop_signals`` (SIGUSR1, SIGTERM): a signal only records its name;
+    :class:`Loop` checks after every step whether any rank got one (one scalar all-reduce) and
+    then every rank saves and stops together — a rank stopping on its own would leave the
+    others hanging in the next collective.
+
+    Why: SLURM sends SIGTERM on preemption and at the time limit (then SIGKILL after
+    KillWait), and ``--signal=USR1@300`` warns 300 s early; without this the job loses every
+    step since the last periodic checkpoint.  Later signals change nothing: the time limit's
+    SIGTERM after an early USR1 must not cut the save short (SIGKILL still ends a stuck job).
+    DataLoader workers, forked with these handlers, ignore the signals (SLURM signals every
+    process of the step): a worker dying of SIGTERM would make the rank raise mid-save; they
+    exit with the rank (``pipeline.data.die_with_parent``).  Installed in the main thread only
+    (Python's rule for handlers)."""
+
+    def __init__(self, names: list[str]):
+        import signal
+        import threading
+
+        self.received: Optional[str] = None
+        self._pid = os.getpid()
+        self._old: dict = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in names:
+            try:
+                sig = signal.Signals[name]
+            except KeyError:
+                raise ConfigError(f"train.stop_signals: {name!r} is not a signal name "
+                                  f"(e.g. SIGUSR1, SIGTERM)") from None
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._old)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if os.getpid() == self._pid and self.received is None:  # the rank itself, first signal
+            self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -164,6 +222,7 @@ class Loop:
         self.config_yaml = to_yaml(cfg)
         self.window = _Window()
         self._it: Optional[Iterator] = None
+        self.signals = StopSignals(cfg.train.stop_signals)
 
     def save(self) -> None:
         st = self.state
@@ -210,7 +269,22 @@ class Loop:
             self.window = _Window()
         if self.ckpt is not None and st.step % cfg.train.save_every == 0 and st.step < self.total:
             self.save()
+        if self.signals.installed and dist.any_true(self.signals.received is not None):
+            self._stop_on_signal()
         return out
+
+    def _stop_on_signal(self) -> None:
+        """Collective: save this step (unless just saved) and raise :class:`StoppedOnSignal`."""
+        st = self.state
+        if self.ckpt is not None and (st.last_checkpoint is None or Path(st.last_checkpoint).name != tag_for(st.step)):
+            self.save()
+        who = f"this rank got {self.signals.received}" if self.signals.received else "another rank got a stop signal"
+        msg = (f"{who} during step {st.step}: checkpoint {st.last_checkpoint} saved; "
+               f"the same command with --train.resume=auto continues from it")
+        if self.ckpt is not None and dist.is_main():
+            # For launch/slurm/common.sh, whatever the launcher does to exit codes: requeue the job.
+            atomic_write_text(self.ckpt.root.parent / STOPPED_FILE, msg + "\n")
+        raise StoppedOnSignal(msg)
 
 
 def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
@@ -244,6 +318,7 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this start is the continuation it asked for
     source = (loader_factory or make_loader)(cfg, plan, env)
     total = cfg.train.max_steps or source.steps_per_epoch * cfg.train.epochs
     if total <= 0:
@@ -283,6 +358,7 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
         log.info("done: %d steps, %d skipped; export in %s", state.step, state.skipped_steps, export_dir)
         if env.rank == 0:
             _plot_losses(run_dir)
+        loop.signals.restore()  # not when stopping on a signal: a late one must not kill the exit
     finally:
         metrics.close()
     return run_dir
@@ -569,7 +645,8 @@ def check_model_init(init: str) -> None:
 
 def main(stage: int, argv: list[str]) -> int:
     """Entry point of launch/stage1.py and launch/stage2.py; returns the process exit code:
-    0 done, 2 unusable configuration, 3 the run stopped itself (message says why)."""
+    0 done, 2 unusable configuration, 3 the run stopped itself (message says why), 4 stopped on
+    a signal (``train.stop_signals``) after saving a checkpoint: requeue / rerun to continue."""
     from pipeline.data import DataError, data_error_reason
 
     try:
@@ -584,6 +661,9 @@ def main(stage: int, argv: list[str]) -> int:
     except DataError as e:
         log.error("training stopped: %s", data_error_reason(e))
         return 3
+    except StoppedOnSignal as e:
+        log.warning("stopped: %s", e)
+        return 4
     finally:
         dist.destroy()
     return 0

@@ -23,15 +23,19 @@ def _fake(bin_dir: Path, name: str, body: str) -> None:
     p.chmod(p.stat().st_mode | stat.S_IEXEC)
 
 
-def _render(tmp_path: Path, script: str, launcher: str, extra_env=None, args=()):
+def _setup(tmp_path: Path, launcher: str, extra_env=None, srun_extra: str = ""):
+    """Fake commands on PATH that record their arguments into calls.txt, and the SLURM
+    environment of a 2-node × 8-GPU job; returns (env, calls file).  ``srun_extra``: more bash
+    for the fake srun after it recorded its call."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
     rec = f'printf "%s\\0" "$(basename "$0")" "$@" >> {calls}; printf "\\n" >> {calls}\n'
-    _fake(bin_dir, "srun", rec)
+    _fake(bin_dir, "srun", rec + srun_extra)
     _fake(bin_dir, "deepspeed", rec)
     _fake(bin_dir, "fakepython", rec)
     _fake(bin_dir, "scontrol",
+          f'if [ "$1" = requeue ]; then {rec} exit 0; fi\n'
           f'[ "$1 $2" = "show hostnames" ] || exit 1\n'
           f'PYTHONPATH={REPO} {sys.executable} -c "import sys; from pipeline.dist import expand_hostlist; '
           f'print(chr(10).join(expand_hostlist(sys.argv[1])))" "$3"\n')
@@ -49,11 +53,20 @@ def _render(tmp_path: Path, script: str, launcher: str, extra_env=None, args=())
         "LAUNCHER": launcher,
     }
     env.update(extra_env or {})
+    return env, calls
+
+
+def _calls(calls: Path) -> list[list[str]]:
+    lines = [ln for ln in calls.read_text().split("\n") if ln] if calls.exists() else []
+    return [ln.rstrip("\0").split("\0") for ln in lines]
+
+
+def _render(tmp_path: Path, script: str, launcher: str, extra_env=None, args=()):
+    env, calls = _setup(tmp_path, launcher, extra_env)
     r = subprocess.run(["bash", str(REPO / "launch/slurm" / script), *args], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr + r.stdout
-    lines = [ln for ln in calls.read_text().split("\n") if ln] if calls.exists() else []
-    return [ln.rstrip("\0").split("\0") for ln in lines], r
+    return _calls(calls), r
 
 
 def test_hostlist_and_slurm_env():
@@ -122,3 +135,49 @@ def test_bad_launcher(tmp_path):
     bin_dir = tmp_path / "bin"
     with pytest.raises(AssertionError, match="not one of srun, torchrun, deepspeed"):
         _render(tmp_path, "stage1.sbatch", "mpirun")
+
+
+@pytest.mark.parametrize("requeue", [True, False])
+def test_usr1_warning_checkpoints_and_requeues(tmp_path, requeue):
+    """SLURM's early warning (--signal=B:USR1@300) reaches the batch shell while the ranks train:
+    coma_train forwards SIGUSR1 to the processes running launch/stage1.py on every node (a
+    pattern that spares the launchers), and once the run has stopped with its checkpoint
+    (runs/NAME/STOPPED, written by the trainer) it requeues the job; COMA_REQUEUE=0 exits 4."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "runs" / "coma-stage1"
+    # The fake srun plays both parts: the training launch waits for the stop, the pkill step
+    # stands for the ranks saving and stopping.
+    srun_extra = (f'if [[ " $* " == *" pkill "* ]]; then mkdir -p {run_dir}; echo "saved step-7" > {run_dir}/STOPPED; '
+                  f'touch {tmp_path}/stopped; exit 0; fi\n'
+                  f'for i in $(seq 1 200); do [ -f {tmp_path}/stopped ] && exit 4; sleep 0.05; done; exit 9\n')
+    env, calls = _setup(tmp_path, "srun", {"COMA_REQUEUE": "1" if requeue else "0"}, srun_extra)
+    (run_dir).mkdir(parents=True)
+    (run_dir / "STOPPED").write_text("a stale marker of an earlier job\n")  # must not requeue by itself
+    p = subprocess.Popen(["bash", str(REPO / "launch/slurm/stage1.sbatch")], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    for _ in range(200):  # until the training launch runs
+        if any("launch/stage1.py" in c for c in _calls(calls)):
+            break
+        time.sleep(0.05)
+    assert not (run_dir / "STOPPED").exists()
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == (0 if requeue else 4), out
+    launch, stop, *rest = _calls(calls)
+    assert launch[0] == "srun" and "launch/stage1.py" in launch
+    assert stop == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1", "pkill", "-USR1", "-f",
+                    "^[^ ]+ (-u )?launch/stage1.py( |$)"]
+    assert rest == ([["scontrol", "requeue", "4242"]] if requeue else [])
+    assert "saved step-7" in out
+
+    # the pattern: ranks under srun, torchrun or deepspeed match; the launchers do not
+    import re
+
+    pat = re.compile(stop[-1])
+    for cmdline, hit in [("python launch/stage1.py --config x", True),
+                         ("/opt/py/bin/python3.11 -u launch/stage1.py --local_rank=3 --config x", True),
+                         ("/opt/py/bin/python3.11 -m torch.distributed.run --nnodes=2 launch/stage1.py --config x", False),
+                         ("python -u -m deepspeed.launcher.launch --world_info=x launch/stage1.py", False)]:
+        assert bool(pat.search(cmdline)) == hit, cmdline

@@ -16,6 +16,9 @@ Stage 2 (``torchrun``, full fine-tuning, from the stage-1 export, embedding cach
 The 2-rank stage-1 checkpoint resumes on 1 rank (converted once to DeepSpeed's universal
 format): the same weights, and training goes on.
 
+SIGTERM to every process of a running job (ranks and loader workers, as SLURM sends it) makes
+the ranks save the current step and exit 4; the rerun resumes there.
+
 DeepSpeed's CPU Adam with ZeRO-3 optimizer offload trains the same as torch AdamW (per-step losses).
 
 Config errors exit 2 with the offending key named, before any process group exists.
@@ -191,6 +194,56 @@ def test_resume_at_another_world_size_through_the_universal_checkpoint(assets, s
     assert "converting" not in r.stdout  # the universal form made above is reused
     (row,) = _raw_rows(assets["root"] / "runs/stage1_tiny_world1_more")
     assert row["step"] == 9 and math.isfinite(row["loss/train"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_saves_and_the_rerun_continues(assets):
+    """What SLURM does at preemption or the time limit: SIGTERM to every process of the job step,
+    ranks and DataLoader workers alike (then SIGKILL after KillWait).  Every rank finishes its
+    step, saves that step's checkpoint and exits 4 leaving runs/NAME/STOPPED; the workers ignore
+    the signal (one dying of it made its rank raise mid-save).  The same command resumes there."""
+    import signal
+
+    from conftest import free_port
+
+    name = "stage1_sigterm"
+    run = assets["root"] / "runs" / name
+    log_path = assets["root"] / f"{name}.log"
+
+    def cmd(*extra):
+        return _stage1_cmd(assets, free_port(), "torchrun", f"--train.name={name}", "--train.save_every=100",
+                           "--data.workers=1", *extra)
+
+    with open(log_path, "w") as log_f:
+        p = subprocess.Popen(cmd("--train.max_steps=60"), cwd=REPO, env=_env(), stdout=log_f,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while "step 2 |" not in log_path.read_text() and time.time() < deadline and p.poll() is None:
+                time.sleep(0.2)
+            ranks = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+            workers = [w for r in ranks for w in
+                       subprocess.run(["pgrep", "-P", r], capture_output=True, text=True).stdout.split()]
+            assert len(ranks) == 2 and len(workers) >= 2, (ranks, workers, log_path.read_text()[-3000:])
+            for pid in ranks + workers:
+                os.kill(int(pid), signal.SIGTERM)
+            p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    out = log_path.read_text()
+    assert "killed by signal" not in out, out[-4000:]
+    m = re.search(r"\[rank0\] WARNING coma.train: stopped: .* during step (\d+): checkpoint (\S+) saved", out)
+    assert m, out[-4000:]
+    step = int(m.group(1))
+    assert Path(m.group(2)).name == f"step-{step}" and (Path(m.group(2)) / "COMPLETE").exists()
+    assert f"step {step}" in (run / "STOPPED").read_text() and not (run / "export").exists()
+
+    r = subprocess.run(cmd(f"--train.max_steps={step + 2}"), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert f"resumed from {run / 'checkpoints' / f'step-{step}'}" in r.stdout
+    assert not (run / "STOPPED").exists() and (run / "export").exists()
 
 
 def test_config_errors_in_process(tmp_path):

@@ -4,8 +4,15 @@
 # GPUS_PER_NODE (default: what SLURM allocated, else 8), RUN_ROOT (default runs), PYTHON
 # (default python), DS_MULTINODE (deepspeed's multi-node backend, default slurm).
 # Provides: MASTER_ADDR, MASTER_PORT, NNODES, GPUS_PER_NODE, and `coma_launch SCRIPT ARGS...`,
-# which runs SCRIPT on every GPU of the allocation with the chosen launcher, and `coma_log DIR`,
-# which copies this job's output into DIR/slurm-JOBID.log as well.
+# which runs SCRIPT on every GPU of the allocation with the chosen launcher, `coma_train RUN_DIR
+# SCRIPT ARGS...`, the same plus checkpoint-and-requeue on SLURM's early warning (below), and
+# `coma_log DIR`, which copies this job's output into DIR/slurm-JOBID.log as well.
+#
+# Checkpoint before the time limit or a preemption: the scripts ask for `--signal=B:USR1@300`
+# (this shell gets SIGUSR1 5 minutes ahead); coma_train forwards it to the training ranks on
+# every node (not to the launchers, which would die of it), every rank saves at the end of its
+# step and the run exits, leaving RUN_DIR/STOPPED (pipeline/train.py); coma_train then requeues
+# the job (COMA_REQUEUE=0: exit 4 instead), and the requeued job resumes with --train.resume=auto.
 
 set -euo pipefail
 
@@ -37,6 +44,39 @@ coma_log() {  # coma_log RUN_DIR: tee everything this script prints into the run
   mkdir -p "$1"
   exec > >(tee -a "$1/slurm-${SLURM_JOB_ID}.log") 2>&1
   echo "[coma] job ${SLURM_JOB_ID} on ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s): ${NODES[*]}; launcher ${LAUNCHER}; master ${MASTER_ADDR}:${MASTER_PORT}"
+}
+
+coma_stop_ranks() {  # coma_stop_ranks SCRIPT: SIGUSR1 to the processes running SCRIPT, on every node
+  echo "[coma] SIGUSR1 from SLURM (time limit or preemption ahead): the ranks checkpoint and stop"
+  # "python [-u] SCRIPT ...": the ranks (and their loader workers, which ignore it), whichever
+  # launcher started them; a launcher's own command line ("python -m ...") does not match.
+  srun --overlap --nodes="$NNODES" --ntasks-per-node=1 \
+    pkill -USR1 -f "^[^ ]+ (-u )?$1( |\$)" || true
+}
+
+coma_train() {  # coma_train RUN_DIR SCRIPT ARGS...: coma_launch, checkpoint on SIGUSR1, requeue
+  local run_dir="$1" script="$2" rc=0 pid
+  shift
+  rm -f "$run_dir/STOPPED"  # only this launch's stop may requeue the job
+  coma_launch "$@" &
+  pid=$!
+  trap "coma_stop_ranks '$script'" USR1
+  # `wait` returns early when a trapped signal arrives: wait again until the launcher is done.
+  while true; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  trap - USR1
+  if [ -f "$run_dir/STOPPED" ]; then
+    echo "[coma] $(cat "$run_dir/STOPPED")"
+    if [ "${COMA_REQUEUE:-1}" = 1 ]; then
+      echo "[coma] requeueing job ${SLURM_JOB_ID}; it resumes from that checkpoint"
+      scontrol requeue "$SLURM_JOB_ID"
+      exit 0
+    fi
+    exit 4
+  fi
+  return "$rc"
 }
 
 coma_launch() {  # coma_launch SCRIPT ARGS...
