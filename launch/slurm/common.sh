@@ -58,9 +58,9 @@ coma_train() {  # coma_train RUN_DIR SCRIPT ARGS...: coma_launch, checkpoint on 
   local run_dir="$1" script="$2" rc=0 pid
   shift
   rm -f "$run_dir/STOPPED"  # only this launch's stop may requeue the job
+  trap "coma_stop_ranks '$script'" USR1  # before the launch: SIGUSR1's default would end this shell
   coma_launch "$@" &
   pid=$!
-  trap "coma_stop_ranks '$script'" USR1
   # `wait` returns early when a trapped signal arrives: wait again until the launcher is done.
   while true; do
     wait "$pid" && rc=0 || rc=$?
