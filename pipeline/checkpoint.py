@@ -193,7 +193,10 @@ class CheckpointManager:
             log.info("converting %s to DeepSpeed's universal format (once; kept in %s)", path, out)
             r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                 str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                                "--num_merge_workers", "1"], capture_output=True, text=True)
+                                "--num_merge_workers", "1",
+                                # ZeRO-1/2 checkpoints of a plain HF model carry no universal info
+                                # (Megatron writes it): the version marker is all the loader needs
+                                "--inject_missing_state"], capture_output=True, text=True)
             (path / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer: unused
             if r.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
