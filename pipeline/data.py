@@ -60,13 +60,16 @@ import io
 import itertools
 import json
 import logging
+import multiprocessing.util
 import os
 import random
 import sys
 import tarfile
+import weakref
 from collections import Counter
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -99,13 +102,33 @@ def _task_of(raw: dict) -> str:
         return ""
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB, as the VLM's own image processor would make it.
+
+    Why not ``img.convert("RGB")`` alone: it drops alpha, so whatever colour a transparent
+    pixel stores shows (a black glyph on a transparent background becomes an all-black
+    image), where the Hugging Face processors composite onto white (``convert_to_rgb``); and
+    it clips 16-bit greyscale (PNG ``I;16``) at 255 instead of scaling it, turning nearly
+    the whole image white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.uint32)
+        img = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
+    elif img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_sample(raw: dict, kind: str) -> dict:
     """Raw tar members (extension → bytes) → a sample as documented above.  Raises on
     anything undecodable."""
     def image(member: str) -> Image.Image:
         img = Image.open(io.BytesIO(raw[member]))
         img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")
+        return to_rgb(img)
 
     info = _info(raw)
     out = {"__key__": raw["__key__"], "__source__": raw["__source__"],
@@ -462,6 +485,32 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
         os._exit(1)
 
 
+def _stop_workers(ref: weakref.ref, workers: list) -> None:
+    """At exit (PyTorch's own shutdown is a no-op by then): ask the workers to finish as the
+    DataLoader does (done event, a None index), then SIGKILL any that did not within a few
+    seconds, after taking them off PyTorch's SIGCHLD watch so their end is no error."""
+    it = ref()
+    if it is not None and not getattr(it, "_shutdown", True):
+        try:
+            it._workers_done_event.set()
+            for q in it._index_queues:
+                q.put(None)
+        except Exception:  # noqa: BLE001 — best effort; the kill below still ends them
+            pass
+    for w in workers:
+        w.join(timeout=5)
+    if any(w.is_alive() for w in workers):
+        if it is not None and getattr(it, "_worker_pids_set", False):
+            import torch
+
+            torch._C._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join()
+
+
 # ------------------------------------------------------------------------------------ loader
 class ShardLoader:
     """Iterates one rank's batches epoch by epoch (see module docstring); wraps a
@@ -500,7 +549,15 @@ class ShardLoader:
             kwargs["worker_init_fn"] = functools.partial(die_with_parent, os.getpid())
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                         pin_memory=self.pin_memory, **kwargs)
-        for item in dl:
+        it = iter(dl)
+        if self.num_workers > 0:
+            # Workers ignore SIGTERM (die_with_parent), and at interpreter exit multiprocessing
+            # SIGTERMs its daemonic children and then joins them: a worker of an iterator still
+            # alive then (one a DataError's traceback holds, a loop left mid-epoch) would block the
+            # exit forever — a rank that should exit 3 hangs.  Its finalizers run before that.
+            workers = list(getattr(it, "_workers", []))
+            multiprocessing.util.Finalize(it, _stop_workers, args=(weakref.ref(it), workers), exitpriority=10)
+        for item in it:
             self._worker_counters[item.worker] = item.counters
             self.batches_done += 1
             yield item.batch

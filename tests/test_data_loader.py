@@ -389,6 +389,35 @@ def test_workers_die_with_their_rank(tmp_path):
     assert not alive, f"DataLoader workers {alive} outlived their rank"
 
 
+EXITING_RANK = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.data import DataError, build_loader
+loader = build_loader(sys.argv[2], kind=sys.argv[3], batch_size=1, rank=0, world_size=1, num_workers=2)
+try:
+    it = iter(loader)
+    next(it)                 # pair: the loop is left mid-epoch, its generator still alive
+except DataError as e:       # nothing decodes: the error (and its traceback) kept
+    kept = e
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("kind", ["pair", "qa"])
+def test_rank_exits_with_loader_workers_alive(pairs, tmp_path, kind):
+    """Workers ignore SIGTERM (SLURM's preemption signal must not kill them mid-save), which is
+    what multiprocessing sends its children at interpreter exit before joining them: a rank that
+    exits while a loader iterator is alive (stopped mid-epoch, a DataError kept) hung forever."""
+    shards = pairs
+    if kind == "qa":  # nothing decodes
+        shards = tmp_path / "s-000000.tar"
+        _tar(shards, [(f"k{i}", {"png": b"not an image", "json": _qa()}) for i in range(2)])
+    proc = subprocess.run([sys.executable, "-c", EXITING_RANK, str(REPO), str(shards), kind],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def _tar(path, samples):
     """A plain WebDataset tar (what another tool could write): samples = [(key, {ext: bytes})]."""
     with tarfile.open(path, "w") as tf:
@@ -454,3 +483,37 @@ def test_samples_the_collator_rejects_are_skipped_and_counted(tmp_path, caplog, 
     reason = data_error_reason(info.value)
     assert "the collator rejects them (first: a-0: ValueError" in reason and "model.max_length" in reason, reason
     assert "Traceback" not in reason
+
+
+def test_transparent_and_16_bit_images_decode_as_the_processor_would(tmp_path):
+    """Alpha is composited onto white (the Hugging Face processors' convert_to_rgb), not dropped:
+    a black glyph on a transparent background stays a glyph, not an all-black image; 16-bit
+    greyscale is scaled to 8 bits, not clipped to white."""
+    import numpy as np
+    from PIL import Image
+
+    def png(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **kw)
+        return buf.getvalue()
+
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[8:24, 14:18, 3] = 255                                # an opaque black bar, the rest transparent
+    glyph = Image.fromarray(rgba, "RGBA")
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    ramp = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    members = {"rgba": png(glyph), "la": png(glyph.convert("LA")), "p": png(palette, transparency=0),
+               "i16": png(ramp), "rgb": png(Image.new("RGB", (16, 16), (10, 20, 30)))}
+    _tar(tmp_path / "s-000000.tar", [(k, {"png": v, "txt": k.encode()}) for k, v in members.items()])
+    loader = build_loader(str(tmp_path / "s-000000.tar"), kind="pair", batch_size=5, rank=0, world_size=1,
+                          num_workers=0, shuffle=False, drop_last=False)
+    [batch] = list(loader)
+    got = {s["text"]: np.asarray(s["image"]) for s in batch}
+    assert all(s["image"].mode == "RGB" for s in batch)
+    for k in ("rgba", "la"):
+        assert got[k][0, 0].tolist() == [255, 255, 255] and got[k][16, 15].tolist() == [0, 0, 0], k
+    assert (got["p"] == 255).all()
+    want = (np.arange(64 * 64).reshape(64, 64) * 16 + 128) // 257
+    assert (got["i16"][..., 0] == want).all()
+    assert (got["rgb"] == [10, 20, 30]).all()
