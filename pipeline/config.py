@@ -152,6 +152,8 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
     tp, optional = _strip_optional(tp)
+    if isinstance(value, CliScalar):
+        value = str(value) if tp is str else value.parsed
     if value is None:
         if optional:
             return None
@@ -229,9 +231,23 @@ def _merge(base: dict, upd: dict) -> dict:
     return out
 
 
+class CliScalar(str):
+    """A command-line override's text with its YAML reading in ``parsed``: the schema decides.
+    A string key keeps the text as typed (``--train.name=off`` is the run "off", not False;
+    ``--train.name=007`` is "007", not 7); any other key gets the parsed value."""
+
+    parsed: Any
+
+    def __new__(cls, text: str, parsed: Any):
+        obj = super().__new__(cls, text)
+        obj.parsed = parsed
+        return obj
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``--a.b=value`` or ``a.b=value`` → (["a", "b"], parsed value).  Values are parsed as YAML
-    (so ``8``, ``1e-4``, ``true``, ``null``, ``[q_proj, v_proj]`` all work)."""
+    (so ``8``, ``1e-4``, ``true``, ``null``, ``[q_proj, v_proj]`` all work); a scalar comes as a
+    :class:`CliScalar`, so a string key keeps the text."""
     s = item[2:] if item.startswith("--") else item
     if "=" not in s:
         raise ConfigError(f"override '{item}' must look like --section.key=value")
@@ -242,6 +258,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
     if isinstance(value, str) and raw.strip() == "":
         value = ""
+    elif isinstance(value, (bool, int, float)):
+        value = CliScalar(raw.strip(), value)
     return key.split("."), value
 
 

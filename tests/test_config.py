@@ -36,3 +36,14 @@ def test_include(tmp_path):
     assert cfg.train.micro_batch_size == 3 and cfg.train.global_batch_size == 24
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_string_keys_keep_the_override_text():
+    """YAML reads off, yes and 007 as a bool or a number; a string key keeps what was typed (a
+    run named "off" used to fail with 'must be a string, got False'), other keys the parsed value."""
+    from pipeline.config import load_config
+
+    c = load_config(None, ["--train.name=off", "--train.wandb_project=007", "--train.max_steps=1000",
+                           "--train.deterministic=yes", "--optim.lr=1e-4"])
+    assert (c.train.name, c.train.wandb_project) == ("off", "007")
+    assert c.train.max_steps == 1000 and c.train.deterministic is True and c.optim.lr == 1e-4
