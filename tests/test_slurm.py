@@ -149,7 +149,7 @@ def test_usr1_warning_checkpoints_and_requeues(tmp_path, requeue):
     run_dir = tmp_path / "runs" / "coma-stage1"
     # The fake srun plays both parts: the training launch waits for the stop, the pkill step
     # stands for the ranks saving and stopping.
-    srun_extra = (f'if [[ " $* " == *" pkill "* ]]; then mkdir -p {run_dir}; echo "saved step-7" > {run_dir}/STOPPED; '
+    srun_extra = (f'if [[ " $* " == *" coma-stop "* ]]; then mkdir -p {run_dir}; echo "saved step-7" > {run_dir}/STOPPED; '
                   f'touch {tmp_path}/stopped; exit 0; fi\n'
                   f'for i in $(seq 1 200); do [ -f {tmp_path}/stopped ] && exit 4; sleep 0.05; done; exit 9\n')
     env, calls = _setup(tmp_path, "srun", {"COMA_REQUEUE": "1" if requeue else "0"}, srun_extra)
@@ -167,17 +167,64 @@ def test_usr1_warning_checkpoints_and_requeues(tmp_path, requeue):
     assert p.returncode == (0 if requeue else 4), out
     launch, stop, *rest = _calls(calls)
     assert launch[0] == "srun" and "launch/stage1.py" in launch
-    assert stop == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1", "pkill", "-USR1", "-f",
-                    "^[^ ]+ (-u )?launch/stage1.py( |$)"]
+    assert stop[:6] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1", "bash", "-c"]
+    assert stop[7:] == ["coma-stop", "^[^ ]+ (-u )?launch/stage1.py( |$)", "4242"]
     assert rest == ([["scontrol", "requeue", "4242"]] if requeue else [])
     assert "saved step-7" in out
 
     # the pattern: ranks under srun, torchrun or deepspeed match; the launchers do not
     import re
 
-    pat = re.compile(stop[-1])
+    pat = re.compile(stop[8])
     for cmdline, hit in [("python launch/stage1.py --config x", True),
                          ("/opt/py/bin/python3.11 -u launch/stage1.py --local_rank=3 --config x", True),
                          ("/opt/py/bin/python3.11 -m torch.distributed.run --nnodes=2 launch/stage1.py --config x", False),
                          ("python -u -m deepspeed.launcher.launch --world_info=x launch/stage1.py", False)]:
         assert bool(pat.search(cmdline)) == hit, cmdline
+
+    # what runs on each node, for real: only this job's rank gets the signal, not the same
+    # user's other job running the same script on the node
+    fake = tmp_path / "node"
+    (fake / "launch").mkdir(parents=True)
+    (fake / "launch/stage1.py").write_text(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: open(sys.argv[1], 'w').close())\n"
+        "time.sleep(30)\n")
+    procs = {job: subprocess.Popen([sys.executable, "launch/stage1.py", str(tmp_path / f"got-{job}")], cwd=fake,
+                                   env={**os.environ, "SLURM_JOB_ID": job}) for job in ("4242", "777")}
+    try:
+        time.sleep(1.0)  # both installed their handler
+        subprocess.run(["bash", "-c", stop[6], *stop[7:]], check=True, timeout=30)
+        for _ in range(100):
+            if (tmp_path / "got-4242").exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert (tmp_path / "got-4242").exists() and not (tmp_path / "got-777").exists()
+    finally:
+        for p in procs.values():
+            p.kill()
+
+
+def test_usr1_between_stages_requeues_before_the_next_one(tmp_path):
+    """coma.sbatch: SLURM's warning during the stage-1 export (no training running to forward it
+    to) is noted; the export finishes and the job requeues instead of starting stage 2 with
+    minutes left."""
+    import signal
+    import time
+
+    env, calls = _setup(tmp_path, "deepspeed", {"RUN_NAME": "r"})
+    _fake(tmp_path / "bin", "fakepython",
+          f'printf "%s\\0" "$(basename "$0")" "$@" >> {calls}; printf "\\n" >> {calls}\n'
+          f'touch {tmp_path}/exporting; sleep 1.5\n')
+    p = subprocess.Popen(["bash", str(REPO / "launch/slurm/coma.sbatch")], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    for _ in range(200):
+        if (tmp_path / "exporting").exists():
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0, out
+    assert [c[0] for c in _calls(calls)] == ["deepspeed", "fakepython", "scontrol"], out
+    assert _calls(calls)[-1] == ["scontrol", "requeue", "4242"] and "next stage waits" in out

@@ -246,6 +246,31 @@ def test_sigterm_to_every_process_saves_and_the_rerun_continues(assets):
     assert not (run / "STOPPED").exists() and (run / "export").exists()
 
 
+@pytest.mark.slow
+def test_stop_signal_during_setup_exits_4_without_a_checkpoint(assets):
+    """SLURM's warning can come while the model loads (minutes for a 7B): the rank must not die
+    of it (SIGUSR1's default action) but stop with exit 4 and STOPPED before the first step."""
+    import signal
+
+    run = assets["root"] / "runs" / "stage1_setup_signal"
+    cmd = [sys.executable, str(REPO / "launch/stage1.py"), "--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
+           f"--model.init={assets['tiny']}", f"--data.sources=[{{shards: '{assets['qa']}'}}]",
+           f"--train.run_root={run.parent}", f"--train.name={run.name}", "--train.max_steps=3",
+           "--data.workers=0"]
+    run.parent.mkdir(parents=True, exist_ok=True)
+    log_path = run.parent / "setup_signal.log"
+    with open(log_path, "w") as log_f:
+        p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log_f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while "CoMa model from" not in log_path.read_text() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)  # the model is loaded, the engine not yet built
+        assert p.wait(timeout=300) == 4, log_path.read_text()[-3000:]
+    out = log_path.read_text()
+    assert "got SIGUSR1 before step 1 (during set-up): no checkpoint yet" in out, out[-3000:]
+    assert (run / "STOPPED").exists() and not (run / "checkpoints").exists()
+
+
 def test_config_errors_in_process(tmp_path):
     from pipeline.config import ConfigError
     from pipeline.train import main, parse_cli

@@ -46,17 +46,40 @@ coma_log() {  # coma_log RUN_DIR: tee everything this script prints into the run
   echo "[coma] job ${SLURM_JOB_ID} on ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s): ${NODES[*]}; launcher ${LAUNCHER}; master ${MASTER_ADDR}:${MASTER_PORT}"
 }
 
-coma_stop_ranks() {  # coma_stop_ranks SCRIPT: SIGUSR1 to the processes running SCRIPT, on every node
+# SLURM's warning may also come between stages (during coma.sbatch's export): this shell only
+# notes it then, and coma_stop_point requeues before the next stage would start.
+COMA_STOP_REQUESTED=0
+trap 'COMA_STOP_REQUESTED=1; echo "[coma] SIGUSR1 from SLURM between stages"' USR1
+
+coma_requeue() {  # coma_requeue REASON: requeue this job (COMA_REQUEUE=0: exit 4 instead)
+  echo "[coma] $1"
+  if [ "${COMA_REQUEUE:-1}" = 1 ]; then
+    echo "[coma] requeueing job ${SLURM_JOB_ID}; it continues where this one stopped"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  exit 4
+}
+
+coma_stop_point() {  # between stages: requeue now if SLURM warned meanwhile
+  if [ "$COMA_STOP_REQUESTED" = 1 ]; then coma_requeue "time limit or preemption ahead: the next stage waits for the requeued job"; fi
+}
+
+coma_stop_ranks() {  # coma_stop_ranks SCRIPT: SIGUSR1 to this job's processes running SCRIPT, on every node
+  COMA_STOP_REQUESTED=1
   echo "[coma] SIGUSR1 from SLURM (time limit or preemption ahead): the ranks checkpoint and stop"
   # "python [-u] SCRIPT ...": the ranks (and their loader workers, which ignore it), whichever
-  # launcher started them; a launcher's own command line ("python -m ...") does not match.
-  srun --overlap --nodes="$NNODES" --ntasks-per-node=1 \
-    pkill -USR1 -f "^[^ ]+ (-u )?$1( |\$)" || true
+  # launcher started them; a launcher's own command line ("python -m ...") does not match.  Only
+  # processes of this job (SLURM_JOB_ID in their environment): a node may run the user's other jobs.
+  srun --overlap --nodes="$NNODES" --ntasks-per-node=1 bash -c \
+    'for p in $(pgrep -f "$1"); do grep -qaz "^SLURM_JOB_ID=$2\$" "/proc/$p/environ" 2>/dev/null && kill -USR1 "$p"; done; true' \
+    coma-stop "^[^ ]+ (-u )?$1( |\$)" "$SLURM_JOB_ID" || true
 }
 
 coma_train() {  # coma_train RUN_DIR SCRIPT ARGS...: coma_launch, checkpoint on SIGUSR1, requeue
   local run_dir="$1" script="$2" rc=0 pid
   shift
+  coma_stop_point
   rm -f "$run_dir/STOPPED"  # only this launch's stop may requeue the job
   trap "coma_stop_ranks '$script'" USR1  # before the launch: SIGUSR1's default would end this shell
   coma_launch "$@" &
@@ -66,15 +89,9 @@ coma_train() {  # coma_train RUN_DIR SCRIPT ARGS...: coma_launch, checkpoint on 
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break
   done
-  trap - USR1
+  trap 'COMA_STOP_REQUESTED=1; echo "[coma] SIGUSR1 from SLURM between stages"' USR1
   if [ -f "$run_dir/STOPPED" ]; then
-    echo "[coma] $(cat "$run_dir/STOPPED")"
-    if [ "${COMA_REQUEUE:-1}" = 1 ]; then
-      echo "[coma] requeueing job ${SLURM_JOB_ID}; it resumes from that checkpoint"
-      scontrol requeue "$SLURM_JOB_ID"
-      exit 0
-    fi
-    exit 4
+    coma_requeue "$(cat "$run_dir/STOPPED")"
   fi
   return "$rc"
 }
