@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from pipeline.imaging import to_rgb
 from pipeline.prompts import normalize_placeholders, strip_placeholders
 
 KINDS = ("pair", "qa", "mmeb")
@@ -145,7 +146,9 @@ def _target_size(w: int, h: int, max_side: int) -> tuple[int, int]:
 
 def _reencode(img: Image.Image, max_side: Optional[int], jpeg: bool) -> tuple[str, bytes]:
     if img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")  # CMYK, P, LA, RGBA, I;16 … → RGB (JPEG has no alpha)
+        # CMYK, P, LA, RGBA, I;16 … → RGB (JPEG has no alpha) the way the loader converts the
+        # images it was not asked to shrink: alpha onto white, 16-bit scaled, not clipped
+        img = to_rgb(img)
     if max_side and max(img.size) > max_side:
         img = img.resize(_target_size(*img.size, max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()

@@ -69,12 +69,12 @@ import weakref
 from collections import Counter
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
-import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data_plan import (Piece, Plan, Source, WorkerPlan, check_kind, expand_sources, open_tar,
                                 shard_sizes, split_name)
+from pipeline.imaging import to_rgb
 
 __all__ = ["build_loader", "loader_from_config", "ShardLoader", "ShardDataset", "decode_sample",
            "default_collate", "Plan", "Source", "expand_sources", "shard_sizes", "KINDS", "COUNTERS"]
@@ -100,26 +100,6 @@ def _task_of(raw: dict) -> str:
         return str(_info(raw)["task"])
     except Exception:
         return ""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """A decoded image as 8-bit RGB, as the VLM's own image processor would make it.
-
-    Why not ``img.convert("RGB")`` alone: it drops alpha, so whatever colour a transparent
-    pixel stores shows (a black glyph on a transparent background becomes an all-black
-    image), where the Hugging Face processors composite onto white (``convert_to_rgb``); and
-    it clips 16-bit greyscale (PNG ``I;16``) at 255 instead of scaling it, turning nearly
-    the whole image white."""
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I;16"):
-        a = np.asarray(img).astype(np.uint32)
-        img = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
-    elif img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def decode_sample(raw: dict, kind: str) -> dict:

@@ -179,14 +179,19 @@ class Embedder:
 
     @staticmethod
     def _load_image(img):
+        """A path or PIL image → RGB as training and evaluation see it (pipeline/imaging.py:
+        alpha on white, 16-bit scaled), so an embedding does not depend on which path read the file."""
+        from pipeline.imaging import to_rgb
+
         if img is None:
             return None
         if isinstance(img, (str, os.PathLike)):
             from PIL import Image
 
             with Image.open(img) as im:
-                return im.convert("RGB")
-        return img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+                im.load()
+                return to_rgb(im).copy() if im.mode == "RGB" else to_rgb(im)
+        return to_rgb(img)
 
     @torch.no_grad()
     def encode(self, items: Sequence[dict] | Iterable[dict], batch_size: int = 32,

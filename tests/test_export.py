@@ -100,3 +100,37 @@ def test_embedder_paths_instruction_and_errors(tmp_path):
     assert emb.encode([]).shape == (0, 64)
     with pytest.raises(FileNotFoundError, match="not an exported CoMa model"):
         Embedder.from_pretrained(tmp_path)
+
+
+def test_every_path_converts_images_alike(tmp_path):
+    """Training (pipeline.data), shard re-encoding (--max-image-side) and the Embedder convert a
+    transparent or 16-bit image the same way (pipeline/imaging.py): convert("RGB") made a black
+    glyph on a transparent background all black and clipped 16-bit greyscale to white."""
+    import numpy as np
+    from PIL import Image
+
+    from data_prep import shard
+    from pipeline.data import build_loader
+    from pipeline.export import Embedder
+    from pipeline.imaging import to_rgb
+
+    glyph = np.zeros((32, 32, 4), np.uint8)
+    glyph[8:24, 8:24, 3] = 255  # opaque black square on transparent black
+    Image.fromarray(glyph, "RGBA").save(tmp_path / "glyph.png")
+    deep = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # uint16: mode I;16
+
+    rgb = np.asarray(Embedder._load_image(str(tmp_path / "glyph.png")))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[16, 16].tolist() == [0, 0, 0]
+    assert np.array_equal(rgb, np.asarray(to_rgb(Image.open(tmp_path / "glyph.png"))))
+    grey = np.asarray(Embedder._load_image(str(tmp_path / "deep.png")))[..., 0]
+    assert 100 < grey.mean() < 160  # 16-bit scaled to 8 bits, not clipped to 255
+
+    (tmp_path / "m.jsonl").write_text('{"image": "deep.png", "text": "a ramp"}\n'
+                                      '{"image": "glyph.png", "text": "a square"}\n')
+    assert shard.main(["--input", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "out"), "--workers", "1",
+                       "--max-image-side", "16"]) == 0
+    (batch,) = build_loader(str(tmp_path / "out"), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=0,
+                            shuffle=False, drop_last=False)
+    ramp, square = (np.asarray(s["image"], dtype=float) for s in batch)
+    assert 100 < ramp.mean() < 160 and square[0, 0].min() > 240 and square[8, 8].max() < 40
