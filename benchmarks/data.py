@@ -3,8 +3,10 @@
     python benchmarks/data.py                          # bundled digits + 300 synthetic 512x512 JPEGs
     python benchmarks/data.py --synthetic 1000 --repeats 5 --work-dir /tmp/bench-data
 
-Rows (samples/s; best of ``--repeats`` interleaved rounds; one process unless ``workers`` says
-otherwise):
+Rows (one process unless ``workers`` says otherwise): samples/s from the best of ``--repeats``
+interleaved rounds; ``ratio`` = the median over rounds of the baseline's time / the row's time
+in the same round (paired, so a slow spell of a shared machine cancels; ``ratio_of_best`` in the
+JSON is the ratio of the two best times, for comparison):
 
 * ``decode_loop``   bare baseline: read each image file and decode it with PIL
 * ``shard.py``      ``data_prep/shard.py --workers 1`` on the same images (read, decode-validate,
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -63,16 +66,26 @@ def image_paths(manifest: Path) -> list[str]:
     return [str(manifest.parent / json.loads(line)["image"]) for line in manifest.read_text().splitlines()]
 
 
-def best_times(fns: dict, repeats: int) -> dict:
-    """Best wall time of each callable, measured in interleaved rounds (baseline, candidate,
-    baseline, …) so that load from other processes hits both sides alike."""
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+def round_times(fns: dict, repeats: int) -> dict:
+    """Wall times of each callable per round, in interleaved rounds (baseline, candidates, then
+    the next round) so that load from other processes hits every side alike; the order within a
+    round rotates so no side always runs right after the heaviest one."""
+    times: dict = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(repeats):
+        for k in order[r % len(order):] + order[: r % len(order)]:
             t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(times: dict, what: str, base: str) -> float:
+    """Median over rounds of (baseline time / candidate time) within each round: a slow spell
+    of this shared machine lands on both sides of one round and cancels, where a ratio of two
+    best-of times can pair one side's lucky round with the other's unlucky one (it read 0.73
+    and 1.04 for the same code)."""
+    return statistics.median(b / c for b, c in zip(times[base], times[what]))
 
 
 def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[dict]:
@@ -105,7 +118,7 @@ def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[d
             assert rc == 0
         return go
 
-    write = best_times({"decode_loop": decode_loop, "shard.py": run_shard(1, out),
+    write = round_times({"decode_loop": decode_loop, "shard.py": run_shard(1, out),
                         "shard.py x2": run_shard(2, work / f"shards-{name}-x2")}, repeats)
     urls = sorted(str(p) for p in (out / "r0").glob("train-*.tar"))
 
@@ -120,16 +133,16 @@ def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[d
                 pass
         return go
 
-    read = best_times({"webdataset": plain_wds, "loader": ours(0), "loader x2": ours(2)}, repeats)
+    read = round_times({"webdataset": plain_wds, "loader": ours(0), "loader x2": ours(2)}, repeats)
     rows = []
     for stage, times, base, workers in (("write", write, "decode_loop", {"shard.py x2": 2}),
                                         ("read", read, "webdataset", {"loader x2": 2})):
         for what, t in times.items():
             w = workers.get(what, 1 if stage == "write" else 0)
-            rate = n / t
-            ratio = rate / (n / times[base]) / (w if stage == "write" else 1)
+            per = w if stage == "write" else 1  # shard.py's ratio is per worker
             rows.append({"dataset": name, "stage": stage, "what": what, "workers": w, "samples": n,
-                         "samples_per_s": rate, "ratio": ratio})
+                         "samples_per_s": n / min(t), "ratio": paired_ratio(times, what, base) / per,
+                         "ratio_of_best": min(times[base]) / min(t) / per, "rounds": len(t)})
     return rows
 
 
@@ -146,7 +159,7 @@ def machine() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--synthetic", type=int, default=300, help="number of synthetic 512x512 JPEGs")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args(argv)
 
