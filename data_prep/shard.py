@@ -161,8 +161,8 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
         table = list(enumerate(t.to_pylist(), 1))
     rows = []
     for line, row in table:
-        if _has_surrogates(row):
-            bad = [c for c, v in row.items() if isinstance(v, str) and _UNDECODABLE.search(v)]
+        bad = [c for c, v in row.items() if isinstance(v, str) and _UNDECODABLE.search(v)]
+        if bad:
             record = BadRow("invalid_unicode", f"column(s) {bad} are not UTF-8; re-save the manifest as UTF-8")
             raw = json.dumps(row, sort_keys=True, default=str)  # ASCII: the fingerprint still covers it
             rows.append(Row(line, record, raw, record_key(None, line, path.stem)))
@@ -181,10 +181,6 @@ def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
 
 
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under surrogateescape
-
-
-def _has_surrogates(row: dict) -> bool:
-    return any(isinstance(v, str) and _UNDECODABLE.search(v) for v in row.values())
 
 
 def _json_scalar(value: Any) -> str:

@@ -213,7 +213,7 @@ class CheckpointManager:
         (common client state, this rank's state).  ``universal``: load from that universal form
         of ``path`` (another world size saved it); then only the loader position carries over
         (the same in every rank file; the loader maps it onto the new world size), not the
-        per-rank RNG streams."""
+        per-rank RNG streams (the trainer reseeds them per rank)."""
         import torch
 
         src = universal or path

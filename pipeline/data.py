@@ -66,7 +66,7 @@ import random
 import sys
 import tarfile
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from PIL import Image
@@ -378,8 +378,7 @@ class ShardDataset(IterableDataset):
         # Batches consumed before a resume: read past their raw samples (same shuffle state),
         # undecoded.  What reading them counted (corrupt or short shards, padding) is already
         # in the checkpoint's counters, so it is reported from here on as a delta only.
-        for _ in itertools.islice(it, sum(wp.batch_sizes[:skip])):
-            pass
+        deque(itertools.islice(it, sum(wp.batch_sizes[:skip])), maxlen=0)  # consume, undecoded
         base = Counter(ctx)
         it = self._decoded(it, ctx)
         good: dict[str, dict] = {}

@@ -269,13 +269,14 @@ class Loop:
             self.window = _Window()
         if self.ckpt is not None and st.step % cfg.train.save_every == 0 and st.step < self.total:
             self.save()
-        if self.signals.installed and dist.any_true(self.signals.received is not None):
-            self.stop_on_signal()
+        self.stop_if_signalled()
         return out
 
-    def stop_on_signal(self, save: bool = True) -> None:
-        """Collective: save this step (unless just saved, or ``save=False``: a signal during
-        set-up) and raise :class:`StoppedOnSignal`."""
+    def stop_if_signalled(self, save: bool = True) -> None:
+        """Collective: when any rank got a stop signal, save this step (unless just saved, or
+        ``save=False``: a signal during set-up) and raise :class:`StoppedOnSignal`."""
+        if not (self.signals.installed and dist.any_true(self.signals.received is not None)):
+            return
         st = self.state
         if save and self.ckpt is not None and (st.last_checkpoint is None
                                                or Path(st.last_checkpoint).name != tag_for(st.step)):
@@ -294,8 +295,6 @@ class Loop:
 def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     """Run one stage end to end on every rank; returns the run directory.  ``model_loader`` /
     ``loader_factory`` replace ``pipeline.model.load_model`` / :func:`make_loader`."""
-    from pipeline import engine as engine_mod
-
     # Configuration errors first, before any process group exists: every rank reaches the same
     # verdict from the same config and launcher environment, and exits 2 with one line.
     if not cfg.model.init:
@@ -305,79 +304,86 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     # From here on a stop signal is recorded, not fatal: model load, engine build and a universal
     # conversion can take minutes, and SLURM's warning may come during them.
     signals = StopSignals(cfg.train.stop_signals)
+    keep_handlers = False
     try:
-        world = dist.read_env().world_size
-        ds = engine_mod.build_ds_config(cfg, world)  # config errors surface before the process group
-        plan = engine_mod.plan_batches(cfg, world)
-        run_dir = Path(cfg.train.run_root) / cfg.train.name
-        ckpt = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
-        try:
-            resume_path = resolve_resume(cfg.train.resume, ckpt.root)
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from None
-        saved_world = saved_world_size(resume_path) if resume_path is not None else 0
-        reshard = bool(saved_world) and saved_world != world
-        if reshard:  # ZeRO partitions of another world size: load DeepSpeed's universal form of them
-            ds.setdefault("checkpoint", {})["load_universal"] = True
-        env = dist.init(cfg.train.dist_timeout_s)
-        setup_logging(run_dir, env.rank)
-        set_cpu_threads(cfg, env)
-        seed_all(cfg.train.seed, cfg.train.deterministic)
-        if env.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(cfg, run_dir / "config.yaml")
-            (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this start is the continuation it asked for
-        source = (loader_factory or make_loader)(cfg, plan, env)
-        total = cfg.train.max_steps or source.steps_per_epoch * cfg.train.epochs
-        if total <= 0:
-            raise ConfigError(f"nothing to train: train.max_steps={cfg.train.max_steps}, "
-                              f"{source.steps_per_epoch} steps per epoch × train.epochs={cfg.train.epochs}")
-        built = engine_mod.build(cfg, env.world_size, total, model_loader=model_loader, ds=ds, plan=plan)
-        state = TrainState()
-        if resume_path is not None:
-            universal = ckpt.universal(resume_path) if reshard else None
-            if universal is not None:
-                log.info("%s was saved by %d ranks, this run has %d: its ZeRO partitions are loaded from the "
-                         "universal form %s; the per-rank RNG streams restart", resume_path, saved_world,
-                         env.world_size, universal)
-            client, rank_state = ckpt.load(built.engine, resume_path, universal=universal)
-            state = TrainState.from_client(client, str(resume_path))
-            if "loader" in rank_state:
-                source.load_state_dict(rank_state["loader"])
-            if "rng" in rank_state:
-                set_rng_state(rank_state["rng"])
-            else:  # another world size saved it: distinct streams per rank (dropout masks), new per resume
-                seed_all(cfg.train.seed + 1000 * env.rank + state.step, cfg.train.deterministic)
-            log.info("resumed from %s at step %d (%d samples seen)", resume_path, state.step, state.samples_seen)
-        else:
-            # A different seed per rank from here on (dropout); the model init above was identical.
-            seed_all(cfg.train.seed + 1000 * env.rank, cfg.train.deterministic)
-
-        metrics = Metrics(run_dir, enabled=env.rank == 0, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
-                          wandb_project=cfg.train.wandb_project, run_name=cfg.train.name, config=to_dict(cfg))
-        loop = Loop(cfg, built, source, metrics, ckpt, total, state, signals)
-        log.info("run %s: stage %d, %d steps, world %d, run dir %s", cfg.train.name, cfg.train.stage, total,
-                 env.world_size, run_dir)
-        built.engine.train()
-        try:
-            if signals.installed and dist.any_true(signals.received is not None):
-                loop.stop_on_signal(save=False)  # during set-up: nothing new to save; the rerun starts as this did
-            while state.step < total:
-                loop.step()
-            if state.last_checkpoint is None or Path(state.last_checkpoint).name != tag_for(state.step):
-                loop.save()
-            export_dir = export_engine(built, run_dir / "export")
-            log.info("done: %d steps, %d skipped; export in %s", state.step, state.skipped_steps, export_dir)
-            if env.rank == 0:
-                _plot_losses(run_dir)
-        finally:
-            metrics.close()
+        return _run(cfg, signals, model_loader, loader_factory)
     except StoppedOnSignal:
-        raise  # handlers stay: a late signal must not kill the exit that follows
-    except BaseException:
-        signals.restore()
+        keep_handlers = True  # a late signal must not kill the exit that follows
         raise
-    signals.restore()
+    finally:
+        if not keep_handlers:
+            signals.restore()
+
+
+def _run(cfg: Config, signals: "StopSignals", model_loader, loader_factory) -> Path:
+    """:func:`train` after its config checks, with ``signals`` recording stop signals."""
+    from pipeline import engine as engine_mod
+
+    world = dist.read_env().world_size
+    ds = engine_mod.build_ds_config(cfg, world)  # config errors surface before the process group
+    plan = engine_mod.plan_batches(cfg, world)
+    run_dir = Path(cfg.train.run_root) / cfg.train.name
+    ckpt = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
+    try:
+        resume_path = resolve_resume(cfg.train.resume, ckpt.root)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    saved_world = saved_world_size(resume_path) if resume_path is not None else 0
+    reshard = bool(saved_world) and saved_world != world
+    if reshard:  # ZeRO partitions of another world size: load DeepSpeed's universal form of them
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    env = dist.init(cfg.train.dist_timeout_s)
+    setup_logging(run_dir, env.rank)
+    set_cpu_threads(cfg, env)
+    seed_all(cfg.train.seed, cfg.train.deterministic)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # this start is the continuation it asked for
+    source = (loader_factory or make_loader)(cfg, plan, env)
+    total = cfg.train.max_steps or source.steps_per_epoch * cfg.train.epochs
+    if total <= 0:
+        raise ConfigError(f"nothing to train: train.max_steps={cfg.train.max_steps}, "
+                          f"{source.steps_per_epoch} steps per epoch × train.epochs={cfg.train.epochs}")
+    built = engine_mod.build(cfg, env.world_size, total, model_loader=model_loader, ds=ds, plan=plan)
+    state = TrainState()
+    if resume_path is not None:
+        universal = ckpt.universal(resume_path) if reshard else None
+        if universal is not None:
+            log.info("%s was saved by %d ranks, this run has %d: its ZeRO partitions are loaded from the "
+                     "universal form %s; the per-rank RNG streams are reseeded", resume_path, saved_world,
+                     env.world_size, universal)
+        client, rank_state = ckpt.load(built.engine, resume_path, universal=universal)
+        state = TrainState.from_client(client, str(resume_path))
+        if "loader" in rank_state:
+            source.load_state_dict(rank_state["loader"])
+        if "rng" in rank_state:
+            set_rng_state(rank_state["rng"])
+        else:  # another world size saved it: distinct streams per rank (dropout masks), new per resume
+            seed_all(cfg.train.seed + 1000 * env.rank + state.step, cfg.train.deterministic)
+        log.info("resumed from %s at step %d (%d samples seen)", resume_path, state.step, state.samples_seen)
+    else:
+        # A different seed per rank from here on (dropout); the model init above was identical.
+        seed_all(cfg.train.seed + 1000 * env.rank, cfg.train.deterministic)
+
+    metrics = Metrics(run_dir, enabled=env.rank == 0, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb,
+                      wandb_project=cfg.train.wandb_project, run_name=cfg.train.name, config=to_dict(cfg))
+    loop = Loop(cfg, built, source, metrics, ckpt, total, state, signals)
+    log.info("run %s: stage %d, %d steps, world %d, run dir %s", cfg.train.name, cfg.train.stage, total,
+             env.world_size, run_dir)
+    built.engine.train()
+    try:
+        loop.stop_if_signalled(save=False)  # during set-up: nothing new to save; the rerun starts as this did
+        while state.step < total:
+            loop.step()
+        if state.last_checkpoint is None or Path(state.last_checkpoint).name != tag_for(state.step):
+            loop.save()
+        export_dir = export_engine(built, run_dir / "export")
+        log.info("done: %d steps, %d skipped; export in %s", state.step, state.skipped_steps, export_dir)
+        if env.rank == 0:
+            _plot_losses(run_dir)
+    finally:
+        metrics.close()
     return run_dir
 
 

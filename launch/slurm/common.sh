@@ -49,7 +49,8 @@ coma_log() {  # coma_log RUN_DIR: tee everything this script prints into the run
 # SLURM's warning may also come between stages (during coma.sbatch's export): this shell only
 # notes it then, and coma_stop_point requeues before the next stage would start.
 COMA_STOP_REQUESTED=0
-trap 'COMA_STOP_REQUESTED=1; echo "[coma] SIGUSR1 from SLURM between stages"' USR1
+coma_note_stop() { COMA_STOP_REQUESTED=1; echo "[coma] SIGUSR1 from SLURM between stages"; }
+trap coma_note_stop USR1
 
 coma_requeue() {  # coma_requeue REASON: requeue this job (COMA_REQUEUE=0: exit 4 instead)
   echo "[coma] $1"
@@ -89,7 +90,7 @@ coma_train() {  # coma_train RUN_DIR SCRIPT ARGS...: coma_launch, checkpoint on 
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break
   done
-  trap 'COMA_STOP_REQUESTED=1; echo "[coma] SIGUSR1 from SLURM between stages"' USR1
+  trap coma_note_stop USR1
   if [ -f "$run_dir/STOPPED" ]; then
     coma_requeue "$(cat "$run_dir/STOPPED")"
   fi
