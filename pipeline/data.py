@@ -56,7 +56,6 @@ the plan differs: the loader warns and resumes at the same fraction of the epoch
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import json
 import logging
@@ -74,7 +73,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data_plan import (Piece, Plan, Source, WorkerPlan, check_kind, expand_sources, open_tar,
                                 shard_sizes, split_name)
-from pipeline.imaging import to_rgb
+from pipeline.imaging import open_image, to_rgb
 
 __all__ = ["build_loader", "loader_from_config", "ShardLoader", "ShardDataset", "decode_sample",
            "default_collate", "Plan", "Source", "expand_sources", "shard_sizes", "KINDS", "COUNTERS"]
@@ -106,7 +105,7 @@ def decode_sample(raw: dict, kind: str) -> dict:
     """Raw tar members (extension → bytes) → a sample as documented above.  Raises on
     anything undecodable."""
     def image(member: str) -> Image.Image:
-        img = Image.open(io.BytesIO(raw[member]))
+        img = open_image(raw[member])
         img.load()
         return to_rgb(img)
 

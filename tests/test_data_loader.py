@@ -517,3 +517,35 @@ def test_transparent_and_16_bit_images_decode_as_the_processor_would(tmp_path):
     want = (np.arange(64 * 64).reshape(64, 64) * 16 + 128) // 257
     assert (got["i16"][..., 0] == want).all()
     assert (got["rgb"] == [10, 20, 30]).all()
+
+
+def test_open_image_matches_pil_probe():
+    """pipeline.imaging.open_image asks only the plugin the file's signature names: the same
+    format, mode, size and pixels as Image.open's full probe, and the same errors for bytes
+    that only look like an image."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError, features
+
+    from pipeline.imaging import open_image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    encoded = {}
+    for fmt in ["PNG", "JPEG", "GIF", "BMP", "TIFF", "PPM"] + (["WEBP"] if features.check("webp") else []):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        encoded[fmt] = buf.getvalue()
+    buf = io.BytesIO()  # a JPEG with a second frame is an MPO: the JPEG plugin still makes it one
+    img.save(buf, format="MPO", save_all=True, append_images=[img.rotate(90)])
+    encoded["MPO"] = buf.getvalue()
+    for fmt, data in encoded.items():
+        ours, ref = open_image(data), Image.open(io.BytesIO(data))
+        assert (ours.format, ours.mode, ours.size) == (ref.format, ref.mode, ref.size) and ours.format == fmt
+        assert np.array_equal(np.asarray(ours), np.asarray(ref)), fmt
+    for junk in (b"\x89PNG\r\n\x1a\n" + bytes(40), b"\xff\xd8\xff" + bytes(40), b"GIF89a", b"not an image"):
+        with pytest.raises(UnidentifiedImageError):
+            Image.open(io.BytesIO(junk))
+        with pytest.raises(UnidentifiedImageError):
+            open_image(junk)
+    with pytest.raises(OSError):  # truncated: opens, fails to decode, as with Image.open
+        open_image(encoded["JPEG"][:200]).load()

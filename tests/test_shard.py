@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -344,12 +345,28 @@ def test_sizes_json_keeps_other_prefixes(tmp_path):
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"train-000000.tar": 3, "val-000000.tar": 3}
 
 
-@pytest.mark.parametrize("name,size", [("a.txt", 0), ("k-000000001.json", 511), ("x" * 96 + ".png", 512),
-                                       ("key.negative_12.jpeg", 123456789), ("ключ-é.txt", 7)])
-def test_tar_headers_match_tarfile(name, size):
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, 0, 0o444, "coma", "coma"
-    assert shard.ustar_header(name.encode(), size) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+@pytest.mark.parametrize("key,members", [
+    ("a", {"txt": 0}), ("k-000000001", {"json": 511, "png": 512, "txt": 513}), ("x" * 96, {"png": 70000}),
+    ("key", {"negative_12.jpeg": 1 << 20, "query.png": 3}), ("ключ-é", {"txt": 7}), ("k" * 120, {"txt": 5})])
+def test_tar_bytes_match_tarfile(key, members):
+    """TarOut writes exactly what tarfile writes for the same members and fields (ustar; a GNU
+    long-name record past 100 bytes), so any tar reader sees standard members."""
+    rng = random.Random(len(key))
+    sample = {"__key__": key, **{ext: rng.randbytes(n) for ext, n in members.items()}}
+    ours = io.BytesIO()
+    out = shard.TarOut(ours)
+    out.write(sample)
+    out.close()
+    ref = io.BytesIO()
+    long_names = {len(f"{key}.{ext}".encode()) > 100 for ext in members}
+    assert len(long_names) == 1  # one format per case: tarfile writes one format per archive
+    fmt = tarfile.GNU_FORMAT if long_names.pop() else tarfile.USTAR_FORMAT
+    with tarfile.open(fileobj=ref, mode="w", format=fmt, encoding="utf-8") as tf:
+        for ext in sorted(members):
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = members[ext], 0, 0o444, "coma", "coma"
+            tf.addfile(ti, io.BytesIO(sample[ext]))
+    assert ours.getvalue() == ref.getvalue() and out.size == len(ref.getvalue())
 
 
 def test_long_member_names_round_trip(tmp_path):
