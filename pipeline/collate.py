@@ -161,6 +161,8 @@ class Collator:
         if processor.num_compression_tokens != model_cfg.num_compression_tokens:
             raise ValueError(f"processor has K={processor.num_compression_tokens} compression tokens but "
                              f"model.num_compression_tokens={model_cfg.num_compression_tokens}")
+        if model_cfg.max_text_tokens is not None and model_cfg.max_text_tokens < 1:
+            raise ValueError(f"model.max_text_tokens must be >= 1 (or null: no cut), got {model_cfg.max_text_tokens}")
         self.proc, self.cfg, self.kind, self.mode = processor, model_cfg, kind, mode
         self.padding_side = padding_side
         self.max_negatives = max_negatives
@@ -208,7 +210,7 @@ class Collator:
                 raise ValueError(f"item {i} has neither text nor image")
             n = next(it_tok) if img is not None else None
             instr = _instruction(instruction, text, img is not None)
-            seqs.append(self.proc.input_ids(text, n, instr) + self.proc.compression_ids)
+            seqs.append(self.proc.input_ids(text, n, instr, self.cfg.max_text_tokens) + self.proc.compression_ids)
         return self._pad(seqs, None, pv, grid)
 
     def stage1(self, rows: Sequence[tuple]) -> dict:
@@ -219,7 +221,8 @@ class Collator:
         for (text, _img, conv, key), n in zip(rows, ntok):
             if not conv:
                 raise ValueError(f"sample {key!r}: stage 1 needs at least one question/answer turn")
-            x = self.proc.input_ids(text, n, _instruction(self.cfg.instruction, text, has_image=True)) + self.proc.compression_ids
+            x = self.proc.input_ids(text, n, _instruction(self.cfg.instruction, text, has_image=True),
+                                    self.cfg.max_text_tokens) + self.proc.compression_ids
             try:
                 d, t = self._fit_dialogue(conv, loss_on, len(x), key)
             except ValueError as e:

@@ -49,6 +49,9 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     dummy_vision: bool = True                       # run the vision tower on text-only batches (ZeRO-3)
     max_length: Optional[int] = None                # stage 1: drop trailing QA turns beyond this many tokens
+    # An input's own text (caption, query, passage) cut to this many tokens, its end dropped;
+    # the image span, template, instruction and C are not counted, never cut.  None = no cut.
+    max_text_tokens: Optional[int] = None
     # Image resolution bounds; None = the checkpoint's own preprocessor_config.json (tiny models:
     # digit-sized). The paper's setting (256..1024 visual tokens) is 200704 / 802816.
     min_pixels: Optional[int] = None

@@ -9,7 +9,7 @@ The export directory is a plain Hugging Face model directory (``from_pretrained`
 backbone class loads it with no peft and no project code) plus:
 
 * the tokenizer, with the compression tokens, and ``preprocessor_config.json`` (PIL processor);
-* ``coma.json``: K, the compression token strings, pooling, instruction, logit scale, family —
+* ``coma.json``: K, the compression token strings, pooling, instruction, text cap, logit scale, family —
   what :class:`Embedder` needs to rebuild the exact ``[X][C]`` inputs.
 
 A stage-1 export is also a valid ``model.init`` for stage 2 (the tokens are found, not re-added).
@@ -128,6 +128,7 @@ def export_model(model: CoMaModel, out_dir: str | os.PathLike, state_dict: Optio
         "compression_tokens": model.processor.tokenizer.convert_ids_to_tokens(model.processor.compression_ids),
         "pooling": model.cfg.pooling,
         "instruction": model.cfg.instruction,
+        "max_text_tokens": model.cfg.max_text_tokens,
         "logit_scale": scale,
         "dtype": str(next(hf.parameters()).dtype).replace("torch.", ""),
         "source": model.cfg.init,
@@ -171,6 +172,7 @@ class Embedder:
         name = {v: k for k, v in DTYPES.items()}[dtype]
         cfg = ModelConfig(init=str(path), family=meta["family"], num_compression_tokens=meta["num_compression_tokens"],
                           pooling=meta["pooling"], instruction=meta["instruction"], dtype=name,
+                          max_text_tokens=meta.get("max_text_tokens"),  # absent: exported before the key
                           gradient_checkpointing=False, dummy_vision=False, lora=LoraConfig(enabled=False))
         model = load_model(cfg, for_training=False, temperature=1.0 / meta["logit_scale"])
         if model.processor.added_tokens:

@@ -115,14 +115,17 @@ class Processor:
     def vision_span_ids(self, n_tokens: int) -> list[int]:
         return [self.vision_start_id] + [self.image_token_id] * n_tokens + [self.vision_end_id]
 
-    def input_ids(self, text: Optional[str], n_image_tokens: Optional[int], instruction: Optional[str] = None
-                  ) -> list[int]:
+    def input_ids(self, text: Optional[str], n_image_tokens: Optional[int], instruction: Optional[str] = None,
+                  max_text_tokens: Optional[int] = None) -> list[int]:
         """Token ids of X: a user turn holding the text with the image span where the ``<image>``
         marker was (no marker = image first), an optional instruction, then the assistant
-        header — C follows right after (``[X][C]``).  ``n_image_tokens`` None = no image."""
+        header — C follows right after (``[X][C]``).  ``n_image_tokens`` None = no image;
+        ``max_text_tokens``: see :meth:`cut_text`."""
         a = self.adapter
         has_image = n_image_tokens is not None
         before, after = split_on_placeholder(text, has_image)
+        if max_text_tokens is not None:
+            before, after = self.cut_text(before, after, max_text_tokens)
         tail = "\n".join(p for p in (after, instruction or "") if p)
         head, close = a.system_block() + a.user_open(), a.turn_close() + a.assistant_open()
         lit_before, lit_after = self.user_ids(before), self.user_ids(after)
@@ -136,6 +139,33 @@ class Processor:
         if has_image:
             ids += self.vision_span_ids(n_image_tokens)
         return ids + end
+
+    def cut_text(self, before: str, after: str, max_tokens: int) -> tuple[str, str]:
+        """An input's own text (``before`` and ``after`` its image) cut to at most ``max_tokens``
+        tokens together, counted as each part tokenises on its own; the cut drops the end of
+        the text as read (``after``'s tail first, then ``before``'s) at a token boundary.
+
+        Why here and not a truncation of the whole sequence: that would cut the image span,
+        the instruction or the compression tokens, which the model cannot do without."""
+        if len(before.encode()) + len(after.encode()) <= max_tokens:  # no token is under one byte
+            return before, after
+        enc = self.tokenizer([before, after], add_special_tokens=False, split_special_tokens=True,
+                             return_offsets_mapping=True)
+        (ids_b, ids_a), (off_b, off_a) = enc["input_ids"], enc["offset_mapping"]
+        if len(ids_b) + len(ids_a) <= max_tokens:
+            return before, after
+        if len(ids_b) >= max_tokens:
+            return self._token_prefix(before, off_b, max_tokens), ""
+        return before, self._token_prefix(after, off_a, max_tokens - len(ids_b))
+
+    def _token_prefix(self, text: str, offsets: Sequence[tuple[int, int]], n: int) -> str:
+        """The longest prefix of ``text`` ending where one of its first ``n`` tokens ends that
+        tokenises to at most ``n`` tokens (re-tokenising a cut word can take one more)."""
+        for k in range(n, 0, -1):
+            cut = text[: offsets[k - 1][1]]
+            if len(self.tokenizer(cut, add_special_tokens=False, split_special_tokens=True)["input_ids"]) <= n:
+                return cut
+        return ""
 
     def dialogue_pieces(self, conversations: Sequence[dict], loss_on: str = "answer"
                         ) -> list[tuple[list[int], list[bool]]]:

@@ -131,6 +131,49 @@ def test_max_length_drops_trailing_turns(proc):
         Collator(proc, model_cfg(max_length=10), kind="qa")(samples)
 
 
+def _n_tokens(proc, text):
+    return len(proc.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def test_cut_text_keeps_at_most_n_tokens_from_the_start(proc):
+    long = " ".join(f"word{i} 漢字🙂 e\u0301" for i in range(60))  # multi-token chars: cuts must not overshoot
+    assert proc.cut_text("short", "text", 16) == ("short", "text")        # under the cap: untouched
+    for n in (1, 2, 7, 33, 100):
+        before, after = proc.cut_text(long, "tail", n)
+        assert after == "" and long.startswith(before) and _n_tokens(proc, before) <= n
+        assert _n_tokens(proc, before) >= n - 2                          # and not cut much shorter
+    head = "a caption before the image"
+    nb = _n_tokens(proc, head)
+    before, after = proc.cut_text(head, long, nb + 10)                   # the end goes first
+    assert before == head and long.startswith(after) and nb + _n_tokens(proc, after) <= nb + 10
+    assert after and _n_tokens(proc, after) >= 8
+
+
+def test_max_text_tokens_cuts_only_the_text(proc):
+    """The cap shortens an input's own text; the image span, the instruction and C stay whole,
+    and a text under the cap gives the same ids as no cap."""
+    long = "a very long passage about a handwritten digit " * 40
+    items = [{"text": long + "<image>" + long, "image": image(56, 56)}, {"text": long, "image": None},
+             {"text": "short query", "image": None}]
+    full = Collator(proc, model_cfg(instruction="Find the match."), kind="mmeb").encode(items)
+    cut = Collator(proc, model_cfg(instruction="Find the match.", max_text_tokens=24), kind="mmeb").encode(items)
+    lens = cut["attention_mask"].sum(1)
+    assert (lens < full["attention_mask"].sum(1))[:2].all() and lens[2] == full["attention_mask"][2].sum()
+    assert torch.equal(cut["input_ids"][2, : lens[2]], full["input_ids"][2, : lens[2]])
+    instr = proc.text_ids("Find the match.")
+    for i in range(3):
+        ids = cut["input_ids"][i, : lens[i]].tolist()
+        assert ids[-4:] == proc.compression_ids                          # C last (right padding)
+        assert ids.count(proc.image_token_id) == full["input_ids"][i].tolist().count(proc.image_token_id)
+        assert any(ids[j:j + len(instr)] == instr for j in range(len(ids)))
+    # the text itself: at most 24 tokens (+1 where the template's newline merges with it)
+    n_plain = int(Collator(proc, model_cfg(instruction="Find the match."), kind="mmeb").encode(
+        [{"text": "x", "image": None}])["attention_mask"].sum()) - 1
+    assert int(lens[1]) <= n_plain + 24 + 1
+    with pytest.raises(ValueError, match="model.max_text_tokens must be >= 1"):
+        Collator(proc, model_cfg(max_text_tokens=0), kind="mmeb")
+
+
 def _same(a, b):
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

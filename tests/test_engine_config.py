@@ -85,6 +85,7 @@ def test_paper_presets():
         assert (c.model.lora.r, c.model.lora.alpha, c.model.lora.dropout) == (16, 64, 0.1)
         assert (c.optim.lr, c.optim.schedule, c.optim.warmup_ratio) == (5e-5, "cosine", 0.05)
         assert c.model.num_compression_tokens == 32
+        assert (c.model.min_pixels, c.model.max_pixels) == (28 * 28 * 256, 28 * 28 * 1024)  # 256..1024 tokens
     assert (s1.train.stage, s1.train.epochs, s1.train.global_batch_size) == (1, 1, 256)
     assert (s2.train.stage, s2.train.max_steps, s2.train.global_batch_size) == (2, 1500, 1024)
     assert s2.loss.temperature == 0.03 and s2.data.task_batch_size == 64

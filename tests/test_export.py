@@ -33,8 +33,10 @@ def _trained(cfg, steps=3):
 @pytest.mark.parametrize("family,lora", [("qwen2_vl", True), ("qwen2_5_vl", True), ("qwen2_vl", False)],
                          ids=["qwen2_vl-lora", "qwen2_5_vl-lora", "qwen2_vl-full"])
 def test_export_round_trip(tmp_path, family, lora):
+    # the full-fine-tuning case also caps text (the first item's question is cut): Embedder must
+    # rebuild the same cut inputs from coma.json
     cfg = model_cfg(family, lora=LoraConfig(enabled=lora, r=4, alpha=8, use_dora=lora and family == "qwen2_5_vl",
-                                            dropout=0.0), pooling="mean")
+                                            dropout=0.0), pooling="mean", max_text_tokens=None if lora else 2)
     model = _trained(cfg)
     with torch.no_grad():
         expected = model(**Collator(model.processor, cfg, kind="mmeb").encode(ITEMS))
@@ -42,6 +44,7 @@ def test_export_round_trip(tmp_path, family, lora):
     meta = read_meta(out)
     assert meta["num_compression_tokens"] == 4 and meta["compression_tokens"][0] == "<|cmp_0|>"
     assert meta["family"] == family and abs(meta["logit_scale"] - 1 / 0.03) < 1e-3
+    assert meta["max_text_tokens"] == cfg.max_text_tokens
 
     emb = Embedder.from_pretrained(out, device="cpu")
     got = emb.encode(ITEMS, batch_size=2)
