@@ -129,6 +129,40 @@ def set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+def restore_group_settings(engine: Any, universal: Path) -> None:
+    """Give each optimizer param group back the settings it was saved with.
+
+    Why: DeepSpeed's ZeRO-3 universal loader (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``)
+    copies the settings of saved group 0 onto every group, so after a resume at another world
+    size the no-decay group (biases, norms, the compression-token rows: ``pipeline.engine._param_groups``)
+    would be decayed with ``optim.weight_decay``.  The universal folder keeps every saved group
+    in ``zero/optimizer_state.pt``; ZeRO-1/2's loader already restores them per group, for which
+    this changes nothing."""
+    import torch
+
+    groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
+    state = universal / "zero" / "optimizer_state.pt"
+    saved = (torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("param_groups") or []
+             if state.exists() else [])
+    if len(saved) != len(groups):
+        log.warning("%s holds %d optimizer param groups, this run has %d: their settings are left as "
+                    "DeepSpeed loaded them", universal, len(saved), len(groups))
+    else:
+        for i, (group, old) in enumerate(zip(groups, saved)):
+            fixed = {k: v for k, v in old.items() if k != "params" and not _equal(group.get(k), v)}
+            if fixed:
+                log.info("optimizer param group %d: %s restored as saved (the universal loader had set %s)", i,
+                         fixed, {k: group.get(k) for k in fixed})
+                group.update(fixed)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, ValueError):  # tensors of several elements
+        return a is b
+
+
 # --------------------------------------------------------------------------------- save / load
 class CheckpointManager:
     def __init__(self, root: str | os.PathLike, keep_last: int = 3):
@@ -222,6 +256,8 @@ class CheckpointManager:
                                                    load_lr_scheduler_states=load_optimizer_states)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {src}")
+        if universal is not None and load_optimizer_states:
+            restore_group_settings(engine, universal)
         rank_file = path / f"rank{dist.get_rank()}.pt"
         if universal is not None:
             state = torch.load(path / "rank0.pt", map_location="cpu", weights_only=False)

@@ -1,5 +1,6 @@
-"""Checkpoint bookkeeping (which checkpoint resumes) without DeepSpeed; the real save/load
-round trip runs in the 2-rank training test (tests/test_train_e2e.py)."""
+"""Checkpoint bookkeeping (which checkpoint resumes) without DeepSpeed, and a real one-rank
+ZeRO-3 save → universal → load for the optimizer settings; the full save/load round trips run
+in the 2-rank training tests (tests/test_train_e2e.py)."""
 import pytest
 
 from pipeline.checkpoint import MARKER, complete_checkpoints, resolve_resume
@@ -40,3 +41,66 @@ def test_crash_during_save_leaves_previous(tmp_path):
         resolve_resume(str(partial), root)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "nope"), root)
+
+
+UNIVERSAL_GROUPS = r'''
+import json, sys
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from pipeline.checkpoint import CheckpointManager
+from pipeline.engine import _param_groups
+
+deepspeed.init_distributed(dist_backend="gloo")
+root, stage = Path(sys.argv[1]), int(sys.argv[2])
+
+
+def engine(weight_decay, universal):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(_param_groups(list(model.named_parameters()), weight_decay), lr=1e-2)
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "checkpoint": {"load_universal": universal}}
+    return deepspeed.initialize(model=model, optimizer=opt, config=cfg)[0]
+
+
+eng = engine(0.1, False)
+loss = eng(torch.randn(2, 8)).square().mean()
+eng.backward(loss)
+eng.step()
+ckpt = CheckpointManager(root)
+path = ckpt.save(eng, 1, {"step": 1}, {}, "")
+# built from a config whose weight decay differs: the saved settings are the ones that count
+resumed = engine(0.0, True)
+ckpt.load(resumed, path, universal=ckpt.universal(path))
+groups = resumed.optimizer.optimizer.param_groups
+print("GROUPS", json.dumps([{"weight_decay": g["weight_decay"], "lr": g["lr"]} for g in groups]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_universal_load_keeps_each_param_groups_settings(tmp_path, stage):
+    """DeepSpeed's ZeRO-3 universal loader gives every param group the settings of group 0: the
+    no-decay group (norms, biases, compression-token rows) came back with weight decay 0.1
+    after a resume at another world size.  A real single-rank ZeRO engine saves, converts and
+    loads here; each group must keep what it was saved with (ZeRO-2's loader already did)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    script = tmp_path / "groups.py"
+    script.write_text(UNIVERSAL_GROUPS)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(stage)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("GROUPS "))
+    groups = json.loads(line[len("GROUPS "):])
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0], groups
