@@ -67,6 +67,7 @@ import pipeline  # noqa: E402
 from data_prep.cli import OneLineParser, RunError, StrictError, UsageError, run_cli  # noqa: E402
 from data_prep.samples import KINDS, BadRow, record_key, record_to_sample  # noqa: E402
 from pipeline.fileio import atomic_write_bytes  # noqa: E402
+from pipeline.imaging import reuse_image_memory  # noqa: E402
 
 FORMAT_VERSION = 1
 # Common world sizes are powers of two up to 8 GPUs per node (times the node count); a shard
@@ -365,6 +366,7 @@ _PROGRESS = None  # callable(n) in-process, or a multiprocessing queue in pool w
 def _init_worker(settings: Settings, queue) -> None:
     global _SETTINGS, _PROGRESS
     _SETTINGS, _PROGRESS = settings, queue
+    reuse_image_memory()  # image after image is decoded here: keep Pillow's freed blocks
 
 
 def _tick(n: int) -> None:

@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data_plan import (Piece, Plan, Source, WorkerPlan, check_kind, expand_sources, open_tar,
                                 shard_sizes, split_name)
-from pipeline.imaging import open_image, to_rgb
+from pipeline.imaging import open_image, reuse_image_memory, to_rgb
 
 __all__ = ["build_loader", "loader_from_config", "ShardLoader", "ShardDataset", "decode_sample",
            "default_collate", "Plan", "Source", "expand_sources", "shard_sizes", "KINDS", "COUNTERS"]
@@ -360,6 +360,7 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[_Item]:
         info = get_worker_info()
+        reuse_image_memory()  # this worker decodes image after image: keep Pillow's freed blocks
         K = self.plan.num_workers
         if info is not None and info.num_workers != K:
             raise RuntimeError(f"ShardDataset planned for {K} workers, DataLoader runs {info.num_workers}")

@@ -7,6 +7,7 @@ whether it is being trained, evaluated or used.
 from __future__ import annotations
 
 import io
+import os
 from typing import Optional
 
 import numpy as np
@@ -28,6 +29,24 @@ def _plugin_for(data: bytes) -> Optional[tuple[str, ...]]:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return ("WEBP",)
     return None
+
+
+# Pillow's block cache (docs: "Block allocator"), off by default: a decoded image's memory goes
+# back to malloc when the image is freed, and the next image gets fresh pages from the kernel —
+# ~250 page faults per 512 px RGB image, measured at a fifth of its JPEG decode time on a 2-core
+# CPU.  With freed blocks kept, a loop over images reuses the same memory.  1 MiB blocks, so the
+# cache is bounded in bytes whatever the image sizes.
+CACHE_BLOCK_BYTES = 1 << 20
+
+
+def reuse_image_memory(cache_mib: int = 64) -> None:
+    """Let Pillow keep up to ``cache_mib`` MiB of freed image memory in this process for the next
+    images (a data loader worker or the shard writer calls it once).  Left alone when the user
+    tuned the allocator with Pillow's own ``PILLOW_BLOCK_SIZE`` / ``PILLOW_BLOCKS_MAX``."""
+    if "PILLOW_BLOCK_SIZE" in os.environ or "PILLOW_BLOCKS_MAX" in os.environ:
+        return
+    Image.core.set_block_size(CACHE_BLOCK_BYTES)
+    Image.core.set_blocks_max(max(Image.core.get_blocks_max(), cache_mib * (1 << 20) // CACHE_BLOCK_BYTES))
 
 
 def open_image(data: bytes) -> Image.Image:
