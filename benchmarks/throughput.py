@@ -249,8 +249,8 @@ def main(argv: list) -> int:
     from pipeline.config import load_config
     from pipeline.engine import build, plan_batches, zero_stage
     from pipeline.metrics import Metrics
-    from pipeline.train import (Loop, StepRunner, TrainState, _count_tokens, make_loader, parse_cli, seed_all,
-                                set_cpu_threads, setup_logging)
+    from pipeline.train import (Loop, StepRunner, TrainState, _count_tokens, make_loader, manual_gc, parse_cli,
+                                seed_all, set_cpu_threads, setup_logging)
 
     argv = list(argv)
     warmup = _pop_flag(argv, "--warmup", 3, int)
@@ -340,27 +340,30 @@ def main(argv: list) -> int:
         dist.barrier()
         return (time.perf_counter() - t0) / n
 
-    pipe_block(warmup)
-    mem_block(warmup)
-    bare_block(warmup)
-    # One metrics window per timed block: the loop logs (and reduces over ranks) at its end.
-    cfg.train.log_every = steps
-    loop.state.step = mem_loop.state.step = 0
-    times, logged = {"pipe": [], "mem": [], "bare": []}, []
-    order = list(times)
-    for r in range(rounds):
-        # rotated each round, so no loop always runs right after the same other one
-        for name in order[r % 3:] + order[:r % 3]:
-            if name == "pipe":
-                loop.window = type(loop.window)()
-                times["pipe"].append(timed(pipe_block, steps))
-                if getattr(loop, "last_logged", None):
-                    logged.append(loop.last_logged)
-            elif name == "mem":
-                mem_loop.window = type(mem_loop.window)()
-                times["mem"].append(timed(mem_block, steps))
-            else:
-                times["bare"].append(timed(bare_block, steps))
+    # As train() runs its loop: automatic garbage collection off, the loops collect every
+    # train.gc_every steps (their cost is the pipeline's; the bare loop has none).
+    with manual_gc(cfg.train.gc_every):
+        pipe_block(warmup)
+        mem_block(warmup)
+        bare_block(warmup)
+        # One metrics window per timed block: the loop logs (and reduces over ranks) at its end.
+        cfg.train.log_every = steps
+        loop.state.step = mem_loop.state.step = 0
+        times, logged = {"pipe": [], "mem": [], "bare": []}, []
+        order = list(times)
+        for r in range(rounds):
+            # rotated each round, so no loop always runs right after the same other one
+            for name in order[r % 3:] + order[:r % 3]:
+                if name == "pipe":
+                    loop.window = type(loop.window)()
+                    times["pipe"].append(timed(pipe_block, steps))
+                    if getattr(loop, "last_logged", None):
+                        logged.append(loop.last_logged)
+                elif name == "mem":
+                    mem_loop.window = type(mem_loop.window)()
+                    times["mem"].append(timed(mem_block, steps))
+                else:
+                    times["bare"].append(timed(bare_block, steps))
     loader_cpu = loader_cpu_per_step(cfg, plan, env, data, built.model.processor, image_size, steps)
     red = dist.all_reduce_dict({**{f"{k}{i}": t for k, ts in times.items() for i, t in enumerate(ts)},
                                 "loader_cpu": loader_cpu}, "max")

@@ -118,6 +118,9 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     max_bad_steps: int = 5                # consecutive NaN/Inf steps before the run stops
+    # Python's garbage collector run by the loop every N steps, on every rank at the same step,
+    # instead of whenever allocations trigger it (0: Python's automatic GC).  See pipeline/train.py.
+    gc_every: int = 50
     dist_timeout_s: int = 1800
     tensorboard: bool = True
     wandb: bool = False

@@ -56,6 +56,7 @@ the plan differs: the loader warns and resumes at the same fraction of the epoch
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -361,6 +362,10 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[_Item]:
         info = get_worker_info()
         reuse_image_memory()  # this worker decodes image after image: keep Pillow's freed blocks
+        if info is not None and not gc.isenabled():
+            # forked from a trainer that runs its loop with automatic GC off (pipeline/train.py's
+            # manual_gc, which collects on the trainer's schedule): a worker collects by itself
+            gc.enable()
         K = self.plan.num_workers
         if info is not None and info.num_workers != K:
             raise RuntimeError(f"ShardDataset planned for {K} workers, DataLoader runs {info.num_workers}")

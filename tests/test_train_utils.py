@@ -118,3 +118,49 @@ def test_saturated_cpu_warns_about_loader_workers(caplog, monkeypatch):
             assert "--data.workers=0" not in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+def _flag_collate(samples):
+    import gc
+
+    return gc.isenabled()
+
+
+def test_manual_gc_freezes_disables_and_restores(tmp_path):
+    """The training loop runs with automatic GC off and the set-up's objects frozen; both are
+    undone afterwards, and gc_every <= 0 leaves Python's GC alone.  A loader worker forked in
+    the loop collects by itself (GC on), or its reference cycles would pile up for the epoch."""
+    import gc
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from pipeline.data import build_loader
+    from pipeline.train import manual_gc
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(png, format="PNG")
+    with tarfile.open(tmp_path / "s-000000.tar", "w") as tf:
+        for i in range(4):
+            for ext, data in (("png", png.getvalue()), ("txt", b"x")):
+                ti = tarfile.TarInfo(f"k{i}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+    assert gc.isenabled()
+    with manual_gc(0):
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+    with manual_gc(50):
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        flags = list(build_loader(str(tmp_path / "s-000000.tar"), kind="pair", batch_size=2, rank=0, world_size=1,
+                                  num_workers=1, drop_last=False, collate_fn=_flag_collate))
+        assert flags == [True, True] and not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        with manual_gc(10):
+            pass
+        assert not gc.isenabled()  # the state before is what comes back
+    finally:
+        gc.enable()
