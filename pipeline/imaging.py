@@ -42,7 +42,8 @@ CACHE_BLOCK_BYTES = 1 << 20
 
 def reuse_image_memory(cache_mib: int = 64) -> None:
     """Let Pillow keep up to ``cache_mib`` MiB of freed image memory in this process for the next
-    images (a data loader worker or the shard writer calls it once).  Left alone when the user
+    images (loader workers at each epoch's start — the trainer itself with ``data.workers=0`` —
+    and the shard writer call it; calling it again changes nothing).  Left alone when the user
     tuned the allocator with Pillow's own ``PILLOW_BLOCK_SIZE`` / ``PILLOW_BLOCKS_MAX``."""
     if "PILLOW_BLOCK_SIZE" in os.environ or "PILLOW_BLOCKS_MAX" in os.environ:
         return

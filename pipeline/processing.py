@@ -147,8 +147,8 @@ class Processor:
 
         Why here and not a truncation of the whole sequence: that would cut the image span,
         the instruction or the compression tokens, which the model cannot do without."""
-        if len(before.encode()) + len(after.encode()) <= max_tokens:  # no token is under one byte
-            return before, after
+        if before.isascii() and after.isascii() and len(before) + len(after) <= max_tokens:
+            return before, after  # no token is under one byte (ASCII: no normalizer makes it longer)
         enc = self.tokenizer([before, after], add_special_tokens=False, split_special_tokens=True,
                              return_offsets_mapping=True)
         (ids_b, ids_a), (off_b, off_a) = enc["input_ids"], enc["offset_mapping"]

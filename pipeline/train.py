@@ -273,6 +273,11 @@ class Loop:
         out = self.runner.stage1(parts, st) if cfg.train.stage == 1 else self.runner.stage2(parts, st)
         n_samples = sum(num_samples(p) for p in parts)
         st.step += 1
+        t_gc = 0.0
+        if cfg.train.gc_every > 0 and st.step % cfg.train.gc_every == 0 and not gc.isenabled():
+            t_gc = time.perf_counter()
+            gc.collect()  # under manual_gc: the same step on every rank
+            t_gc = time.perf_counter() - t_gc
         st.samples_seen += n_samples * self.world
         # out["applied"] is the same on every rank (DeepSpeed's overflow check is global; the
         # cache path decides with an all-reduce), so all ranks count and stop identically.
@@ -292,14 +297,12 @@ class Loop:
         tokens, seqs, patches = _count_tokens(parts)
         flops = self.fm.step_flops(seqs, patches, forward_passes=self.passes)
         loss = out["loss"] if out["applied"] and math.isfinite(out["loss"]) else None  # skipped steps: no loss
-        self.window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, loss)
+        self.window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, loss, t_gc)
         if st.step % cfg.train.log_every == 0 or st.step == self.total:
             self.last_logged = _log_window(self.metrics, self.window, st, self.eng, self.source, self.peak)
             self.window = _Window()
         if self.ckpt is not None and st.step % cfg.train.save_every == 0 and st.step < self.total:
             self.save()
-        if cfg.train.gc_every > 0 and st.step % cfg.train.gc_every == 0 and not gc.isenabled():
-            gc.collect()  # under manual_gc: the same step on every rank
         self.stop_if_signalled()
         return out
 
@@ -451,10 +454,12 @@ class _Window:
     losses: list = field(default_factory=list)
     steps: int = 0
     lr: Optional[float] = None
+    gc: float = 0.0
 
-    def add(self, t, d, s, tok, f, loss):
+    def add(self, t, d, s, tok, f, loss, g=0.0):
         self.time += t
         self.data += d
+        self.gc += g
         self.samples += s
         self.tokens += tok
         self.flops += f
@@ -469,7 +474,7 @@ def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, pe
     # Two collectives per log line: sums (per-GPU rates are sums / world) and the memory maximum.
     tot = dist.all_reduce_dict({
         "loss": sum(w.losses) / len(w.losses) if w.losses else 0.0, "has_loss": 1.0 if w.losses else 0.0,
-        "sps": w.samples / t, "tps": w.tokens / t, "flops": w.flops / t, "wait": w.data / t,
+        "sps": w.samples / t, "tps": w.tokens / t, "flops": w.flops / t, "wait": w.data / t, "gc": w.gc / t,
         "skipped_samples": float(source.skipped_samples)}, "sum")
     mem = dist.all_reduce_dict({"m": _peak_memory_gib()}, "max")["m"]
     world = dist.get_world_size()
@@ -487,6 +492,7 @@ def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, pe
         "throughput/mfu": (mean["flops"] / peak) if peak else None,
         "memory/peak_gib": mem,
         "time/data_wait_share": mean["wait"],
+        "time/gc_share": mean["gc"],  # the scheduled collections of train.gc_every
         "time/step_s": w.time / max(w.steps, 1),
         "data/skipped_samples": tot["skipped_samples"],
         "data/samples_seen": float(state.samples_seen),

@@ -147,6 +147,14 @@ def test_cut_text_keeps_at_most_n_tokens_from_the_start(proc):
     before, after = proc.cut_text(head, long, nb + 10)                   # the end goes first
     assert before == head and long.startswith(after) and nb + _n_tokens(proc, after) <= nb + 10
     assert after and _n_tokens(proc, after) >= 8
+    # Qwen2/2.5-VL's tokenizer normalises to NFC, which can make a text longer than its bytes
+    from tokenizers import normalizers
+
+    nfc = Processor.from_pretrained(tiny_model_dir("qwen2_vl"), num_compression_tokens=4)
+    nfc.tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
+    for text in ("\U0001D15E" * 3, "\u0958" * 4):                        # 12 bytes each, 24 after NFC
+        cut, _ = nfc.cut_text(text, "", 12)
+        assert text.startswith(cut) and _n_tokens(nfc, cut) <= 12 < _n_tokens(nfc, text)
 
 
 def test_max_text_tokens_cuts_only_the_text(proc):

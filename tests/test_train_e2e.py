@@ -109,6 +109,9 @@ def test_stage1_kill_resume_export(stage1):
     for key in ("optim/lr", "throughput/tokens_per_s_per_gpu", "throughput/tflops_per_gpu", "memory/peak_gib",
                 "time/data_wait_share", "data/skipped_samples", "train/skipped_steps"):
         assert key in rows[-1], key
+    # train.gc_every=2 under manual_gc: a scheduled collection in (only) every even step's line
+    assert all((x["time/gc_share"] > 0) == (x["step"] % 2 == 0) for x in rows), [
+        (x["step"], x["time/gc_share"]) for x in rows]
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert ckpts == ["step-6", "step-8"] and (run / "checkpoints/latest").read_text().strip() == "step-8"
     assert (run / "checkpoints/step-8/config.yaml").exists() and (run / "config.yaml").exists()
