@@ -141,9 +141,9 @@ def restore_group_settings(engine: Any, universal: Path) -> None:
     import torch
 
     groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
-    state = universal / "zero" / "optimizer_state.pt"
-    saved = (torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("param_groups") or []
-             if state.exists() else [])
+    # DeepSpeed's loader has just read (and asserted) this file; mmap: its tensors stay unread
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False,
+                       mmap=True).get("param_groups") or []
     if len(saved) != len(groups):
         log.warning("%s holds %d optimizer param groups, this run has %d: their settings are left as "
                     "DeepSpeed loaded them", universal, len(saved), len(groups))

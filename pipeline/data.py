@@ -55,6 +55,7 @@ the plan differs: the loader warns and resumes at the same fraction of the epoch
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
@@ -238,25 +239,24 @@ class ShardDataset(IterableDataset):
         """The first decodable sample of the dataset (that also collates on its own, with
         ``collate``): the filler for a worker left with nothing."""
         first_error, failed = None, 0
-        for i, n in enumerate(self.plan.sizes):
-            for raw in self._read(Piece(i, 0, n), Counter()):
-                try:
-                    s = decode_sample(raw, self.kind)
-                except Exception as e:  # noqa: BLE001 — whatever a bad sample raises
-                    first_error = first_error or f"{raw.get('__key__')}: {type(e).__name__}: {e}"
-                    continue
-                if not collate:
-                    return raw
-                try:
-                    self.collate_fn([s])
-                    return raw
-                except Exception as e:  # noqa: BLE001 — whatever the collator raises
-                    first_error = first_error or f"{raw.get('__key__')}: {type(e).__name__}: {e}"
-                    failed += 1
-                    if failed >= self.FALLBACK_COLLATE_TRIES:
-                        break
-            if failed >= self.FALLBACK_COLLATE_TRIES:
-                break
+        every_sample = itertools.chain.from_iterable(
+            self._read(Piece(i, 0, n), Counter()) for i, n in enumerate(self.plan.sizes))
+        for raw in every_sample:
+            try:
+                s = decode_sample(raw, self.kind)
+            except Exception as e:  # noqa: BLE001 — whatever a bad sample raises
+                first_error = first_error or f"{raw.get('__key__')}: {type(e).__name__}: {e}"
+                continue
+            if not collate:
+                return raw
+            try:
+                self.collate_fn([s])
+                return raw
+            except Exception as e:  # noqa: BLE001 — whatever the collator raises
+                first_error = first_error or f"{raw.get('__key__')}: {type(e).__name__}: {e}"
+                failed += 1
+                if failed >= self.FALLBACK_COLLATE_TRIES:
+                    break
         names = sorted({s.name for s in self.plan.sources})
         if not first_error:
             reason = "every shard is unreadable (see the warnings above)"
@@ -475,12 +475,10 @@ def _stop_workers(ref: weakref.ref, workers: list) -> None:
     seconds, after taking them off PyTorch's SIGCHLD watch so their end is no error."""
     it = ref()
     if it is not None and not getattr(it, "_shutdown", True):
-        try:
+        with contextlib.suppress(Exception):  # best effort: the kill below still ends them
             it._workers_done_event.set()
             for q in it._index_queues:
                 q.put(None)
-        except Exception:  # noqa: BLE001 — best effort; the kill below still ends them
-            pass
     for w in workers:
         w.join(timeout=5)
     if any(w.is_alive() for w in workers):

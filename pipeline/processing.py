@@ -102,6 +102,10 @@ class Processor:
         pooled embedding silently averages the wrong positions)."""
         if not text or self._added is None or not self._added.search(text):
             return None
+        return self._as_characters(text)
+
+    def _as_characters(self, text: str) -> list[int]:
+        """Token ids of ``text`` with any added-token spelling in it read as plain characters."""
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def images(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -163,7 +167,7 @@ class Processor:
         tokenises to at most ``n`` tokens (re-tokenising a cut word can take one more)."""
         for k in range(n, 0, -1):
             cut = text[: offsets[k - 1][1]]
-            if len(self.tokenizer(cut, add_special_tokens=False, split_special_tokens=True)["input_ids"]) <= n:
+            if len(self._as_characters(cut)) <= n:
                 return cut
         return ""
 
