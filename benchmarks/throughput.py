@@ -71,7 +71,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from pipeline.collate import Packed  # noqa: E402
-from pipeline.data import die_with_parent  # noqa: E402
+from pipeline.data import die_with_parent, widen_result_pipe  # noqa: E402
 from pipeline.train import BatchSource, loader_settings  # noqa: E402
 
 
@@ -117,7 +117,10 @@ class SyntheticSource(BatchSource):
                 "positive": {"text": f"a handwritten {w}", "image": None}, "negatives": []}
 
     def __iter__(self):
-        for parts in self._loader:
+        it = iter(self._loader)
+        if self.packed:
+            widen_result_pipe(it)  # as ShardLoader does
+        for parts in it:
             yield parts.unpack() if self.packed else parts
 
 

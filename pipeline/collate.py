@@ -60,7 +60,8 @@ class Packed:
     cost ~1 ms of the trainer's time per tensor on a 2-core CPU — 24 tensors (~25 ms) per
     step for 4 micro-batches of 6 tensors, ~12 % of a tiny-model step, all of it counted as
     data wait.  One buffer per batch means one segment, and a buffer of at most
-    ``INLINE_BYTES`` travels inside the pickle with no segment at all.  Tensor offsets are
+    ``INLINE_BYTES`` travels inside the pickle with no segment at all (through the worker
+    result pipe, which ``pipeline.data.widen_result_pipe`` sizes for whole batches).  Tensor offsets are
     ``ALIGN``-byte aligned, so every view is aligned for its dtype."""
 
     INLINE_BYTES = 4 << 20

@@ -276,6 +276,34 @@ def test_task_homogeneous_sub_batches(mmeb):
         build_loader(str(mmeb), kind="mmeb", batch_size=4, rank=0, world_size=1, task_batch_size=3)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux-only")
+def test_worker_result_pipe_holds_whole_batches(pairs, monkeypatch):
+    """Batches up to Packed.INLINE_BYTES travel inside their pickle through the workers' result
+    pipe: ShardLoader widens it from 64 KiB, so the rank reads a batch in one copy instead of
+    waiting on the worker to refill the pipe.  A renamed DataLoader internal fails here instead
+    of silently bringing the data wait back."""
+    import fcntl
+
+    import pipeline.data as data
+
+    seen = []
+
+    def spy(it, *args, **kwargs):
+        got = widen(it, *args, **kwargs)
+        seen.append((got, fcntl.fcntl(it._worker_result_queue._reader.fileno(), fcntl.F_GETPIPE_SZ)))
+        return got
+
+    widen = data.widen_result_pipe
+    monkeypatch.setattr(data, "widen_result_pipe", spy)
+    loader = build_loader(str(pairs), kind="pair", batch_size=4, rank=0, world_size=1, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == len(loader) and {s["__key__"] for b in batches for s in b} <= ALL_PAIRS
+    assert seen == [(data.RESULT_PIPE_BYTES, data.RESULT_PIPE_BYTES)]
+    assert widen(iter([])) is None  # not a multi-worker iterator: nothing to widen, no error
+    list(build_loader(str(pairs), kind="pair", batch_size=4, rank=0, world_size=1, num_workers=0))
+    assert len(seen) == 1  # no workers, no pipe
+
+
 def test_resampled_epochs_and_weights(tmp_path, pairs):
     other = make_shards(tmp_path, "pair", 17, 7, name="others")
     spec = f"{pairs}::{other}"
