@@ -35,8 +35,9 @@ What keeps the comparison fair:
   (``pipeline.train.set_cpu_threads``: on a CPU run, the node's cores per rank less one per
   loader worker, unless ``OMP_NUM_THREADS`` is set), so neither side gains from a thread count
   the other does not get;
-* the synthetic source hands batches over exactly as ``LoaderSource`` does (packed buffers,
-  the same prefetch and pinning from ``pipeline.train.loader_settings``);
+* the synthetic source hands batches over exactly as ``LoaderSource`` does (packed buffers
+  through a widened result pipe, the same prefetch and pinning from
+  ``pipeline.train.loader_settings``);
 * the iterator that pre-collates the bare batches is closed before timing, so no extra
   DataLoader worker lives through the timed blocks.
 
