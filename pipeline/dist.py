@@ -172,9 +172,38 @@ def init(timeout_s: int = 1800, backend: Optional[str] = None) -> DistEnv:
     if acc.device_name() != "cpu":
         acc.set_device(env.local_rank)
     if not is_initialized():
+        cpu = acc.device_name() == "cpu"
+        if cpu:  # left by a run of this address and port that died during set-up: never reuse it
+            _unlink(shm_allreduce_path(env.rank))
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=timeout_s), verbose=False)
+        if cpu:
+            barrier()  # every rank is past init_distributed, so has mapped every rank's buffer
+            _unlink(shm_allreduce_path(env.rank))
     return env
+
+
+def shm_allreduce_path(rank: int, environ: Mapping[str, str] = os.environ) -> str:
+    """The ``/dev/shm`` file DeepSpeed's CPU all-reduce creates for ``rank`` at
+    ``init_distributed`` (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: 66 MB per rank, when every
+    rank is on one node).
+
+    DeepSpeed maps every rank's file and never removes its own, so each CPU run left 66 MB
+    per rank in ``/dev/shm`` — memory, not disk — until a machine running tests or benchmarks all
+    day had filled it (18 GB after a few hundred runs here; later runs then stall or die of
+    SIGBUS).  :func:`init` removes the name once all ranks have mapped the file: the mappings
+    stay valid, and the kernel frees the memory when the last rank exits, however it exits.
+    A file left by a run killed before that point has this run's name only if it had the
+    same address and port; :func:`init` removes it before any rank maps it."""
+    addr, port = environ.get("MASTER_ADDR", ""), environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def is_initialized() -> bool:
