@@ -17,6 +17,7 @@ Launchers understood, in order of precedence:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -167,12 +168,12 @@ def init(timeout_s: int = 1800, backend: Optional[str] = None) -> DistEnv:
     export_env(env)
     env = read_env()
     acc = get_accelerator()
+    cpu = acc.device_name() == "cpu"
     if backend is None:
-        backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-    if acc.device_name() != "cpu":
+        backend = "gloo" if cpu else acc.communication_backend_name()
+    if not cpu:
         acc.set_device(env.local_rank)
     if not is_initialized():
-        cpu = acc.device_name() == "cpu"
         if cpu:  # left by a run of this address and port that died during set-up: never reuse it
             _unlink(shm_allreduce_path(env.rank))
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
@@ -200,10 +201,8 @@ def shm_allreduce_path(rank: int, environ: Mapping[str, str] = os.environ) -> st
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def is_initialized() -> bool:
