@@ -1,7 +1,9 @@
 """Small manifests and images for the data tests (real PNG/JPEG files, a few KB in all)."""
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +60,19 @@ def dataset(root: Path, kind: str, n: int, **kw) -> Path:
     """``root/images/*`` + ``root/{kind}.jsonl`` with ``n`` valid records; returns the manifest."""
     images = make_images(root / "images", n, **kw)
     return write_jsonl(root / f"{kind}.jsonl", records(kind, images))
+
+
+def write_tar(path, samples) -> None:
+    """A plain WebDataset tar (what another tool could write): samples = [(key, {ext: bytes})]."""
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def png_bytes(w: int, h: int, mode: str = "RGB", color=(90, 140, 200)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), color if mode == "RGB" else None).save(buf, format="PNG")
+    return buf.getvalue()

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO
 from data_prep import shard
-from datagen import dataset
+from datagen import dataset, png_bytes, write_tar
 from pipeline.config import DataConfig, DataSource
 from pipeline.data import Plan, Source, build_loader, loader_from_config
 
@@ -439,29 +439,11 @@ def test_rank_exits_with_loader_workers_alive(pairs, tmp_path, kind):
     shards = pairs
     if kind == "qa":  # nothing decodes
         shards = tmp_path / "s-000000.tar"
-        _tar(shards, [(f"k{i}", {"png": b"not an image", "json": _qa()}) for i in range(2)])
+        write_tar(shards, [(f"k{i}", {"png": b"not an image", "json": _qa()}) for i in range(2)])
     proc = subprocess.run([sys.executable, "-c", EXITING_RANK, str(REPO), str(shards), kind],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-
-
-def _tar(path, samples):
-    """A plain WebDataset tar (what another tool could write): samples = [(key, {ext: bytes})]."""
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
-
-
-def _png(w, h, mode="RGB", color=(90, 140, 200)):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new(mode, (w, h), color if mode == "RGB" else None).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _qa(question="What is it?", answer="a digit"):
@@ -481,12 +463,12 @@ def test_samples_the_collator_rejects_are_skipped_and_counted(tmp_path, caplog, 
 
     proc = Processor.from_pretrained(tiny_model_dir("qwen2_vl"), num_compression_tokens=4)
     collate = Collator(proc, model_cfg(), kind="qa")
-    good = {"png": _png(56, 56), "json": _qa()}
-    samples = [("a-0", {"png": _png(2000, 1), "json": _qa()}), ("a-1", good),
-               ("a-2", {"png": _png(56, 56), "json": json.dumps({"conversations": []}).encode()}),
-               ("a-3", {"png": _png(56, 56), "json": json.dumps({"conversations": "hi"}).encode()}),
-               ("a-4", good), ("a-5", {"png": _png(56, 56), "json": _qa(question="")})]
-    _tar(tmp_path / "s-000000.tar", samples)
+    good = {"png": png_bytes(56, 56), "json": _qa()}
+    samples = [("a-0", {"png": png_bytes(2000, 1), "json": _qa()}), ("a-1", good),
+               ("a-2", {"png": png_bytes(56, 56), "json": json.dumps({"conversations": []}).encode()}),
+               ("a-3", {"png": png_bytes(56, 56), "json": json.dumps({"conversations": "hi"}).encode()}),
+               ("a-4", good), ("a-5", {"png": png_bytes(56, 56), "json": _qa(question="")})]
+    write_tar(tmp_path / "s-000000.tar", samples)
     (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": len(samples)}))
     caplog.set_level(logging.WARNING, logger="pipeline.data")
     loader = build_loader(str(tmp_path / "s-000000.tar"), kind="qa", batch_size=batch_size, rank=0,
@@ -533,7 +515,7 @@ def test_transparent_and_16_bit_images_decode_as_the_processor_would(tmp_path):
     ramp = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
     members = {"rgba": png(glyph), "la": png(glyph.convert("LA")), "p": png(palette, transparency=0),
                "i16": png(ramp), "rgb": png(Image.new("RGB", (16, 16), (10, 20, 30)))}
-    _tar(tmp_path / "s-000000.tar", [(k, {"png": v, "txt": k.encode()}) for k, v in members.items()])
+    write_tar(tmp_path / "s-000000.tar", [(k, {"png": v, "txt": k.encode()}) for k, v in members.items()])
     loader = build_loader(str(tmp_path / "s-000000.tar"), kind="pair", batch_size=5, rank=0, world_size=1,
                           num_workers=0, shuffle=False, drop_last=False)
     [batch] = list(loader)
@@ -583,16 +565,10 @@ def test_loader_keeps_pillow_blocks_unless_the_user_tuned_them(tmp_path):
     """Loader workers (and the shard writer) let Pillow keep 64 MiB of freed image blocks, so a
     batch of decoded images reuses memory instead of faulting in fresh pages (~13 % of a 512 px
     JPEG pass); Pillow's own PILLOW_BLOCKS_MAX / PILLOW_BLOCK_SIZE, when set, win."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     probe = ("from PIL import Image; from pipeline.data import build_loader; import sys;"
              "[_ for _ in build_loader(sys.argv[1], kind='pair', batch_size=2, rank=0, world_size=1, num_workers=0,"
              " drop_last=False)]; print(Image.core.get_blocks_max(), Image.core.get_block_size())")
-    _tar(tmp_path / "s-000000.tar", [(f"k{i}", {"png": _png(16, 16), "txt": b"x"}) for i in range(4)])
+    write_tar(tmp_path / "s-000000.tar", [(f"k{i}", {"png": png_bytes(16, 16), "txt": b"x"}) for i in range(4)])
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILLOW_")}
     for extra, want in (({}, "64 1048576"), ({"PILLOW_BLOCKS_MAX": "3"}, "3 16777216")):
         r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "s-000000.tar")], cwd=REPO,

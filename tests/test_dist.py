@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, free_port
 
 WORKER = """
-import os, sys
+import os
 import torch
 import deepspeed.comm as ds_comm
 from pipeline import dist

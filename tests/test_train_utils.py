@@ -131,22 +131,12 @@ def test_manual_gc_freezes_disables_and_restores(tmp_path):
     undone afterwards, and gc_every <= 0 leaves Python's GC alone.  A loader worker forked in
     the loop collects by itself (GC on), or its reference cycles would pile up for the epoch."""
     import gc
-    import io
-    import tarfile
 
-    from PIL import Image
-
+    from datagen import png_bytes, write_tar
     from pipeline.data import build_loader
     from pipeline.train import manual_gc
 
-    png = io.BytesIO()
-    Image.new("RGB", (16, 16)).save(png, format="PNG")
-    with tarfile.open(tmp_path / "s-000000.tar", "w") as tf:
-        for i in range(4):
-            for ext, data in (("png", png.getvalue()), ("txt", b"x")):
-                ti = tarfile.TarInfo(f"k{i}.{ext}")
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
+    write_tar(tmp_path / "s-000000.tar", [(f"k{i}", {"png": png_bytes(16, 16), "txt": b"x"}) for i in range(4)])
 
     assert gc.isenabled()
     with manual_gc(0):
@@ -160,7 +150,7 @@ def test_manual_gc_freezes_disables_and_restores(tmp_path):
     gc.disable()
     try:
         with manual_gc(10):
-            pass
+            assert not gc.isenabled()
         assert not gc.isenabled()  # the state before is what comes back
     finally:
         gc.enable()
