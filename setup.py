@@ -5,28 +5,30 @@
     pip install -e ".[dev,gpu]"            # + flash-attn (CUDA source build)
     COMA_BUILD_CUDA=1 pip install -e .     # + ahead-of-time build of the CUDA InfoNCE extension
 
-Lower bounds only: GPU clusters bring their own torch/CUDA pairing.
+Ranges, not pins: GPU clusters bring their own torch/CUDA pairing, and a researcher installs
+into an environment of their own.  The libraries whose next major release may change the APIs we
+use (transformers, deepspeed, peft) are capped below it.  ``make demo``/``make test``/CI install
+the exact versions in ``requirements/cpu-constraints.txt`` on top of these ranges.
 
-Name clash: Hugging Face publishes a distribution called ``kernels`` that transformers
-probes for (``is_kernels_available``).  This project ships an import package of the same
-name but a distribution called ``coma-pipeline`` whose version is far below the range
-transformers accepts, so the probe stays False (tests/test_install.py checks it).
+Import names: the distribution installs ``pipeline``, ``coma_kernels`` and ``data_prep``; none may
+be a name that a dependency installs (Hugging Face's ``kernels``, a transformers dependency, is why
+the kernel package is not called ``kernels``).  tests/test_install.py guards it.
 """
 import os
 
 from setuptools import find_packages, setup
 
-VERSION = "0.1.0"  # keep < 0.18: see the name-clash note above
+VERSION = "0.2.0"
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("COMA_BUILD_CUDA") == "1":
-    # Ahead-of-time build of the same sources kernels/infonce_cuda.py JIT-compiles.
+    # Ahead-of-time build of the same sources coma_kernels/infonce_cuda.py JIT-compiles.
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     ext_modules = [
         CUDAExtension(
-            name="kernels._infonce_cuda",
-            sources=["kernels/csrc/infonce_binding.cpp", "kernels/csrc/infonce_kernels.cu"],
+            name="coma_kernels._infonce_cuda",
+            sources=["coma_kernels/csrc/infonce_binding.cpp", "coma_kernels/csrc/infonce_kernels.cu"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         )
     ]
@@ -39,13 +41,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "pipeline.*", "kernels", "kernels.*", "data_prep", "data_prep.*"]),
-    package_data={"kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
+    packages=find_packages(include=["pipeline", "pipeline.*", "coma_kernels", "coma_kernels.*", "data_prep", "data_prep.*"]),
+    package_data={"coma_kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=5.0",
-        "peft>=0.17",
+        "deepspeed>=0.16,<1",
+        "transformers>=5.0,<6",
+        "peft>=0.17,<1",
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "accelerate>=1.0",

@@ -21,10 +21,13 @@ import platform
 import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 os.environ.setdefault("COMA_NO_PROGRESS", "1")
 
 import pyarrow as pa  # noqa: E402

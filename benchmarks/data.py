@@ -34,9 +34,11 @@ import statistics
 import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402

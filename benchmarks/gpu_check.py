@@ -32,11 +32,14 @@ import subprocess
 import sys
 import time
 import traceback
+from importlib.util import find_spec
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels on the GPU, never the interpreter
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
 TOL = {"float32": (1e-4, 2e-3), "bfloat16": (2e-2, 5e-2), "float16": (5e-3, 1.5e-2)}  # (loss rel, grad rel)
 CASES = [  # n, m, D, scale, symmetric, custom positives, inputs: "norm" | "raw" | "trained"
@@ -50,14 +53,14 @@ CASES = [  # n, m, D, scale, symmetric, custom positives, inputs: "norm" | "raw"
 ]
 
 
-def check_backend(backend, dtype, case, torch, kernels):
+def check_backend(backend, dtype, case, torch, coma_kernels):
     n, m, d, scale, sym, custom, inputs = case
     g = torch.Generator(device="cuda").manual_seed(n + d)
     if inputs == "trained":
         # Not "q + 0.1 noise" (the first version of this check): that makes p(positive) = 1 - 1e-11
         # and the exact gradients ~1e-13, which no fp32 computation resolves (the fp32 reference
-        # backend is 100% off there too); see kernels.infonce_reference.trained_regime_inputs.
-        from kernels.infonce_reference import trained_regime_inputs
+        # backend is 100% off there too); see coma_kernels.infonce_reference.trained_regime_inputs.
+        from coma_kernels.infonce_reference import trained_regime_inputs
         q, k = trained_regime_inputs(n, m, d, scale, generator=g, device="cuda")
     else:
         q = torch.randn(n, d, device="cuda", generator=g)
@@ -71,7 +74,7 @@ def check_backend(backend, dtype, case, torch, kernels):
 
     def run(be, qq, kk, ss):
         qq, kk, ss = qq.clone().requires_grad_(), kk.clone().requires_grad_(), ss.clone().requires_grad_()
-        loss = kernels.fused_infonce(qq, kk, ss, positive_index=pidx, symmetric=sym, backend=be)
+        loss = coma_kernels.fused_infonce(qq, kk, ss, positive_index=pidx, symmetric=sym, backend=be)
         loss.backward()
         return [loss.detach().double(), qq.grad.double(), kk.grad.double(), ss.grad.double()]
 
@@ -86,13 +89,13 @@ def check_backend(backend, dtype, case, torch, kernels):
         denom = b.abs().max().item() + (1.0 if name == "loss" else 1e-12)
         errs.append((name, (a - b).abs().max().item() / denom, tol))
     # the no-autograd entry point agrees with autograd
-    l2, dq2, dk2, ds2 = kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym, backend=backend)
+    l2, dq2, dk2, ds2 = coma_kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym, backend=backend)
     errs.append(("no-autograd dq", (dq2.double() - got[1]).abs().max().item() / (got[1].abs().max().item() + 1e-12), gt))
     ok = all(e <= t for _, e, t in errs)
     return ok, " ".join(f"{nm}={e:.1e}" for nm, e, _ in errs)
 
 
-def check_gathered_nccl(torch, kernels):
+def check_gathered_nccl(torch, coma_kernels):
     """gathered_infonce through real NCCL collectives (world of 1) == fused_infonce, symmetric."""
     import torch.distributed as dist
 
@@ -112,7 +115,7 @@ def check_gathered_nccl(torch, kernels):
         errs = []
         for backend in ("triton", "cuda", "torch"):
             grads = []
-            for fn in (kernels.gathered_infonce, kernels.fused_infonce):
+            for fn in (coma_kernels.gathered_infonce, coma_kernels.fused_infonce):
                 qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
                 s = torch.tensor(33.3, device="cuda", requires_grad=True)
                 fn(qq, kk, s, symmetric=True, backend=backend).backward()
@@ -137,7 +140,7 @@ def main():
     import torch
     if not torch.cuda.is_available():
         sys.exit("gpu_check: torch sees no CUDA device (a CUDA build of torch and a GPU are needed)")
-    import kernels
+    import coma_kernels
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "ninja": shutil.which("ninja"), "nvcc": shutil.which("nvcc") or os.environ.get("CUDA_HOME")}
     try:
@@ -153,7 +156,7 @@ def main():
             for case in CASES:
                 t = time.time()
                 try:
-                    ok, msg = check_backend(backend, dtype, case, torch, kernels)
+                    ok, msg = check_backend(backend, dtype, case, torch, coma_kernels)
                 except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                     ok, msg = False, f"{type(exc).__name__}: {exc}"
                     traceback.print_exc(limit=3)
@@ -161,7 +164,7 @@ def main():
                 line = f"{'PASS' if ok else 'FAIL'} {backend:6} {str(dtype):15} {case} {time.time() - t:6.2f}s  {msg}"
                 print(line, flush=True)
                 results.append(line)
-    ok, msg = check_gathered_nccl(torch, kernels)
+    ok, msg = check_gathered_nccl(torch, coma_kernels)
     failed += not ok
     results.append(f"{'PASS' if ok else 'FAIL'} gathered_infonce over NCCL (1 rank): {msg}")
     print(results[-1], flush=True)

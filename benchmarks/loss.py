@@ -34,10 +34,13 @@ import platform
 import statistics
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 RESULTS = REPO / "benchmarks" / "results"
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name substring.
@@ -97,10 +100,10 @@ class Memory:
 def provider_fn(name, symmetric):
     """f(q, k, s) -> scalar mean loss (mean of both directions when symmetric), or raises."""
     import torch
-    import kernels
+    import coma_kernels
 
     if name in ("reference", "torch", "triton", "cuda"):
-        return lambda q, k, s: kernels.fused_infonce(q, k, s, symmetric=symmetric, backend=name)
+        return lambda q, k, s: coma_kernels.fused_infonce(q, k, s, symmetric=symmetric, backend=name)
     if name == "infcl":
         from inf_cl import cal_inf_loss  # CUDA only
 
@@ -132,11 +135,11 @@ def make_inputs(n, d, dtype, device, seed=0):
 def fp64_truth(q, k, s, symmetric):
     """Loss and grads in float64 on the same inputs, chunked (no n×n buffer) on their device."""
     import torch
-    import kernels
+    import coma_kernels
     q64 = q.detach().double().requires_grad_()
     k64 = k.detach().double().requires_grad_()
     s64 = torch.tensor(float(s), dtype=torch.float64, device=q.device)
-    loss = kernels.fused_infonce(q64, k64, s64, symmetric=symmetric, backend="torch")
+    loss = coma_kernels.fused_infonce(q64, k64, s64, symmetric=symmetric, backend="torch")
     loss.backward()
     return loss.item(), q64.grad, k64.grad
 

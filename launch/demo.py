@@ -28,11 +28,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
 # Held-out task -> column of the results table (data_prep/builtin.py's task names).
 COLUMNS = {"digits_t2i": "text→image", "digits_i2t": "image→text", "digits_cls": "classification"}

@@ -7,10 +7,11 @@ The result is accepted by every ``--model PATH`` / ``model.init`` in the project
 ``transformers`` ``from_pretrained``.  See pipeline/tiny.py for what it contains.
 """
 import argparse
-import os
 import sys
+from importlib.util import find_spec
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
 
 def main(argv=None) -> None:

@@ -15,9 +15,10 @@ Per-GPU batches larger than train.micro_batch_size go through the embedding cach
 with pipeline.Embedder.from_pretrained.
 """
 import sys
-from pathlib import Path
+from importlib.util import find_spec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
 from pipeline.train import main  # noqa: E402
 

@@ -2,7 +2,7 @@
 initialisation through DeepSpeed, and the few collectives the trainer needs.
 
 This is the only module under ``pipeline/`` that calls ``torch.distributed`` (the gathered
-loss in ``kernels/distributed.py`` is the other one in the project).  Model and loop code ask
+loss in ``coma_kernels/distributed.py`` is the other one in the project).  Model and loop code ask
 this module for ranks and reductions, so they never depend on how the job was launched.
 
 Launchers understood, in order of precedence:

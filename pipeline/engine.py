@@ -18,6 +18,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config import Config, ConfigError
@@ -89,10 +90,20 @@ def _fill(ds: dict, key: str, value: Any, where: str, source: str) -> None:
                           f"(filled from the run config) or make the two agree")
 
 
+def _ds_config_path(where: str) -> str:
+    """``train.ds_config`` as given when it exists; otherwise a relative path is looked up in the
+    checkout the package is installed from (``pip install -e .``), so the presets'
+    ``ds_configs/zero3_bf16.json`` works from any working directory."""
+    if os.path.isabs(where) or os.path.exists(where):
+        return where
+    shipped = Path(__file__).resolve().parent.parent / where
+    return str(shipped) if shipped.exists() else where
+
+
 def build_ds_config(cfg: Config, world_size: int, ds_json: Optional[dict] = None) -> dict:
     """The DeepSpeed config for this run: ``train.ds_config`` (or ``ds_json``) with its
     ``"auto"`` fields filled from the run config (see ds_configs/README.md)."""
-    where = cfg.train.ds_config
+    where = _ds_config_path(cfg.train.ds_config)
     if ds_json is None:
         if not os.path.exists(where):
             raise ConfigError(f"train.ds_config={where}: file not found (see ds_configs/README.md)")

@@ -20,7 +20,7 @@ Stable API (the engine, export and evaluation code against it)
 * contrastive batch (``query`` / ``candidates``) → ``(q [n, D], k [m, D], logit_scale 0-dim)``, all
   fp32; k = the n positives then the hard negatives.  The logit scale is a parameter used inside
   forward (ZeRO-3 gathers parameters only there); the engine calls
-  ``kernels.gathered_infonce(q, k, logit_scale)``.
+  ``coma_kernels.gathered_infonce(q, k, logit_scale)``.
 
 Sequence layout: ``[X][C]`` for embeddings, ``[X][C][Q1 A1 … Qt At]`` for stage 1 (ChatML of the
 backbone; an optional instruction ends X).  ``model_cfg.mask_impl`` picks the stage-1 attention:

@@ -3,7 +3,7 @@
 * stage 1: ``accumulation`` micro-batches, each ``engine(**batch).loss`` → ``engine.backward``
   → ``engine.step`` (DeepSpeed applies the update at the accumulation boundary);
 * stage 2, per-rank batch in one forward: ``q, k, scale = engine(**batch)`` →
-  ``kernels.gathered_infonce`` (negatives from every rank) → backward → step;
+  ``coma_kernels.gathered_infonce`` (negatives from every rank) → backward → step;
 * stage 2, embedding cache (GradCache): no-grad forward of every chunk, the gathered loss and
   its gradients w.r.t. the embeddings, then chunk by chunk re-forward (same RNG state as the
   first pass, so dropout masks match) and backward of ``<emb, d_emb>`` inside
@@ -120,9 +120,9 @@ class StepRunner:
 
     # stage 2 ------------------------------------------------------------------------------
     def _loss(self, q, k, scale):
-        import kernels
+        import coma_kernels
 
-        return kernels.gathered_infonce(q, k, scale, symmetric=self.cfg.loss.symmetric,
+        return coma_kernels.gathered_infonce(q, k, scale, symmetric=self.cfg.loss.symmetric,
                                         backend=self.cfg.loss.backend)
 
     def stage2(self, chunks: list, state: TrainState) -> dict:

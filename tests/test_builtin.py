@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, load_script
 from data_prep.builtin import NAMES, sources
 from pipeline.data import build_loader
 
@@ -69,12 +69,7 @@ def test_rerun_is_a_no_op(builtin_dir):
 
 
 def test_demo_data_part(builtin_dir, capsys):
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        from demo import data_demo
-    finally:
-        sys.path.remove(str(REPO / "launch"))
-    report = data_demo(str(builtin_dir), world_size=2, batch_size=16, num_workers=0)
+    report = load_script(REPO / "launch" / "demo.py").data_demo(str(builtin_dir), world_size=2, batch_size=16, num_workers=0)
     assert report["mmeb"]["per_task"] == {"digits_cls": 1498, "digits_i2t": 1498, "digits_t2i": 1498}
     assert report["eval"]["samples"] == 897 and report["eval"]["padded"] == 1
     for r in report.values():

@@ -48,9 +48,8 @@ ALL_PAIRS = {f"pair-{i:09d}" for i in range(1, 18)}
 
 RANK_SCRIPT = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1])
 from pipeline.data import build_loader
-shards, rank, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+shards, rank, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 res = {}
 for drop_last in (False, True):
     loader = build_loader(shards, kind="pair", batch_size=3, rank=rank, world_size=2, num_workers=2,
@@ -67,7 +66,7 @@ def test_exactly_once_two_ranks_two_workers_real_processes(pairs, tmp_path):
     """Two rank processes, each with two DataLoader worker processes, over 3 uneven shards."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(REPO), str(pairs), str(r), str(tmp_path / f"r{r}.json")],
+    procs = [subprocess.Popen([sys.executable, str(script), str(pairs), str(r), str(tmp_path / f"r{r}.json")],
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
@@ -375,9 +374,8 @@ def test_remote_shards_find_sizes_json_through_the_same_command(pairs, caplog):
 
 KILLED_RANK = r"""
 import os, signal, sys, time
-sys.path.insert(0, sys.argv[1])
 from pipeline.data import build_loader
-loader = build_loader(sys.argv[2], kind="pair", batch_size=4, rank=0, world_size=1, num_workers=2,
+loader = build_loader(sys.argv[1], kind="pair", batch_size=4, rank=0, world_size=1, num_workers=2,
                       prefetch_factor=8, shuffle_buffer=1)
 it = iter(loader)
 next(it)
@@ -401,7 +399,7 @@ def test_workers_die_with_their_rank(tmp_path):
                        "--samples-per-shard", "6", "--workers", "1"]) == 0
     out = tmp_path / "out.txt"
     with open(out, "w") as f:
-        proc = subprocess.run([sys.executable, "-c", KILLED_RANK, str(REPO), str(big / "shards")], stdout=f,
+        proc = subprocess.run([sys.executable, "-c", KILLED_RANK, str(big / "shards")], stdout=f,
                               stderr=subprocess.STDOUT, timeout=120)
     assert proc.returncode == -9, out.read_text()[-2000:]
     workers = out.read_text().split()
@@ -419,9 +417,8 @@ def test_workers_die_with_their_rank(tmp_path):
 
 EXITING_RANK = r"""
 import sys
-sys.path.insert(0, sys.argv[1])
 from pipeline.data import DataError, build_loader
-loader = build_loader(sys.argv[2], kind=sys.argv[3], batch_size=1, rank=0, world_size=1, num_workers=2)
+loader = build_loader(sys.argv[1], kind=sys.argv[2], batch_size=1, rank=0, world_size=1, num_workers=2)
 try:
     it = iter(loader)
     next(it)                 # pair: the loop is left mid-epoch, its generator still alive
@@ -440,7 +437,7 @@ def test_rank_exits_with_loader_workers_alive(pairs, tmp_path, kind):
     if kind == "qa":  # nothing decodes
         shards = tmp_path / "s-000000.tar"
         write_tar(shards, [(f"k{i}", {"png": b"not an image", "json": _qa()}) for i in range(2)])
-    proc = subprocess.run([sys.executable, "-c", EXITING_RANK, str(REPO), str(shards), kind],
+    proc = subprocess.run([sys.executable, "-c", EXITING_RANK, str(shards), kind],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -572,6 +569,6 @@ def test_loader_keeps_pillow_blocks_unless_the_user_tuned_them(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILLOW_")}
     for extra, want in (({}, "64 1048576"), ({"PILLOW_BLOCKS_MAX": "3"}, "3 16777216")):
         r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "s-000000.tar")], cwd=REPO,
-                           env={**env, **extra, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+                           env={**env, **extra}, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split()[-2:] == want.split(), (extra, r.stdout)

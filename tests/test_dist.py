@@ -32,7 +32,7 @@ def test_cpu_all_reduce_buffers_do_not_outlive_the_run(tmp_path):
     rank's name once all ranks have mapped it, and a stale file of the same address and port (a
     run killed during set-up) before any rank maps it: a peer reading its stale flags could hang."""
     port = free_port()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1",
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port))
     stale = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}") for r in range(2)]
     for p in stale:

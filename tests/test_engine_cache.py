@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_embedding_cache_equivalence_and_guards(tmp_path):
     from conftest import free_port
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(Path(__file__).resolve()), str(tmp_path)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
@@ -202,5 +202,4 @@ def worker(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     worker(Path(sys.argv[1]))

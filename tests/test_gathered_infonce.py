@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import coma_kernels
 
-import kernels  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # world -> list of (name, n per rank, m per rank, symmetric, backend, dtype)
 CASES = {
@@ -51,7 +49,7 @@ def worker(rank, world, port, out):
         q = qs[rank].clone().requires_grad_()
         k = ks[rank].clone().requires_grad_()
         s = torch.tensor(SCALE, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
-        loss = kernels.gathered_infonce(q, k, s, symmetric=sym, backend=backend)
+        loss = coma_kernels.gathered_infonce(q, k, s, symmetric=sym, backend=backend)
         loss.backward()
         results[name] = {"loss": loss.detach(), "dq": q.grad, "dk": k.grad, "ds": s.grad}
     dist.barrier()
@@ -62,7 +60,7 @@ def worker(rank, world, port, out):
 def _launch(world, tmp_path):
     from conftest import free_port
     port = free_port()
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(tmp_path / f"{r}.pt")],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
@@ -90,7 +88,7 @@ def test_rank_averaged_gradients_equal_single_process_reference(world, tmp_path)
         s = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True)
         offsets = [sum(m[:r]) for r in range(world)]
         pidx = torch.cat([torch.arange(o, o + a) for o, a in zip(offsets, n)])
-        ref = kernels.fused_infonce(q, k, s, positive_index=pidx, symmetric=sym, backend="reference")
+        ref = coma_kernels.fused_infonce(q, k, s, positive_index=pidx, symmetric=sym, backend="reference")
         ref.backward()
         tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-6)
         res = [pr[name] for pr in per_rank]
@@ -105,7 +103,7 @@ def test_rank_averaged_gradients_equal_single_process_reference(world, tmp_path)
 def test_requires_initialised_process_group():
     q = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
-        kernels.gathered_infonce(q, q, torch.tensor(10.0))
+        coma_kernels.gathered_infonce(q, q, torch.tensor(10.0))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import coma_kernels
 
-CU = Path(__file__).resolve().parent.parent / "kernels" / "csrc" / "infonce_kernels.cu"
+CU = Path(__file__).resolve().parent.parent / "coma_kernels" / "csrc" / "infonce_kernels.cu"
 
 
 def _nvcc():
@@ -23,7 +23,7 @@ def _nvcc():
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (PATH, /usr/local/cuda, $CUDA_HOME): "
-                                             "cannot compile-check kernels/csrc/infonce_kernels.cu")
+                                             "cannot compile-check coma_kernels/csrc/infonce_kernels.cu")
 def test_cuda_kernels_compile_for_hopper(tmp_path):
     out = tmp_path / "infonce_kernels.o"
     # the defines torch.utils.cpp_extension adds to every nvcc call (no implicit half/bf16 operators)
@@ -42,10 +42,10 @@ def test_cuda_kernels_compile_for_hopper(tmp_path):
 
 def test_binding_names_match_setup_py(repo_root):
     setup = (repo_root / "setup.py").read_text()
-    assert 'name="kernels._infonce_cuda"' in setup
-    for src in ("kernels/csrc/infonce_binding.cpp", "kernels/csrc/infonce_kernels.cu"):
+    assert 'name="coma_kernels._infonce_cuda"' in setup
+    for src in ("coma_kernels/csrc/infonce_binding.cpp", "coma_kernels/csrc/infonce_kernels.cu"):
         assert src in setup and (repo_root / src).exists()
-    binding = (repo_root / "kernels/csrc/infonce_binding.cpp").read_text()
+    binding = (repo_root / "coma_kernels/csrc/infonce_binding.cpp").read_text()
     for sym in ("coma_infonce_stats", "coma_infonce_grad_tiles", "coma_infonce_tile"):
         assert sym in binding and sym in CU.read_text()
 
@@ -53,6 +53,6 @@ def test_binding_names_match_setup_py(repo_root):
 def test_cuda_backend_refuses_cpu_tensors():
     q = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        kernels.fused_infonce(q, q, torch.tensor(10.0), backend="cuda")
+        coma_kernels.fused_infonce(q, q, torch.tensor(10.0), backend="cuda")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        kernels.infonce_loss_and_grads(q, q, torch.tensor(10.0), backend="cuda")
+        coma_kernels.infonce_loss_and_grads(q, q, torch.tensor(10.0), backend="cuda")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+import coma_kernels
 
 # (dtype, rtol on the loss (relative to |loss| + 1), rtol on gradients (relative to the largest reference value))
 TOLS = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 4e-2)}
@@ -27,7 +27,7 @@ def run(backend, q, k, s, **kw):
     q = q.detach().clone().requires_grad_()
     k = k.detach().clone().requires_grad_()
     s = s.detach().clone().requires_grad_()
-    loss = kernels.fused_infonce(q, k, s, backend=backend, **kw)
+    loss = coma_kernels.fused_infonce(q, k, s, backend=backend, **kw)
     gq, gk, gs = torch.autograd.grad(loss, (q, k, s))
     return [loss.detach(), gq, gk, gs]
 
@@ -78,7 +78,7 @@ def test_trained_regime_keeps_small_gradients(backend, dtype):
     """p(positive) = 0.999 on average: the gradient is the small difference 1 − p of two O(1)
     numbers.  The positive term must be subtracted in fp32 before G is rounded to the input
     dtype; a bf16/fp16 G would round 1 − p (≈ 1e-3) to 0 or to 2⁻⁸ and fail these tolerances."""
-    from kernels.infonce_reference import trained_regime_inputs
+    from coma_kernels.infonce_reference import trained_regime_inputs
 
     q64, k64 = trained_regime_inputs(200, 260, 48, 33.3, generator=torch.Generator().manual_seed(3))
     q, k, s = q64.to(dtype), k64.to(dtype), torch.tensor(33.3)
@@ -122,21 +122,21 @@ def test_no_nan_or_inf_at_extreme_scale_and_identical_rows(backend, dtype):
 def test_reductions(backend):
     q, k, s = make(45, 60, 24, torch.float32, 10.0)
     for sym in (False, True):
-        none = kernels.fused_infonce(q, k, s, symmetric=sym, reduction="none", backend=backend)
-        ref = kernels.fused_infonce(q.double(), k.double(), s.double(), symmetric=sym, reduction="none",
+        none = coma_kernels.fused_infonce(q, k, s, symmetric=sym, reduction="none", backend=backend)
+        ref = coma_kernels.fused_infonce(q.double(), k.double(), s.double(), symmetric=sym, reduction="none",
                                     backend="reference")
         assert none.shape == (45,)
         torch.testing.assert_close(none.double(), ref, rtol=1e-5, atol=1e-5)
-        total = kernels.fused_infonce(q, k, s, symmetric=sym, reduction="sum", backend=backend)
-        mean = kernels.fused_infonce(q, k, s, symmetric=sym, backend=backend)
+        total = coma_kernels.fused_infonce(q, k, s, symmetric=sym, reduction="sum", backend=backend)
+        mean = coma_kernels.fused_infonce(q, k, s, symmetric=sym, backend=backend)
         torch.testing.assert_close(total, none.sum(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mean, none.mean(), rtol=1e-5, atol=1e-5)
     # reduction="none" is differentiable per query
     qq = q.clone().requires_grad_()
     w = torch.rand(45)
-    (kernels.fused_infonce(qq, k, s, reduction="none", backend=backend) * w).sum().backward()
+    (coma_kernels.fused_infonce(qq, k, s, reduction="none", backend=backend) * w).sum().backward()
     qr = q.double().requires_grad_()
-    (kernels.fused_infonce(qr, k.double(), s.double(), reduction="none", backend="reference") * w.double()).sum().backward()
+    (coma_kernels.fused_infonce(qr, k.double(), s.double(), reduction="none", backend="reference") * w.double()).sum().backward()
     torch.testing.assert_close(qq.grad.double(), qr.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -145,11 +145,11 @@ def test_reductions(backend):
 def test_loss_and_grads_without_autograd(backend, sym):
     q, k, s = make(70, 100, 32, torch.float32, 33.3)
     pidx = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:70]
-    loss, dq, dk, ds = kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym, backend=backend)
+    loss, dq, dk, ds = coma_kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym, backend=backend)
     assert not loss.requires_grad and not dq.requires_grad
     assert_close([loss, dq, dk, ds], reference(q, k, s, positive_index=pidx, symmetric=sym), torch.float32, "no-autograd")
     # grad_scale multiplies the gradients only
-    loss2, dq2, _, ds2 = kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym,
+    loss2, dq2, _, ds2 = coma_kernels.infonce_loss_and_grads(q, k, s, positive_index=pidx, symmetric=sym,
                                                         backend=backend, grad_scale=4.0)
     torch.testing.assert_close(loss2, loss)
     torch.testing.assert_close(dq2, 4 * dq, rtol=1e-5, atol=1e-7)
@@ -157,8 +157,8 @@ def test_loss_and_grads_without_autograd(backend, sym):
 
 
 def test_torch_backend_chunking_is_invisible():
-    from kernels.infonce import infonce_loss_and_grads
-    from kernels.infonce_torch import TorchOps
+    from coma_kernels.infonce import infonce_loss_and_grads
+    from coma_kernels.infonce_torch import TorchOps
     q, k, s = make(100, 150, 16, torch.float64, 25.0)
     pidx = torch.arange(100)
     whole = infonce_loss_and_grads(q, k, s, pidx, True, TorchOps(chunk=1000))
@@ -171,37 +171,37 @@ def test_torch_backend_chunking_is_invisible():
 def test_bad_inputs_raise_clear_errors():
     q, k, s = make(8, 8, 4, torch.float32, 10.0)
     with pytest.raises(ValueError, match="m >= n"):
-        kernels.fused_infonce(q, k[:4], s)
+        coma_kernels.fused_infonce(q, k[:4], s)
     with pytest.raises(ValueError, match="embedding size D"):
-        kernels.fused_infonce(q, k[:, :3], s)
+        coma_kernels.fused_infonce(q, k[:, :3], s)
     with pytest.raises(ValueError, match="same dtype"):
-        kernels.fused_infonce(q, k.half(), s)
+        coma_kernels.fused_infonce(q, k.half(), s)
     with pytest.raises(ValueError, match="0-dim"):
-        kernels.fused_infonce(q, k, torch.tensor([10.0]))
+        coma_kernels.fused_infonce(q, k, torch.tensor([10.0]))
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        kernels.fused_infonce(q, k, s, positive_index=torch.full((8,), 8))
+        coma_kernels.fused_infonce(q, k, s, positive_index=torch.full((8,), 8))
     with pytest.raises(ValueError, match="reduction"):
-        kernels.fused_infonce(q, k, s, reduction="avg")
+        coma_kernels.fused_infonce(q, k, s, reduction="avg")
     with pytest.raises(ValueError, match="loss.backend"):
-        kernels.fused_infonce(q, k, s, backend="cudnn")
+        coma_kernels.fused_infonce(q, k, s, backend="cudnn")
 
 
 def test_unavailable_backends_say_why(monkeypatch):
     q, k, s = make(8, 8, 4, torch.float32, 10.0)
     with pytest.raises(RuntimeError, match="CUDA"):
-        kernels.fused_infonce(q, k, s, backend="cuda")
+        coma_kernels.fused_infonce(q, k, s, backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        kernels.fused_infonce(q, k, s, backend="triton")
+        coma_kernels.fused_infonce(q, k, s, backend="triton")
     with pytest.raises(RuntimeError, match="float64"):
-        kernels.fused_infonce(q.double(), k.double(), s, backend="triton")
+        coma_kernels.fused_infonce(q.double(), k.double(), s, backend="triton")
 
 
 def test_auto_picks_torch_on_cpu_and_import_is_lazy(repo_root):
-    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert kernels.resolve_backend("auto", torch.device("cuda", 0)) == "triton"
-    code = ("import sys, kernels; lazy = ('triton', 'kernels.infonce_triton', 'kernels.infonce_cuda', "
-            "'kernels.distributed'); bad = [m for m in lazy if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    assert coma_kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert coma_kernels.resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    code = ("import sys, kernels; lazy = ('triton', 'coma_kernels.infonce_triton', 'coma_kernels.infonce_cuda', "
+            "'coma_kernels.distributed'); bad = [m for m in lazy if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"importing kernels pulled in {r.stdout} {r.stderr[-500:]}"
 

@@ -37,7 +37,7 @@ def _setup(tmp_path: Path, launcher: str, extra_env=None, srun_extra: str = ""):
     _fake(bin_dir, "scontrol",
           f'if [ "$1" = requeue ]; then {rec} exit 0; fi\n'
           f'[ "$1 $2" = "show hostnames" ] || exit 1\n'
-          f'PYTHONPATH={REPO} {sys.executable} -c "import sys; from pipeline.dist import expand_hostlist; '
+          f'{sys.executable} -c "import sys; from pipeline.dist import expand_hostlist; '
           f'print(chr(10).join(expand_hostlist(sys.argv[1])))" "$3"\n')
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",

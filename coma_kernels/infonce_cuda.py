@@ -1,10 +1,10 @@
-"""CUDA C++ backend: kernels/csrc/infonce_kernels.cu (CUDA runtime only) bound by
-kernels/csrc/infonce_binding.cpp as the module ``kernels._infonce_cuda``.
+"""CUDA C++ backend: coma_kernels/csrc/infonce_kernels.cu (CUDA runtime only) bound by
+coma_kernels/csrc/infonce_binding.cpp as the module ``coma_kernels._infonce_cuda``.
 
 Ahead of time:  ``COMA_BUILD_CUDA=1 pip install -e .`` (setup.py builds the extension).
 Just in time:   otherwise the first use compiles it with ``torch.utils.cpp_extension.load``
 (ninja; cached under TORCH_EXTENSIONS_DIR, ~1 min the first time).
-Same tiles, maths and host loop as the Triton backend (:class:`kernels.tiled.TiledOps`).
+Same tiles, maths and host loop as the Triton backend (:class:`coma_kernels.tiled.TiledOps`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def load_extension():
             from torch.utils import cpp_extension
             if cpp_extension.CUDA_HOME is None:
                 raise RuntimeError("backend='cuda': no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH) "
-                                   "to JIT-build kernels/csrc/*; or build ahead of time with "
+                                   "to JIT-build coma_kernels/csrc/*; or build ahead of time with "
                                    "COMA_BUILD_CUDA=1 pip install -e .; or use backend='triton'") from None
             mod = cpp_extension.load(
                 name="_infonce_cuda", sources=[str(s) for s in SOURCES],
@@ -45,7 +45,7 @@ def load_extension():
 
 
 class CudaOps(TiledOps):
-    """Host side of the CUDA tile kernels (chunking and GEMMs in :class:`kernels.tiled.TiledOps`)."""
+    """Host side of the CUDA tile kernels (chunking and GEMMs in :class:`coma_kernels.tiled.TiledOps`)."""
 
     name = "cuda"
 

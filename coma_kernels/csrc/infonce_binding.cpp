@@ -1,7 +1,7 @@
 // torch binding of infonce_kernels.cu: checks, the device guard and the current CUDA stream.
-// Built just-in-time by kernels/infonce_cuda.py (torch.utils.cpp_extension.load + ninja) or
-// ahead of time by setup.py with COMA_BUILD_CUDA=1, as the module kernels._infonce_cuda.
-// Outputs are allocated by the caller (kernels/tiled.py) and filled in place.
+// Built just-in-time by coma_kernels/infonce_cuda.py (torch.utils.cpp_extension.load + ninja) or
+// ahead of time by setup.py with COMA_BUILD_CUDA=1, as the module coma_kernels._infonce_cuda.
+// Outputs are allocated by the caller (coma_kernels/tiled.py) and filled in place.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -105,7 +105,7 @@ void grad_tiles(const at::Tensor& Q, const at::Tensor& K, at::Tensor G, at::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused InfoNCE tile kernels (see kernels/csrc/infonce_kernels.cu and kernels/tiled.py)";
+  m.doc() = "Fused InfoNCE tile kernels (see coma_kernels/csrc/infonce_kernels.cu and coma_kernels/tiled.py)";
   m.def("tile", &coma_infonce_tile, "rows (= key columns) per thread block");
   m.def("stats", &stats, "per-row and per-column partial log-sum-exp statistics", py::arg("Q"), py::arg("K"),
         py::arg("rmax"), py::arg("rsum"), py::arg("pmax"), py::arg("psum"), py::arg("col"),

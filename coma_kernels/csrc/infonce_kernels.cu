@@ -1,12 +1,12 @@
-// Fused similarity + InfoNCE tile kernels: the CUDA twin of kernels/infonce_triton.py, driven
-// by the same host loop (kernels/tiled.py: partial-statistics merge, row chunks, and the two
+// Fused similarity + InfoNCE tile kernels: the CUDA twin of coma_kernels/infonce_triton.py, driven
+// by the same host loop (coma_kernels/tiled.py: partial-statistics merge, row chunks, and the two
 // cuBLAS GEMMs that consume G).
 //
 // Only the CUDA runtime and cuda_fp16.h / cuda_bf16.h are used (no torch headers), so this
 // file compiles with a bare `nvcc -c -arch=sm_90a` and is bound to torch by
 // infonce_binding.cpp, which passes the current stream in explicitly.
 //
-// Maths (kernels/infonce.py):  S = s · Q Kᵀ, Q [n, D], K [m, D].
+// Maths (coma_kernels/infonce.py):  S = s · Q Kᵀ, Q [n, D], K [m, D].
 //   stats kernel:  grid (row blocks) × (column splits).  Per row, an online (max, sum-exp) over
 //                  the split's columns → rmax/rsum [splits, n]; if symmetric, per tile and
 //                  column the (max, sum-exp) over the block's rows → pmax/psum [row blocks, m].

@@ -71,7 +71,7 @@ class _LocalQueries(torch.autograd.Function):
     Backward: with w = d loss / d per-query loss, the column coefficient of key j is
     Σ_{i: p_i = j} ½ w_i over the queries of *every* rank (all-reduced, 1 float per key), so each
     rank back-propagates every column term into its own queries; then the same tile gradients
-    as the single-process loss (:func:`kernels.infonce.loss_grads`, positives included).
+    as the single-process loss (:func:`coma_kernels.infonce.loss_grads`, positives included).
     """
 
     @staticmethod
@@ -110,7 +110,7 @@ def gathered_infonce(query_local: torch.Tensor, key_local: torch.Tensor, logit_s
         logit_scale: 0-dim tensor (1/τ), replicated on all ranks; may require grad.
         symmetric: add the k→q term: column of query i's positive against *all* N queries.
         group: process group (default: the world).
-        backend: as for :func:`kernels.fused_infonce` ("reference" is not tiled: rejected).
+        backend: as for :func:`coma_kernels.fused_infonce` ("reference" is not tiled: rejected).
     Returns:
         0-dim fp32: Σ_{local i} ℓ_i · W / N.  Differentiable w.r.t. query_local, key_local
         (through the gather, see the module docstring) and logit_scale; averaging gradients
@@ -119,7 +119,7 @@ def gathered_infonce(query_local: torch.Tensor, key_local: torch.Tensor, logit_s
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("gathered_infonce needs torch.distributed initialised (pipeline/dist.py); "
-                           "for one process use kernels.fused_infonce")
+                           "for one process use coma_kernels.fused_infonce")
     if key_local.dim() != 2 or query_local.dim() != 2 or key_local.shape[0] < query_local.shape[0]:
         raise ValueError(f"gathered_infonce: need query_local [n_r, D] and key_local [m_r >= n_r, D]; got "
                          f"{tuple(query_local.shape)} and {tuple(key_local.shape)}")

@@ -1,7 +1,7 @@
 """Host-side driver shared by the GPU backends (Triton and CUDA C++).
 
 A backend supplies two tile kernels; this class turns them into the primitives of
-:mod:`kernels.infonce` (``stats`` and ``softmax_grads``):
+:mod:`coma_kernels.infonce` (``stats`` and ``softmax_grads``):
 
 ``launch_stats``  grid (row blocks of Q) × (splits of the key columns).  Every program keeps an
     online (max, sum-exp) for its rows over its columns → RMAX/RSUM [splits, n]; when symmetric
@@ -83,7 +83,7 @@ class TiledOps(abc.ABC):
         dsp [grid size] fp32 ← per-tile Σ G ⊙ (Q Kᵀ); row-major over the grid.  clse/ccoef and
         pidx/pcoef are None when the column / positive term is absent."""
 
-    # ---- the primitives of kernels.infonce
+    # ---- the primitives of coma_kernels.infonce
     def stats(self, query, key, scale: float, col: bool):
         q, k = query.contiguous(), key.contiguous()
         (n, d), m = q.shape, k.shape[0]

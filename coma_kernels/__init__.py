@@ -1,13 +1,13 @@
 """Fused similarity + InfoNCE losses that never materialise the n×m logits.
 
-    loss = kernels.fused_infonce(q, k, logit_scale, symmetric=True)            # autograd
-    loss, dq, dk, ds = kernels.infonce_loss_and_grads(q, k, logit_scale)       # no autograd
-    loss = kernels.gathered_infonce(q_local, k_local, logit_scale)             # negatives from every rank
+    loss = coma_kernels.fused_infonce(q, k, logit_scale, symmetric=True)            # autograd
+    loss, dq, dk, ds = coma_kernels.infonce_loss_and_grads(q, k, logit_scale)       # no autograd
+    loss = coma_kernels.gathered_infonce(q_local, k_local, logit_scale)             # negatives from every rank
 
-Backends: ``triton`` (fused kernels, :mod:`kernels.infonce_triton`; CPU only under
-TRITON_INTERPRET=1), ``cuda`` (CUDA C++ extension, :mod:`kernels.infonce_cuda`), ``torch``
-(chunked torch, the CPU default, :mod:`kernels.infonce_torch`) and ``reference``
-(materialised logits, :mod:`kernels.infonce_reference`).  ``auto`` = triton for CUDA tensors,
+Backends: ``triton`` (fused kernels, :mod:`coma_kernels.infonce_triton`; CPU only under
+TRITON_INTERPRET=1), ``cuda`` (CUDA C++ extension, :mod:`coma_kernels.infonce_cuda`), ``torch``
+(chunked torch, the CPU default, :mod:`coma_kernels.infonce_torch`) and ``reference``
+(materialised logits, :mod:`coma_kernels.infonce_reference`).  ``auto`` = triton for CUDA tensors,
 torch otherwise.  Importing this package is cheap: triton and the CUDA build load lazily.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def get_ops(backend: str, device: torch.device, dtype: torch.dtype):
-    """The tiled primitives (see :mod:`kernels.infonce`) of a backend; raises RuntimeError
+    """The tiled primitives (see :mod:`coma_kernels.infonce`) of a backend; raises RuntimeError
     saying why when the backend cannot run on this device/dtype."""
     backend = resolve_backend(backend, device)
     if backend == "torch":
@@ -96,6 +96,6 @@ def infonce_loss_and_grads(query: torch.Tensor, key: torch.Tensor, logit_scale: 
 
 
 def gathered_infonce(query_local, key_local, logit_scale, *, symmetric=False, group=None, backend="auto"):
-    """InfoNCE with the keys of every rank as negatives; see :func:`kernels.distributed.gathered_infonce`."""
+    """InfoNCE with the keys of every rank as negatives; see :func:`coma_kernels.distributed.gathered_infonce`."""
     from .distributed import gathered_infonce as _impl
     return _impl(query_local, key_local, logit_scale, symmetric=symmetric, group=group, backend=backend)

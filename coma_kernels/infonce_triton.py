@@ -1,4 +1,4 @@
-"""Triton kernels for the tiled InfoNCE primitives (maths in :mod:`kernels.infonce`).
+"""Triton kernels for the tiled InfoNCE primitives (maths in :mod:`coma_kernels.infonce`).
 
 Forward, ``_stats_kernel`` (one pass, both directions): a 2-D grid of (BLOCK_M rows of Q) ×
 (a contiguous split of the key columns).  Each program streams its keys in BLOCK_N tiles; a
@@ -11,7 +11,7 @@ host merges the partials with a log-sum-exp: row_lse [n] and col_lse [m].  Parti
 8·n·splits + 8·m·⌈n/BLOCK_M⌉ bytes — O(n·m / BLOCK_M), against 2·n·m for bf16 logits.
 
 Backward, ``_grad_tile_kernel`` on row chunks of C rows (C·m ≈ COMA_INFONCE_CHUNK_ELEMS_GPU,
-default 64 Mi elements: 128 MiB in bf16; the host loop is :class:`kernels.tiled.TiledOps`): a 2-D grid over (row block, key tile) recomputes each
+default 64 Mi elements: 128 MiB in bf16; the host loop is :class:`coma_kernels.tiled.TiledOps`): a 2-D grid over (row block, key tile) recomputes each
 logits tile once and turns it into the softmax-gradient weights
         G_ij = a_i · exp(S_ij − row_lse_i) + b_j · exp(S_ij − col_lse_j)
 (the column term only when symmetric) minus w_i at the positive (i, p_i) — subtracted in fp32
@@ -136,7 +136,7 @@ def _pow2(x: int) -> int:
 
 
 class TritonOps(TiledOps):
-    """Host side of the Triton kernels (chunking and GEMMs in :class:`kernels.tiled.TiledOps`)."""
+    """Host side of the Triton kernels (chunking and GEMMs in :class:`coma_kernels.tiled.TiledOps`)."""
 
     name = "triton"
 
@@ -161,7 +161,7 @@ class TritonOps(TiledOps):
         elif device.type == "cpu":
             if not interpret:
                 raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set "
-                                   "TRITON_INTERPRET=1 before kernels.infonce_triton is imported, or use "
+                                   "TRITON_INTERPRET=1 before coma_kernels.infonce_triton is imported, or use "
                                    "backend='torch' (the CPU default)")
         else:
             raise RuntimeError(f"backend='triton' cannot run on device {device}; use backend='torch'")

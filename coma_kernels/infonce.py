@@ -25,10 +25,10 @@ subtracted inside the tile, in fp32, *before* G is rounded to the input dtype fo
 tensor-core GEMMs: for a well-trained model exp(S_{i,p_i} − row_lse_i) ≈ 1 and the gradient
 is the small difference of two O(1) numbers, which a bf16 G would otherwise destroy.
 Backends recompute tiles of S instead of storing
-them, so nothing of size n×m is ever kept (torch: :mod:`kernels.infonce_torch`; Triton and
-CUDA: :mod:`kernels.tiled`).  :class:`FusedInfoNCE` is the whole loss as one autograd Function;
+them, so nothing of size n×m is ever kept (torch: :mod:`coma_kernels.infonce_torch`; Triton and
+CUDA: :mod:`coma_kernels.tiled`).  :class:`FusedInfoNCE` is the whole loss as one autograd Function;
 :func:`infonce_loss_and_grads` is the same maths without autograd (embedding cache);
-:mod:`kernels.distributed` reuses :func:`loss_grads` with all-reduced column statistics.
+:mod:`coma_kernels.distributed` reuses :func:`loss_grads` with all-reduced column statistics.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def combine(row_loss, col_loss, reduction):
 
 def per_query_losses(query, key, scale: float, positive_index, symmetric, ops, reduce_col=None):
     """Forward without a graph: (per-query losses [n], row_lse [n], col_lse [m] | None, dots [n])
-    in the accumulation dtype; dots_i = q_i · k_{p_i}.  ``reduce_col`` (kernels.distributed)
+    in the accumulation dtype; dots_i = q_i · k_{p_i}.  ``reduce_col`` (coma_kernels.distributed)
     turns the column LSE over these queries into the global one before it is used."""
     row_lse, col_lse = ops.stats(query, key, scale, symmetric)
     acc = acc_dtype(query.dtype)
@@ -122,7 +122,7 @@ def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse
     (symmetric), so: row coefficient a_i = α·w_i, column coefficient b_j = Σ_{i: p_i = j} α·w_i
     (α = ½ if symmetric else 1), and the positive logit of query i has weight −w_i (folded into
     the tiles, see the module docstring).  ``col_lse`` may be any column statistic the caller
-    owns (kernels.distributed passes the all-reduced global one, and a ``reduce_col`` that sums
+    owns (coma_kernels.distributed passes the all-reduced global one, and a ``reduce_col`` that sums
     the column coefficients over ranks: a key's positive query may live on another rank)."""
     acc = row_lse.dtype
     alpha = 0.5 if symmetric else 1.0

@@ -28,7 +28,7 @@ def _chunk_rows(n: int, m: int, device: torch.device) -> int:
 
 
 class TorchOps:
-    """The two tiled primitives of :mod:`kernels.infonce`, in chunked torch."""
+    """The two tiled primitives of :mod:`coma_kernels.infonce`, in chunked torch."""
 
     name = "torch"
 
