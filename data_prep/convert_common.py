@@ -249,7 +249,7 @@ def read_json_records(path: Path) -> Iterable[tuple[str, Any]]:
     enc = dict(encoding="utf-8-sig", errors="surrogateescape")
     with open(path, "r", **enc) as fh:
         head = fh.read(4096).lstrip()
-    if path.suffix == ".json" or head.startswith("["):
+    if head.startswith("[") or (path.suffix != ".jsonl" and not _holds_json_lines(path, enc)):
         try:
             with open(path, "r", **enc) as fh:
                 data = json.load(fh)
@@ -278,6 +278,23 @@ def read_json_records(path: Path) -> Iterable[tuple[str, Any]]:
                 yield f"{name}:line {lineno}", JSONError(e.msg)
                 continue
             yield f"{name}:line {lineno}", rec
+
+
+def _holds_json_lines(path: Path, enc: dict) -> bool:
+    """Whatever the suffix (a ``.json`` file often holds JSON Lines, which the authors' loader,
+    ``datasets``' json builder, reads as such): JSON Lines when the first non-empty line is a
+    whole JSON object and more lines follow; else one JSON document (a list, a wrapper object,
+    pretty-printed or minified)."""
+    with open(path, "r", **enc) as fh:
+        lines = (line for line in fh if line.strip())
+        first = next(lines, "").strip()
+        if not first.startswith("{"):
+            return False
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            return False
+        return next(lines, None) is not None
 
 
 class JSONError:

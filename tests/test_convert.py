@@ -108,6 +108,19 @@ def test_llava_json_to_qa(llava_dir, tmp_path, capsys):
     assert not (tmp_path / "qa.jsonl.tmp").exists()
 
 
+def test_llava_json_suffix_holding_json_lines(llava_dir, tmp_path):
+    """A `.json` file that holds JSON Lines (how many releases ship them; the authors' loader,
+    `datasets`' json builder, reads it) is read line by line, not refused as invalid JSON."""
+    src = tmp_path / "llava_lines.json"
+    src.write_text("\n".join(json.dumps(r) for r in LLAVA_RECORDS) + "\n")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert from_llava.main(["--input", str(src), "--output", str(a), "--image-root", str(llava_dir)]) == 0
+    assert from_llava.main(["--input", str(llava_dir / "llava.json"), "--output", str(b)]) == 0
+    strip = lambda recs: [r["conversations"] for r in recs]  # noqa: E731 (keys and meta name the file)
+    assert strip(read_jsonl(a)) == strip(read_jsonl(b)) and len(read_jsonl(a)) == 4
+    assert read_jsonl(a)[0]["meta"]["source"] == "llava_lines.json:line 1"
+
+
 def test_llava_jsonl_bad_line_and_strict(llava_dir, tmp_path, capsys):
     out = tmp_path / "qa.jsonl"
     assert from_llava.main(["--input", str(llava_dir / "llava.jsonl"), "--output", str(out),
