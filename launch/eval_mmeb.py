@@ -15,13 +15,16 @@ missing from the local copy is reported and excluded; rerunning skips finished d
 import argparse
 import os
 import sys
+from importlib.util import find_spec
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="an exported model directory (launch/export.py)")
+    ap.add_argument("--model", required=True, help="an exported model directory (launch/export.py), or a plain "
+                    "Hugging Face VLM directory, evaluated untrained (fresh compression tokens)")
     ap.add_argument("--mmeb-root", required=True, help="local copy of MMEB-eval")
     ap.add_argument("--out", required=True, help="output directory for score/pred files and the summary")
     ap.add_argument("--image-root", default=None, help="folder the rows' image paths are relative to")

@@ -13,13 +13,16 @@ Recall@1/5/10 and MRR; ``--plot`` also writes ``precision_at_1.png`` beside ``--
 import argparse
 import os
 import sys
+from importlib.util import find_spec
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="an exported model directory (launch/export.py)")
+    ap.add_argument("--model", required=True, help="an exported model directory (launch/export.py), or a plain "
+                    "Hugging Face VLM directory, evaluated untrained (fresh compression tokens)")
     ap.add_argument("--data", required=True, help="mmeb-kind shards: a brace pattern, a .tar, or a shard folder")
     ap.add_argument("--out", required=True, help="scores JSON to write")
     ap.add_argument("--plot", action="store_true", help="write PNG charts (P@1 per task, the run's loss curves)")

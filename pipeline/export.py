@@ -141,10 +141,21 @@ def export_model(model: CoMaModel, out_dir: str | os.PathLike, state_dict: Optio
 
 
 def read_meta(path: str | os.PathLike) -> dict:
+    """``coma.json`` of an export; for a plain Hugging Face VLM directory (no ``coma.json``, e.g.
+    ``launch/make_tiny_model.py``'s output) the defaults an untrained model is evaluated with:
+    fresh compression tokens as stage 1 would add them, mean pooling, τ = the loss default."""
     f = Path(path) / META_FILE
     if not f.exists():
-        raise FileNotFoundError(f"{f} not found: {path} is not an exported CoMa model "
-                                "(export one with launch/export.py or pipeline.export.export_model)")
+        if (Path(path) / "config.json").exists():
+            from pipeline.config import LossConfig
+
+            defaults = ModelConfig()
+            return {"format": FORMAT_VERSION, "family": "auto", "untrained": True,
+                    "num_compression_tokens": defaults.num_compression_tokens, "pooling": defaults.pooling,
+                    "instruction": defaults.instruction, "max_text_tokens": defaults.max_text_tokens,
+                    "logit_scale": 1.0 / LossConfig().temperature}
+        raise FileNotFoundError(f"{f} not found: {path} is neither an exported CoMa model nor a Hugging Face "
+                                "model directory (export one with launch/export.py or pipeline.export.export_model)")
     meta = json.loads(f.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{f}: format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
@@ -175,7 +186,7 @@ class Embedder:
                           max_text_tokens=meta.get("max_text_tokens"),  # absent: exported before the key
                           gradient_checkpointing=False, dummy_vision=False, lora=LoraConfig(enabled=False))
         model = load_model(cfg, for_training=False, temperature=1.0 / meta["logit_scale"])
-        if model.processor.added_tokens:
+        if model.processor.added_tokens and not meta.get("untrained"):
             raise ValueError(f"{path}: the tokenizer lacks the compression tokens listed in {META_FILE}")
         return cls(model.to(device), device, dtype)
 

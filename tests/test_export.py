@@ -101,8 +101,22 @@ def test_embedder_paths_instruction_and_errors(tmp_path):
     again = load_model(model_cfg(init=str(out)))
     assert again.processor.added_tokens == 0 and again.processor.compression_ids == model.processor.compression_ids
     assert emb.encode([]).shape == (0, 64)
-    with pytest.raises(FileNotFoundError, match="not an exported CoMa model"):
+    with pytest.raises(FileNotFoundError, match="neither an exported CoMa model"):
         Embedder.from_pretrained(tmp_path)
+
+
+def test_embedder_on_a_base_model_is_the_untrained_baseline(tmp_path):
+    """A plain HF VLM directory (make_tiny_model's output) embeds as an untrained CoMa model:
+    K fresh compression tokens, exactly what exporting the untrained model first would give."""
+    from tests.tiny_models import tiny_model_dir
+
+    base = tiny_model_dir()
+    meta = read_meta(base)
+    assert meta["untrained"] and meta["pooling"] == "mean"
+    cfg = model_cfg(init=str(base), num_compression_tokens=meta["num_compression_tokens"], lora=LoraConfig(enabled=False))
+    exported = export_model(load_model(cfg, for_training=False), tmp_path / "untrained")
+    torch.testing.assert_close(Embedder.from_pretrained(base).encode(ITEMS),
+                               Embedder.from_pretrained(exported).encode(ITEMS))
 
 
 def test_every_path_converts_images_alike(tmp_path):
