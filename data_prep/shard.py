@@ -38,6 +38,7 @@ Behaviour:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import gc
@@ -48,6 +49,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shutil
 import sys
 import tarfile
 import threading
@@ -59,7 +61,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from queue import Empty
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
     sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
@@ -68,7 +70,9 @@ import pipeline  # noqa: E402
 from data_prep.cli import OneLineParser, RunError, StrictError, UsageError, run_cli  # noqa: E402
 from data_prep.samples import KINDS, BadRow, record_key, record_to_sample  # noqa: E402
 from pipeline.fileio import atomic_write_bytes  # noqa: E402
+from pipeline.fileio import output_problem  # noqa: E402
 from pipeline.imaging import reuse_image_memory  # noqa: E402
+from pipeline.procs import exit_with_parent  # noqa: E402
 
 FORMAT_VERSION = 1
 # Common world sizes are powers of two up to 8 GPUs per node (times the node count); a shard
@@ -364,8 +368,10 @@ _SETTINGS: Optional[Settings] = None
 _PROGRESS = None  # callable(n) in-process, or a multiprocessing queue in pool workers
 
 
-def _init_worker(settings: Settings, queue) -> None:
+def _init_worker(settings: Settings, queue, parent_pid: Optional[int] = None) -> None:
     global _SETTINGS, _PROGRESS
+    if parent_pid is not None:  # a pool worker: die with the main process (kill -9, the OOM killer)
+        exit_with_parent(parent_pid)
     _SETTINGS, _PROGRESS = settings, queue
     reuse_image_memory()  # image after image is decoded here: keep Pillow's freed blocks
 
@@ -465,7 +471,7 @@ def _run_tasks(tasks: list[ShardTask], settings: Settings, workers: int, bar) ->
     # segfault in an image library) Pool silently replaces it and waits forever for the lost
     # shard; the executor raises BrokenProcessPool, and the run stops with a message instead.
     pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
-                               initargs=(settings, queue))
+                               initargs=(settings, queue, os.getpid()))
     try:
         # Ordered: with --strict the error surfacing first is that of the earliest shard.
         written = {st["shard"]: st for st in pool.map(write_shard, tasks)}
@@ -552,6 +558,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = os.path.abspath(args.output)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--output {out_dir} exists and is not a folder")
+    if problem := output_problem(out_dir, folder=True):  # a read-only file system, a path under a file
+        raise RunError(f"--output {out_dir} cannot be written: {problem}")
     rows = read_manifest(manifest, args.kind, args.image_column, args.text_column)
     settings = Settings(kind=args.kind, base_dir=str(manifest.resolve().parent), out_dir=out_dir,
                         max_side=args.max_image_side, strict=args.strict, manifest=str(manifest))
@@ -572,8 +580,46 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     try:
         return _write(args, rows, tasks, settings, manifest, out_dir)
+    except OSError as e:  # the disk filled up, the file system went read-only, ...: in this process or a worker
+        where = e.filename or out_dir
+        raise RunError(f"cannot write {where}: {e.strerror or e}; the shards already complete are kept: free space "
+                       f"(or fix the output folder) and rerun the same command to write the rest") from None
     finally:
         gc.unfreeze()
+
+
+def _image_paths(record: Any) -> Iterator[str]:
+    """The image paths a manifest record names (``image`` keys at any depth)."""
+    if isinstance(record, dict):
+        for k, v in record.items():
+            if k == "image" and isinstance(v, str):
+                yield v
+            else:
+                yield from _image_paths(v)
+    elif isinstance(record, list):
+        for v in record:
+            yield from _image_paths(v)
+
+
+def warn_if_disk_too_small(todo: list[ShardTask], settings: Settings) -> None:
+    """Estimate the shards' size from the image files of up to 256 rows spread over the run (the
+    tars hold the original bytes, or fewer with --max-image-side) and warn when the output
+    folder's file system has less free space: better now than a full disk hours later."""
+    rows = [r for t in todo for r in t.rows]
+    if not rows:
+        return
+    sample = rows[:: max(1, len(rows) // 256)]
+    total = 0
+    for r in sample:
+        for p in _image_paths(r.record):
+            with contextlib.suppress(OSError, ValueError):  # missing, or a name no file system can hold
+                total += os.path.getsize(p if os.path.isabs(p) else os.path.join(settings.base_dir, p))
+    expected = int(total / len(sample) * len(rows) * 1.02) + 3 * 512 * len(rows)  # + tar headers
+    free = shutil.disk_usage(settings.out_dir).free
+    if expected > free:
+        print(f"warning: the shards will take about {expected / 2**30:.1f} GiB, but {settings.out_dir} has "
+              f"{free / 2**30:.1f} GiB free; the run stops when the disk is full (what is complete is kept)",
+              file=sys.stderr)
 
 
 def _write(args, rows, tasks, settings, manifest, out_dir) -> int:
@@ -585,6 +631,7 @@ def _write(args, rows, tasks, settings, manifest, out_dir) -> int:
         if name.startswith(f"{args.prefix}-") and ".tmp" in name:
             os.unlink(os.path.join(out_dir, name))
     todo = [t for t in tasks if not is_complete(t, out_dir)]
+    warn_if_disk_too_small(todo, settings)
     advice = shard_count_advice(len(rows), len(tasks))
     if advice:
         print(f"warning: {advice}", file=sys.stderr)
@@ -611,9 +658,18 @@ def _write(args, rows, tasks, settings, manifest, out_dir) -> int:
     stale = sorted(f for f in os.listdir(out_dir)
                    if re.fullmatch(rf"{re.escape(args.prefix)}-\d{{6}}\.tar", f) and f not in sizes)
 
-    write_json_atomic(os.path.join(out_dir, "sizes.json"), _merge_sizes(out_dir, args.prefix, sizes))
     write_atomic(os.path.join(out_dir, "errors.jsonl"),
                  json_utf8("".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in errors)))
+    if total == 0:  # every row bad: no empty tars and no manifest pointing at them, only the reasons
+        for t in tasks:
+            for f in (os.path.join(out_dir, t.name), stats_path(out_dir, t.name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f)
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+        print(f"error: no usable row in {manifest} ({reasons}); see {os.path.join(out_dir, 'errors.jsonl')}",
+              file=sys.stderr)
+        return 1
+    write_json_atomic(os.path.join(out_dir, "sizes.json"), _merge_sizes(out_dir, args.prefix, sizes))
     write_json_atomic(os.path.join(out_dir, "manifest.json"), {
         "tool": "data_prep/shard.py", "version": pipeline.__version__, "format": FORMAT_VERSION,
         "kind": args.kind, "pattern": brace_pattern(args.prefix, len(tasks)), "shards": len(tasks),
@@ -633,10 +689,6 @@ def _write(args, rows, tasks, settings, manifest, out_dir) -> int:
     if stale:
         print(f"warning: {len(stale)} older shard(s) beyond this run's {len(tasks)} remain in {out_dir} "
               f"(e.g. {stale[0]}); they are not in sizes.json, delete them", file=sys.stderr)
-    if total == 0:
-        print(f"error: no usable row in {manifest}; see {os.path.join(out_dir, 'errors.jsonl')}",
-              file=sys.stderr)
-        return 1
     return 0
 
 

@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="weights' dtype in the export (default: the run's model.dtype)")
     args = ap.parse_args(argv)
+    from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.fileio import output_problem
     from pipeline.train import export_checkpoint
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
         return 2
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.dtype)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:  # the checkpoint's config.yaml no longer fits this version's schema

@@ -6,7 +6,8 @@ Layout under ``runs/NAME/checkpoints/``::
                               optimizer and lr-scheduler states, common client state)
     step-200/rank{r}.pt       per-rank client state: RNG states and the loader state of rank r
     step-200/config.yaml      the resolved run config
-    step-200/COMPLETE         written last, after every rank finished writing
+    step-200/COMPLETE         written last, after every rank finished writing: the manifest
+                              (JSON: step, world size, every file of the save and its size)
     step-200/universal/       DeepSpeed's universal form of it, made once when a run resumes
                               it at another world size (see :meth:`CheckpointManager.universal`)
     latest                    the name of the newest COMPLETE checkpoint, replaced atomically
@@ -16,9 +17,17 @@ before other ranks may have finished.  Here ``latest`` moves only after a barrie
 killed during a save (any rank, any moment) leaves ``latest`` on the previous checkpoint, and
 ``resume="auto"`` loads that one.  Old checkpoints are pruned only after the new one is
 complete.
+
+Why the manifest: a checkpoint can be damaged after it was completed (a bad disk, a truncated
+copy back from object storage, a file deleted by hand).  ``auto`` resumes from the newest
+checkpoint that is complete *and loads*: every file the manifest lists is there with its size
+and every ``.pt`` file opens (:func:`checkpoint_problem`); a damaged one is skipped with a
+warning naming the file.  The rank count a checkpoint was saved with is read from the manifest,
+never guessed from which ``rank{r}.pt`` files happen to be present.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -45,9 +54,76 @@ def tag_for(step: int) -> str:
     return f"step-{step}"
 
 
+class CheckpointError(Exception):
+    """No usable checkpoint where one was asked for (the message names each file and why)."""
+
+
+def read_manifest(path: Path) -> Optional[dict]:
+    """The manifest in ``path/COMPLETE``; None for a checkpoint saved before manifests (its
+    marker holds only the step number).  Raises CheckpointError when the marker is unreadable."""
+    marker = Path(path) / MARKER
+    try:
+        text = marker.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{marker} cannot be read ({e})") from None
+    if text.strip().isdigit():
+        return None
+    try:
+        manifest = json.loads(text)
+        if not isinstance(manifest.get("files"), dict) or int(manifest["world_size"]) < 1:
+            raise ValueError("no files or world_size")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{marker} is not a checkpoint manifest ({e})") from None
+    return manifest
+
+
 def saved_world_size(path: Path) -> int:
-    """How many ranks wrote checkpoint ``path`` (each writes one ``rank{r}.pt``)."""
+    """How many ranks saved checkpoint ``path``: from its manifest; for a checkpoint saved
+    before manifests, the number of ``rank{r}.pt`` files (each rank wrote one)."""
+    manifest = read_manifest(path)
+    if manifest is not None:
+        return int(manifest["world_size"])
     return sum(1 for _ in Path(path).glob("rank*.pt"))
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why checkpoint ``path`` cannot be loaded, naming the file, or None when it can: the
+    COMPLETE manifest reads, every file it lists is present with the size it was saved with,
+    and every ``.pt`` file opens as a torch archive (memory-mapped: tensors are not read, so
+    this costs milliseconds per file, not a read of the checkpoint)."""
+    import torch
+
+    path = Path(path)
+    if not (path / MARKER).exists():
+        return f"{path} has no {MARKER} marker (its save was interrupted)"
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as e:
+        return str(e)
+    if manifest is None:  # saved before manifests: at least this run's own rank files must open
+        listed = {p.relative_to(path).as_posix(): None for p in path.glob("*.pt")}
+    else:
+        listed = manifest["files"]
+    for rel, size in sorted(listed.items()):
+        f = path / rel
+        try:
+            actual = f.stat().st_size
+        except OSError:
+            return f"{f} is missing"
+        if size is not None and actual != size:
+            return f"{f} has {actual} bytes, {size} when it was saved (truncated or overwritten)"
+        if f.suffix == ".pt":
+            try:
+                torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any failure to open is the answer
+                return f"{f} does not load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    return None
+
+
+def _manifest(path: Path, step: int, world_size: int) -> str:
+    files = {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
+    return json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1) + "\n"
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -76,18 +152,10 @@ def resolve_resume(resume: str, root: str | os.PathLike, what: str = "train.resu
         return None
     root = Path(root)
     if resume == "auto":
-        latest = root / "latest"
-        if latest.exists():
-            cand = root / latest.read_text(encoding="utf-8").strip()
-            if (cand / MARKER).exists():
-                return cand
-            log.warning("%s names %s, which is incomplete; falling back to the newest complete checkpoint",
-                        latest, cand)
-        done = complete_checkpoints(root)
-        return done[-1] if done else None
+        return _newest_loadable(root, what, resume)
     path = Path(resume)
     if (path / "latest").exists() and not (path / MARKER).exists():
-        return resolve_resume("auto", path) or _missing(resume, what)
+        return _newest_loadable(path, what, resume) or _missing(resume, what)
     if not path.is_dir():
         _missing(resume, what)
     if not (path / MARKER).exists():
@@ -95,7 +163,35 @@ def resolve_resume(resume: str, root: str | os.PathLike, what: str = "train.resu
         raise FileNotFoundError(
             f"{what}={resume}: {path} has no {MARKER} marker, so it is not a finished checkpoint (not a "
             f"step-N or checkpoints directory, or its save was interrupted); {hint}")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"{what}={resume} cannot be loaded: {problem}; pick another step-N"
+                              + (" or --train.resume=auto" if what == "train.resume" else ""))
     return path
+
+
+def _newest_loadable(root: Path, what: str, resume: str) -> Optional[Path]:
+    """The newest complete checkpoint under ``root`` that loads (:func:`checkpoint_problem`),
+    warning about each newer one skipped; None when there is none (a first run).  Every rank
+    decides alone, before any process group exists, from the same files: they agree."""
+    latest = root / "latest"
+    if latest.exists():
+        named = root / latest.read_text(encoding="utf-8").strip()
+        if not (named / MARKER).exists():
+            log.warning("%s names %s, which is incomplete; falling back to the newest complete checkpoint",
+                        latest, named)
+    problems = []
+    for cand in reversed(complete_checkpoints(root)):
+        problem = checkpoint_problem(cand)
+        if problem is None:
+            return cand
+        log.warning("skipping checkpoint %s: %s; trying the next older one", cand, problem)
+        problems.append(f"{cand.name}: {problem}")
+    if problems:
+        raise CheckpointError(f"{what}={resume}: none of the {len(problems)} complete checkpoint(s) under {root} "
+                              f"loads: " + "; ".join(problems) + "; restore them, or start afresh with "
+                              + ("--train.resume=none" if what == "train.resume" else "another checkpoint"))
+    return None
 
 
 def _missing(resume: str, what: str = "train.resume"):
@@ -185,15 +281,19 @@ class CheckpointManager:
             if path.exists():  # leftovers of an interrupted save of the same step
                 shutil.rmtree(path)
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        tmp = path / f".rank{rank}.pt.tmp"
-        torch.save(rank_state, tmp)
-        os.replace(tmp, path / f"rank{rank}.pt")
-        if rank == 0:
-            atomic_write_text(path / "config.yaml", config_yaml, fsync=True)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+            tmp = path / f".rank{rank}.pt.tmp"
+            torch.save(rank_state, tmp)
+            os.replace(tmp, path / f"rank{rank}.pt")
+            if rank == 0:
+                atomic_write_text(path / "config.yaml", config_yaml, fsync=True)
+        except (OSError, RuntimeError) as e:  # a full disk, a read-only mount (torch.save raises RuntimeError)
+            raise CheckpointError(f"cannot write checkpoint {path} ({e}); the previous complete checkpoint is kept: "
+                                  f"free space and rerun with --train.resume=auto") from None
         dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
         if rank == 0:
-            atomic_write_text(path / MARKER, f"{step}\n", fsync=True)
+            atomic_write_text(path / MARKER, _manifest(path, step, dist.get_world_size()), fsync=True)
             atomic_write_text(self.root / "latest", tag + "\n", fsync=True)
             self._prune(keep=path)
         dist.barrier()

@@ -24,116 +24,167 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------- schema
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A config key: its default (or ``factory`` for a mutable one) and the one line of meaning
+    that ``launch/stage{1,2}.py --help`` prints for it (:func:`help_text`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class LoraConfig:
-    enabled: bool = True           # False = full fine-tuning of the language model
-    r: int = 16
-    alpha: int = 64
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    use_dora: bool = False
+    enabled: bool = setting(True, "LoRA on the language model; false = full fine-tuning")
+    r: int = setting(16, "LoRA rank")
+    alpha: int = setting(64, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = setting(0.1, "LoRA dropout")
+    target_modules: list[str] = setting(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="linear layers that get adapters")
+    use_dora: bool = setting(False, "DoRA instead of plain LoRA (the reference code's choice)")
 
 
 @dataclass
 class ModelConfig:
-    init: str = ""                                  # HF VLM path / hub id, or a previous stage's export dir
-    family: Literal["auto", "qwen2_vl", "qwen2_5_vl"] = "auto"
-    num_compression_tokens: int = 32                # K
-    mask_impl: Literal["efficient", "reference"] = "efficient"
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    pooling: Literal["mean", "last"] = "mean"       # mean of C's final states (paper) or last token
-    stage1_loss: Literal["answer", "all"] = "answer"  # CE on answers only, or on every token after C
-    instruction: Optional[str] = None               # optional instruction placed before C
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    freeze_vision: bool = True
-    gradient_checkpointing: bool = True
-    dummy_vision: bool = True                       # run the vision tower on text-only batches (ZeRO-3)
-    max_length: Optional[int] = None                # stage 1: drop trailing QA turns beyond this many tokens
+    init: str = setting(
+        "",
+        "Hugging Face VLM directory or hub id, or a previous stage's export/ (stage 2 starts from the stage-1"
+        " export)")
+    family: Literal["auto", "qwen2_vl", "qwen2_5_vl"] = setting(
+        "auto", "VLM family adapter; auto reads model_type from the checkpoint (qwen2_vl, qwen2_5_vl)")
+    num_compression_tokens: int = setting(
+        32, "K, the number of compression tokens (cmp_0 … cmp_{K-1}) appended after each input (paper: 32)")
+    mask_impl: Literal["efficient", "reference"] = setting(
+        "efficient", "stage-1 compression mask: efficient (no L×L mask, flash-attention compatible) or reference")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = setting(
+        "auto", "auto = flash_attention_2 when installed, else sdpa")
+    pooling: Literal["mean", "last"] = setting(
+        "mean", "embedding = mean of the compression tokens' final states (paper) or the last token's")
+    stage1_loss: Literal["answer", "all"] = setting(
+        "answer", "stage-1 cross-entropy on answer tokens only (paper) or on all tokens after C (reference code)")
+    instruction: Optional[str] = setting(
+        None,
+        "optional instruction placed before the compression tokens, e.g. 'Summarize the above image in a few "
+        "words.'")
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("bfloat16", "weights/compute dtype (float32 on CPU)")
+    freeze_vision: bool = setting(True, "keep the vision tower frozen (paper)")
+    gradient_checkpointing: bool = setting(True, "recompute activations in backward to save memory")
+    dummy_vision: bool = setting(
+        True,
+        "run the vision tower on a zero-weighted dummy image for text-only batches, so every ZeRO-3 rank runs"
+        " the same modules")
+    max_length: Optional[int] = setting(
+        None, "stage 1: cap on [X][C][D] tokens; trailing QA turns that do not fit are dropped (null = no cap)")
     # An input's own text (caption, query, passage) cut to this many tokens, its end dropped;
     # the image span, template, instruction and C are not counted, never cut.  None = no cut.
-    max_text_tokens: Optional[int] = None
+    max_text_tokens: Optional[int] = setting(
+        None, "an input's own text (caption, query, passage) is cut to this many tokens (null = no cut)")
     # Image resolution bounds; None = the checkpoint's own preprocessor_config.json (tiny models:
     # digit-sized). The paper's setting (256..1024 visual tokens) is 200704 / 802816.
-    min_pixels: Optional[int] = None
-    max_pixels: Optional[int] = None
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    min_pixels: Optional[int] = setting(
+        None, "smallest image area after resizing; null = the checkpoint's processor setting (paper: 200704)")
+    max_pixels: Optional[int] = setting(
+        None, "largest image area after resizing; null = the checkpoint's processor setting (paper: 802816)")
+    lora: LoraConfig = setting(factory=LoraConfig, help="LoRA / DoRA adapters on the language model")
 
 
 @dataclass
 class DataSource:
-    shards: str = ""                # brace pattern, e.g. data/train-{000000..000041}.tar
-    weight: float = 1.0             # sampling weight in the mixture
-    max_samples: Optional[int] = None  # cap per epoch for this source
-    name: Optional[str] = None
+    shards: str = setting("", "brace pattern of a shard set, e.g. data/stage2/shards/train-{000000..000575}.tar")
+    weight: float = setting(1.0, "sampling weight of this source in the mixture")
+    max_samples: Optional[int] = setting(None, "cap of samples per epoch from this source")
+    name: Optional[str] = setting(None, "label used in logs and metrics")
 
 
 @dataclass
 class DataConfig:
-    kind: Literal["pair", "qa", "mmeb"] = "qa"
-    sources: list[DataSource] = field(default_factory=list)
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    resampled: bool = False         # infinite resampled stream instead of exact epochs
-    task_batch_size: Optional[int] = None  # stage 2: sub-batches of this size from one task
-    seed: int = 0
+    kind: Literal["pair", "qa", "mmeb"] = setting(
+        "qa", "sample kind of the shards: qa (stage 1), mmeb (stage 2), pair")
+    sources: list[DataSource] = setting(factory=list, help="list of shard sources forming the mixture (keys below)")
+    workers: int = setting(2, "DataLoader workers per rank (shards are split over ranks × workers)")
+    shuffle_buffer: int = setting(1000, "sample shuffle buffer per worker")
+    resampled: bool = setting(False, "infinite resampled stream (with train.max_steps) instead of exact epochs")
+    task_batch_size: Optional[int] = setting(
+        None,
+        "stage 2: sub-batches of this size drawn from a single task, so in-batch negatives share a task "
+        "(paper: 64)")
+    seed: int = setting(0, "seed of the shard order and sample shuffle (per epoch)")
 
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.03       # tau; logit scale = 1 / tau
-    learnable_scale: bool = False
-    symmetric: bool = False
-    backend: Literal["auto", "triton", "cuda", "torch", "reference"] = "auto"
-    hard_negatives: bool = True
+    temperature: float = setting(0.03, "InfoNCE temperature τ; logit scale = 1/τ")
+    learnable_scale: bool = setting(False, "learn the logit scale (inside the model's forward, ZeRO-3 safe)")
+    symmetric: bool = setting(False, "add the target→query direction to the loss")
+    backend: Literal["auto", "triton", "cuda", "torch", "reference"] = setting(
+        "auto", "InfoNCE implementation: auto = cuda → triton → torch; reference = plain PyTorch")
+    hard_negatives: bool = setting(
+        True, "use the samples' own hard negatives as extra candidates (false: in-batch negatives only)")
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "fused_adam", "cpu_adam"] = "adamw"
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    name: Literal["adamw", "fused_adam", "cpu_adam"] = setting(
+        "adamw", "adamw (torch), fused_adam (DeepSpeed FusedAdam) or cpu_adam (with optimizer offload)")
+    lr: float = setting(5e-5, "peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    betas: list[float] = setting(factory=lambda: [0.9, 0.999], help="Adam betas")
+    eps: float = setting(1e-8, "Adam epsilon")
+    schedule: Literal["cosine", "constant"] = setting("cosine", "cosine decay after warm-up, or constant")
+    warmup_ratio: float = setting(0.05, "share of the steps used for linear warm-up")
+    min_lr_ratio: float = setting(0.0, "final learning rate as a fraction of optim.lr")
+    grad_clip: float = setting(1.0, "gradient norm clipping (DeepSpeed gradient_clipping)")
 
 
 @dataclass
 class TrainConfig:
-    stage: Literal[1, 2] = 1
-    name: str = "coma"
-    run_root: str = "runs"
-    ds_config: str = "ds_configs/zero3_bf16.json"
-    global_batch_size: int = 256
-    micro_batch_size: int = 8
-    epochs: int = 1
-    max_steps: Optional[int] = None       # overrides epochs when set
-    embedding_cache_chunk: Optional[int] = None  # stage 2: chunk size of the GradCache path
-    log_every: int = 10
-    save_every: int = 500
-    keep_last: int = 3
-    resume: str = "auto"                  # auto | none | PATH
-    seed: int = 42
-    deterministic: bool = False
-    max_bad_steps: int = 5                # consecutive NaN/Inf steps before the run stops
+    stage: Literal[1, 2] = setting(
+        1, "1 = compression pre-training, 2 = contrastive matching (must match the entry point)")
+    name: str = setting("coma", "run name: the run directory is train.run_root/train.name")
+    run_root: str = setting("runs", "folder holding run directories")
+    ds_config: str = setting(
+        "ds_configs/zero3_bf16.json", "DeepSpeed JSON with engine knobs (batch fields are filled from this config)")
+    global_batch_size: int = setting(256, "samples per optimizer step over all GPUs")
+    micro_batch_size: int = setting(8, "samples per GPU per forward/backward; accumulation = global / (micro × GPUs)")
+    epochs: int = setting(1, "passes over the data (ignored when train.max_steps is set)")
+    max_steps: Optional[int] = setting(None, "stop after this many optimizer steps")
+    embedding_cache_chunk: Optional[int] = setting(
+        None, "stage 2: chunk size of the embedding cache (GradCache), so the per-GPU batch can exceed memory")
+    log_every: int = setting(10, "steps between console/metrics lines")
+    save_every: int = setting(500, "steps between checkpoints")
+    keep_last: int = setting(3, "complete checkpoints kept")
+    resume: str = setting("auto", "auto (newest complete checkpoint), none, or a checkpoint path")
+    seed: int = setting(42, "seed of model init, dropout and data order")
+    deterministic: bool = setting(
+        False, "torch.use_deterministic_algorithms (warn-only), for resumes that reproduce the uninterrupted losses")
+    max_bad_steps: int = setting(5, "consecutive NaN/Inf steps (skipped) before the run stops with a message")
+    # Samples listed in sizes.json that the loader could not deliver (undecodable, or lost in a
+    # truncated / unreadable shard), as a share of those trained (at least one epoch's), above
+    # which the run stops (exit 3) naming the worst shards.
+    max_skipped_fraction: float = setting(
+        0.01,
+        "share of the samples trained that may be undecodable or lost in damaged shards before the run stops "
+        "(exit 3)")
     # Python's garbage collector run by the loop every N steps, on every rank at the same step,
     # instead of whenever allocations trigger it (0: Python's automatic GC).  See pipeline/train.py.
-    gc_every: int = 50
-    dist_timeout_s: int = 1800
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "coma"
-    peak_tflops: Optional[float] = None   # per-device peak for MFU when the device is not in pipeline/flops.py
+    gc_every: int = setting(
+        50, "Python's GC runs every this many steps on every rank at once, not at random (0 = automatic GC)")
+    dist_timeout_s: int = setting(1800, "collective timeout: a dead rank makes the others exit instead of hanging")
+    tensorboard: bool = setting(True, "write TensorBoard events to RUN/tensorboard")
+    wandb: bool = setting(False, "log to Weights & Biases when installed")
+    wandb_project: str = setting("coma", "W&B project name")
+    peak_tflops: Optional[float] = setting(
+        None, "per-device peak TFLOPs for MFU when the device is not known to pipeline/flops.py")
     # Signals that mean "save and exit": any rank receiving one makes every rank checkpoint at
     # the end of the current step and exit with status 4 (SLURM: --signal=USR1@300, preemption)
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    stop_signals: list[str] = setting(
+        factory=lambda: ["SIGUSR1", "SIGTERM"], help=
+        "a rank receiving one makes all ranks save the current step and exit 4")
     # Fault injection, for the robustness tests: NaN loss on rank 0 at these steps; SIGKILL of
     # rank fault_kill_rank in the middle of step fault_kill_step.
-    fault_nan_steps: list[int] = field(default_factory=list)
-    fault_kill_step: Optional[int] = None
-    fault_kill_rank: int = 1
+    fault_nan_steps: list[int] = setting(
+        factory=list, help="testing only: inject a NaN loss on rank 0 at these steps")
+    fault_kill_step: Optional[int] = setting(None, "testing only: kill a rank in the middle of this step")
+    fault_kill_rank: int = setting(1, "testing only: the rank train.fault_kill_step kills")
 
 
 @dataclass
@@ -217,7 +268,7 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            raise ConfigError(f"unknown config key '{key}'; valid keys here: {sorted(names)}")
+            raise ConfigError(f"unknown config key '{key}'{did_you_mean(key)}; valid keys here: {sorted(names)}")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
 
@@ -256,7 +307,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     :class:`CliScalar`, so a string key keeps the text."""
     s = item[2:] if item.startswith("--") else item
     if "=" not in s:
-        raise ConfigError(f"override '{item}' must look like --section.key=value")
+        raise ConfigError(f"override '{item}' must look like --section.key=value{did_you_mean(s)}")
     key, raw = s.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -276,8 +327,15 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] |
     data: dict = {}
     if path is not None:
         data = _read_yaml(path)
+    known = None
     for item in overrides:
         keys, value = parse_override(item)
+        if cls is Config:  # a typo gets the closest key, with the value typed
+            known = known or {k.rsplit(".", n)[0] for k, _, _ in schema_keys() if "[]" not in k
+                              for n in range(k.count(".") + 1)}
+            if ".".join(keys) not in known:
+                raise ConfigError(f"unknown config key '{'.'.join(keys)}' in override '{item}'"
+                                  f"{did_you_mean('.'.join(keys), item.split('=', 1)[1])} (--help lists every key)")
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -320,3 +378,67 @@ def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
     from pipeline.fileio import atomic_write_text
 
     atomic_write_text(path, to_yaml(cfg))
+
+
+# ------------------------------------------------------------------------------- reference / help
+def schema_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """``(dotted key, default, meaning)`` for every leaf of the schema, in declaration order; a
+    list of dataclasses (``data.sources``) also contributes its item's keys as
+    ``data.sources[].key``.  The README's config reference and ``--help`` are checked against /
+    generated from this."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.extend(schema_keys(type(default), key + "."))
+            continue
+        out.append((key, default, f.metadata.get("help", "")))
+        args = typing.get_args(hints[f.name])
+        if typing.get_origin(hints[f.name]) is list and args and dataclasses.is_dataclass(args[0]):
+            out.extend(schema_keys(args[0], key + "[]."))
+    return out
+
+
+def format_value(v: Any) -> str:
+    """A default as it is written on the command line or in YAML."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return v if v else '""'
+    return repr(v)
+
+
+def did_you_mean(key: str, value: str = "VALUE") -> str:
+    """'; did you mean --train.resume=…?' for a mistyped or unqualified key ('resume',
+    'train.resum', 'lora.r'), or '' when nothing is close."""
+    import difflib
+
+    key = key.split("=", 1)[0].lstrip("-")
+    keys = [k for k, _, _ in schema_keys() if "[]" not in k]
+    tails = [k for k in keys if k.endswith("." + key)]
+    close = tails or difflib.get_close_matches(key, keys, n=1, cutoff=0.75) or difflib.get_close_matches(
+        key, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.8)
+    if not close:
+        return ""
+    best = close[0] if "." in close[0] else next(k for k in keys if k.endswith("." + close[0]))
+    return f"; did you mean --{best}={value}?"
+
+
+def help_text() -> str:
+    """Every config section and key with its default and meaning, from the schema itself."""
+    lines, section = [], None
+    for key, default, meaning in schema_keys():
+        top = key.split(".", 1)[0]
+        if top != section:
+            section = top
+            lines.append(f"\n{section}:")
+        flag = f"  --{key}={format_value(default)}"
+        lines.append(f"{flag:<46} {meaning}" if len(flag) < 46 else f"{flag}\n{'':<46} {meaning}")
+    return "\n".join(lines).lstrip("\n")
+

@@ -13,7 +13,7 @@ Public API
         loader.set_epoch(epoch)
         for batch in loader:                 # len(loader) batches, identical on every rank
             ...
-        metrics.update(loader.metrics())     # data/corrupt_samples, data/corrupt_shards, data/padded_samples
+        metrics.update(loader.metrics())     # data/corrupt_samples, …/corrupt_shards, …/lost_samples, …/padded_samples
     ckpt["data"] = loader.state_dict()       # at any step, mid-epoch included
     loader.load_state_dict(ckpt["data"])     # the next iter(loader) continues exactly there
 
@@ -64,7 +64,6 @@ import logging
 import multiprocessing.util
 import os
 import random
-import sys
 import tarfile
 import weakref
 from collections import Counter, deque
@@ -84,7 +83,11 @@ log = logging.getLogger(__name__)
 
 KINDS = ("pair", "qa", "mmeb")
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm"}
-COUNTERS = ("corrupt_samples", "corrupt_shards", "padded_samples")
+# corrupt_samples: undecodable or rejected by the collator; lost_samples: listed in sizes.json
+# but never read (a truncated or unreadable shard; per shard under LOST + url as well);
+# padded_samples: repeats standing in for either, or filling an uneven remainder.
+COUNTERS = ("corrupt_samples", "corrupt_shards", "lost_samples", "padded_samples")
+LOST = "lost:"
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -221,14 +224,20 @@ class ShardDataset(IterableDataset):
                 yield cur
                 got += 1
         except (OSError, EOFError, tarfile.TarError) as e:
-            log.warning("shard %s unreadable after %d samples (%s: %s): skipped, slots padded",
-                        url, seen, type(e).__name__, e)
-            ctx["corrupt_shards"] += 1
+            log.warning("shard %s unreadable after %d samples (%s: %s): its %d other samples lost, slots padded",
+                        url, seen, type(e).__name__, e, piece.take - got)
+            self._lost(url, piece.take - got, ctx)
             return
         if got < piece.take:
-            log.warning("shard %s: %d samples where sizes.json promised %d more: skipped, slots padded",
-                        url, got, piece.take)
-            ctx["corrupt_shards"] += 1
+            log.warning("shard %s: %d samples where sizes.json promised %d: %d lost, slots padded",
+                        url, got, piece.take, piece.take - got)
+            self._lost(url, piece.take - got, ctx)
+
+    @staticmethod
+    def _lost(url: str, n: int, ctx: Counter) -> None:
+        ctx["corrupt_shards"] += 1
+        ctx["lost_samples"] += n
+        ctx[LOST + url] += n
 
     # A fallback search that collates as well gives up after this many samples that decode but
     # do not collate: past that it is the configuration (model.max_length, the collator's kind),
@@ -339,10 +348,11 @@ class ShardDataset(IterableDataset):
             try:
                 s = decode_sample(raw, self.kind)
             except Exception as e:
-                log.warning("sample %s in %s undecodable (%s: %s): replaced by a repeat",
-                            raw.get("__key__"), raw.get("__source__"), type(e).__name__, e)
-                ctx["corrupt_samples"] += 1
-                ctx["padded_samples"] += 1
+                if not raw.get("__pad__"):  # a pad repeating a bad sample: counted once, as padding
+                    log.warning("sample %s in %s undecodable (%s: %s): replaced by a repeat",
+                                raw.get("__key__"), raw.get("__source__"), type(e).__name__, e)
+                    ctx["corrupt_samples"] += 1
+                    ctx["padded_samples"] += 1
                 rep = last.get(task) or next(iter(last.values()), None)
                 if rep is None:
                     owed.append(task)
@@ -457,16 +467,11 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
     (``pipeline.train.StopSignals``).  The worker still ends with its rank (this SIGKILL)."""
     import signal
 
+    from pipeline.procs import exit_with_parent
+
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-    if os.getppid() != parent_pid:  # the rank died between fork and prctl
-        os._exit(1)
+    exit_with_parent(parent_pid)
 
 
 RESULT_PIPE_BYTES = 1 << 20
@@ -576,12 +581,21 @@ class ShardLoader:
             self._fold()
             self.epoch, self.batches_done = self.epoch + 1, 0
 
-    def metrics(self) -> dict[str, int]:
-        """Cumulative data-health counters for the trainer's metrics (``data/…`` keys)."""
+    def _totals(self) -> Counter:
         total = Counter(self._done_counters)
         for c in self._worker_counters.values():
             total.update(c)
+        return total
+
+    def metrics(self) -> dict[str, int]:
+        """Cumulative data-health counters for the trainer's metrics (``data/…`` keys)."""
+        total = self._totals()
         return {f"data/{k}": int(total.get(k, 0)) for k in COUNTERS}
+
+    def lost_by_shard(self) -> dict[str, int]:
+        """Samples of each shard that this rank's reads could not deliver (``sizes.json`` counts
+        them), cumulative over epochs: ``{url: n}``, only shards that lost some."""
+        return {k[len(LOST):]: int(v) for k, v in self._totals().items() if k.startswith(LOST) and v}
 
     def _plan_params(self) -> dict:
         p = self.dataset.plan
@@ -592,12 +606,11 @@ class ShardLoader:
     def state_dict(self) -> dict:
         """Where this rank stands; equal on every rank (they consume batches in lockstep), so
         rank 0's copy in the checkpoint restores all of them."""
-        m = self.metrics()
         epoch, batches = self.epoch, self.batches_done
         if batches >= len(self):  # the last batch was handed out: the next one opens the next epoch
             epoch, batches = epoch + 1, 0
         return {"epoch": epoch, "batches": batches,
-                "counters": {k: m[f"data/{k}"] for k in COUNTERS}, **self._plan_params()}
+                "counters": {k: int(v) for k, v in self._totals().items() if v}, **self._plan_params()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, batches = int(state["epoch"]), int(state["batches"])

@@ -72,6 +72,18 @@ def _expand_pattern(pattern: str) -> list[str]:
     return urls
 
 
+def _written_pattern(missing: list[str]) -> str:
+    """'; FOLDER/manifest.json says the shards there are PATTERN' when shard.py wrote that folder."""
+    for folder in dict.fromkeys(os.path.dirname(u) for u in missing):
+        try:
+            with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+                written = json.load(f)["pattern"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return f"; {os.path.join(folder, 'manifest.json')} says the shards there are {os.path.join(folder, written)}"
+    return ""
+
+
 def expand_sources(shards: Any, weights: Any = None) -> list[Source]:
     """Normalise the accepted shard specifications (see module docstring) to sources."""
     if isinstance(shards, str):
@@ -93,9 +105,14 @@ def expand_sources(shards: Any, weights: Any = None) -> list[Source]:
         pattern = item["shards"]
         urls = _expand_pattern(pattern)
         local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-        if not urls or local and not any(os.path.exists(u) for u in local):
+        missing = [u for u in local if not os.path.exists(u)]
+        if not urls or local and len(missing) == len(local):
             raise ValueError(f"shard pattern {pattern!r} matches no shard on disk (write shards with "
-                             "data_prep/shard.py, or check the path)")
+                             f"data_prep/shard.py, or check the path){_written_pattern(missing)}")
+        if missing:  # a range typo would silently train on part of the data
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ValueError(f"shard pattern {pattern!r} names {len(urls)} shards, {len(missing)} of which do "
+                             f"not exist: {shown}{_written_pattern(missing)}")
         w = weights[i] if weights is not None else item.get("weight", 1.0)
         name = item.get("name") or os.path.basename(os.path.dirname(urls[0])) or f"source{i}"
         out.append(Source(name, urls, float(w), item.get("max_samples")))

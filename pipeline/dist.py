@@ -252,6 +252,15 @@ def all_reduce_dict(values: Mapping[str, float], op: str = "mean") -> dict[str, 
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if not (is_initialized() and get_world_size() > 1):
+        return [obj]
+    out = [None] * get_world_size()
+    _torch_dist().all_gather_object(out, obj)
+    return out
+
+
 def any_true(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (used so all ranks take the
     same branch, e.g. skipping a step or stopping the run)."""

@@ -51,7 +51,7 @@ def output_problem(path: str | os.PathLike, *, folder: bool, replace: bool = Fal
             if p.is_dir() != folder:
                 return f"{p} exists and is a {'file' if folder else 'folder'}"
             if folder and not replace:
-                return None if os.access(p, os.W_OK | os.X_OK) else f"no permission to write in {p}"
+                return _unwritable(p)
         ancestor = p.parent
         while not ancestor.exists():
             ancestor = ancestor.parent
@@ -59,9 +59,13 @@ def output_problem(path: str | os.PathLike, *, folder: bool, replace: bool = Fal
         return f"cannot look at {p} ({e.strerror or e})"
     if not ancestor.is_dir():
         return f"{ancestor} is a file, so {p} cannot be created"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"no permission to write in {ancestor}"
-    return None
+    return _unwritable(ancestor)
+
+
+def _unwritable(folder: Path) -> str | None:
+    if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"{folder} is on a read-only file system"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"no permission to write in {folder}"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:

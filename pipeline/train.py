@@ -26,15 +26,17 @@ import random
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 from pipeline import dist
-from pipeline.checkpoint import (CheckpointManager, resolve_resume, rng_state, saved_world_size, set_rng_state,
-                                 tag_for)
+from pipeline.checkpoint import (CheckpointError, CheckpointManager, resolve_resume, rng_state, saved_world_size,
+                                 set_rng_state, tag_for)
 from pipeline.config import Config, ConfigError, save_yaml, to_dict, to_yaml
-from pipeline.fileio import atomic_write_text
+from pipeline.data_plan import expand_sources
+from pipeline.fileio import atomic_write_text, output_problem
 from pipeline.flops import FlopsModel, batch_shape_stats, peak_flops
 from pipeline.metrics import Metrics
 from pipeline.steps import StepRunner, TrainState, num_samples
@@ -301,10 +303,30 @@ class Loop:
         if st.step % cfg.train.log_every == 0 or st.step == self.total:
             self.last_logged = _log_window(self.metrics, self.window, st, self.eng, self.source, self.peak)
             self.window = _Window()
+            self.stop_if_data_lost(self.last_logged["data/skipped_samples"])
         if self.ckpt is not None and st.step % cfg.train.save_every == 0 and st.step < self.total:
             self.save()
         self.stop_if_signalled()
         return out
+
+    def stop_if_data_lost(self, skipped: float) -> None:
+        """Collective (``skipped``: the cross-rank sum of the log line, the same on every rank):
+        raise :class:`TrainingStopped` naming the worst shards when more than
+        ``train.max_skipped_fraction`` of the samples trained (at least one epoch's worth, so a
+        bad shard met early is not judged against a handful of steps) could not be delivered."""
+        limit = self.cfg.train.max_skipped_fraction
+        base = max(self.state.samples_seen, self.source.epoch_samples, 1)
+        if skipped <= limit * base:
+            return
+        lost = Counter()
+        for per_rank in dist.all_gather_object(self.source.lost_by_shard()):
+            lost.update(per_rank)
+        worst = ", ".join(f"{url} ({n} lost)" for url, n in lost.most_common(5)) or "none lost whole: undecodable samples"
+        raise TrainingStopped(
+            f"{skipped:.0f} samples could not be delivered (undecodable, or lost in truncated or unreadable shards), "
+            f"{skipped / base:.1%} of {base} > train.max_skipped_fraction={limit}; worst shards: {worst}. Rewrite "
+            f"them (data_prep/shard.py redoes missing shards: delete the damaged ones and rerun it), or raise "
+            f"train.max_skipped_fraction to train on what is left")
 
     def stop_if_signalled(self, save: bool = True) -> None:
         """Collective: when any rank got a stop signal, save this step (unless just saved, or
@@ -357,10 +379,17 @@ def _run(cfg: Config, signals: "StopSignals", model_loader, loader_factory) -> P
     ds = engine_mod.build_ds_config(cfg, world)  # config errors surface before the process group
     plan = engine_mod.plan_batches(cfg, world)
     run_dir = Path(cfg.train.run_root) / cfg.train.name
+    if problem := output_problem(run_dir, folder=True):
+        raise ConfigError(f"train.run_root/train.name: the run directory {run_dir} cannot be written: {problem}")
+    if cfg.data.sources and loader_factory is None:  # missing shards too
+        try:
+            expand_sources(cfg.data.sources)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"data.sources: {e}") from None
     ckpt = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last)
     try:
         resume_path = resolve_resume(cfg.train.resume, ckpt.root)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise ConfigError(str(e)) from None
     saved_world = saved_world_size(resume_path) if resume_path is not None else 0
     reshard = bool(saved_world) and saved_world != world
@@ -414,7 +443,9 @@ def _run(cfg: Config, signals: "StopSignals", model_loader, loader_factory) -> P
         if state.last_checkpoint is None or Path(state.last_checkpoint).name != tag_for(state.step):
             loop.save()
         export_dir = export_engine(built, run_dir / "export")
-        log.info("done: %d steps, %d skipped; export in %s", state.step, state.skipped_steps, export_dir)
+        skipped = dist.all_reduce_dict({"s": float(source.skipped_samples)}, "sum")["s"]
+        log.info("done: %d steps (%d skipped as non-finite), %d samples skipped as undecodable or lost "
+                 "(data/skipped_samples); export in %s", state.step, state.skipped_steps, skipped, export_dir)
         if env.rank == 0:
             _plot_losses(run_dir)
     finally:
@@ -543,13 +574,18 @@ class BatchSource:
     """What :class:`Loop` reads batches from.  Iterating yields one optimizer step's batch (stage 1:
     the list of ``accumulation`` micro-batches; stage 2: the per-rank batch or its cache chunks)
     forever; ``steps_per_epoch`` sizes the run when ``train.max_steps`` is unset;
-    ``skipped_samples`` feeds the ``data/skipped_samples`` metric; ``state_dict`` goes into every
+    ``skipped_samples`` feeds the ``data/skipped_samples`` metric and, with ``epoch_samples`` and
+    ``lost_by_shard``, the ``train.max_skipped_fraction`` stop; ``state_dict`` goes into every
     checkpoint and ``load_state_dict`` restores it on resume.  The defaults describe a stateless,
     endless source with nothing skipped (synthetic and in-memory batches); :class:`LoaderSource`
     overrides them for real shards."""
 
     steps_per_epoch: int = 10**9
     skipped_samples: int = 0
+    epoch_samples: int = 0
+
+    def lost_by_shard(self) -> dict[str, int]:
+        return {}
 
     def __iter__(self) -> Iterator:
         raise TypeError(f"{type(self).__name__} must define __iter__")
@@ -598,7 +634,16 @@ class LoaderSource(BatchSource):
 
     @property
     def skipped_samples(self) -> int:
-        return int(self.loader.metrics().get("data/corrupt_samples", 0))
+        """This rank's samples of sizes.json not delivered: undecodable, or lost with a shard."""
+        m = self.loader.metrics()
+        return int(m["data/corrupt_samples"] + m["data/lost_samples"])
+
+    @property
+    def epoch_samples(self) -> int:
+        return self.loader.dataset.plan.total
+
+    def lost_by_shard(self) -> dict[str, int]:
+        return self.loader.lost_by_shard()
 
     def _batches(self) -> Iterator:
         while True:  # ShardLoader moves to the next epoch by itself at the end of one
@@ -662,7 +707,7 @@ def make_loader(cfg: Config, plan, env) -> LoaderSource:
 def parse_cli(stage: int, argv: list[str]) -> Config:
     """``--config PATH`` plus ``--a.b=value`` overrides; ``--local_rank`` (passed by the deepspeed
     launcher) is accepted and ignored (the rank comes from the environment)."""
-    from pipeline.config import load_config
+    from pipeline.config import did_you_mean, load_config
 
     path, overrides, i = None, [], 0
     while i < len(argv):
@@ -677,8 +722,9 @@ def parse_cli(stage: int, argv: list[str]) -> Config:
         elif a.startswith("--local_rank") or a.startswith("--local-rank"):
             if "=" not in a:
                 i += 1
-        elif a in ("-h", "--help"):
-            raise SystemExit(sys.modules["__main__"].__doc__ or __doc__)
+        elif a.startswith("--") and "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            raise ConfigError(f"'{a} {argv[i + 1]}': overrides are written --section.key=value"
+                              f"{did_you_mean(a, argv[i + 1])} (--help lists every key)")
         else:
             overrides.append(a)
         i += 1
@@ -687,6 +733,20 @@ def parse_cli(stage: int, argv: list[str]) -> Config:
         raise ConfigError(f"train.stage={cfg.train.stage} in {path} but this is the stage-{stage} entry point; "
                           f"use launch/stage{cfg.train.stage}.py or fix train.stage")
     return cfg
+
+
+def cli_help(stage: int) -> str:
+    """``launch/stage{1,2}.py --help``: the entry point's usage, the presets shipped beside it, and
+    every config key with its default and meaning (generated from pipeline/config.py's schema)."""
+    from pipeline.config import help_text
+
+    main_doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
+    configs = Path(__file__).resolve().parent.parent / "launch" / "configs"
+    presets = sorted(p for p in configs.glob(f"stage{stage}_*.yaml")) if configs.is_dir() else []
+    head = main_doc.strip() or f"launch/stage{stage}.py --config PRESET.yaml [--section.key=value ...]"
+    shown = "\n".join(f"  {p}" for p in presets) or "  (none found beside this installation)"
+    return (f"{head}\n\npresets (--config):\n{shown}\n\nconfig keys (--section.key=value; "
+            f"YAML values: 8, 1e-4, true, null, [a, b]):\n\n{help_text()}")
 
 
 def check_model_init(init: str) -> None:
@@ -710,13 +770,16 @@ def main(stage: int, argv: list[str]) -> int:
     a signal (``train.stop_signals``) after saving a checkpoint: requeue / rerun to continue."""
     from pipeline.data import DataError, data_error_reason
 
+    if "-h" in argv or "--help" in argv:
+        print(cli_help(stage))
+        return 0
     try:
         cfg = parse_cli(stage, argv)
         train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
-    except TrainingStopped as e:
+    except (TrainingStopped, CheckpointError) as e:
         log.error("training stopped: %s", e)
         return 3
     except DataError as e:

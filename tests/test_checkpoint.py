@@ -1,17 +1,26 @@
 """Checkpoint bookkeeping (which checkpoint resumes) without DeepSpeed, and a real one-rank
 ZeRO-3 save → universal → load for the optimizer settings; the full save/load round trips run
 in the 2-rank training tests (tests/test_train_e2e.py)."""
+import logging
+import os
+
 import pytest
+import torch
 
-from pipeline.checkpoint import MARKER, complete_checkpoints, resolve_resume
+from pipeline.checkpoint import (MARKER, CheckpointError, _manifest, complete_checkpoints, resolve_resume,
+                                 saved_world_size)
 
 
-def _ckpt(root, step, complete=True):
+def _ckpt(root, step, complete=True, world=2):
+    """A checkpoint as CheckpointManager.save leaves it (real torch archives, the manifest)."""
     d = root / f"step-{step}"
     d.mkdir(parents=True)
-    (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    for r in range(world):
+        torch.save({"param": torch.arange(64.0) * r}, d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        torch.save({"rng": r}, d / f"rank{r}.pt")
+    (d / "config.yaml").write_text("train: {}\n")
     if complete:
-        (d / MARKER).write_text(f"{step}\n")
+        (d / MARKER).write_text(_manifest(d, step, world))
     return d
 
 
@@ -41,6 +50,55 @@ def test_crash_during_save_leaves_previous(tmp_path):
         resolve_resume(str(partial), root)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "nope"), root)
+
+
+def _damage(f, how):
+    if how == "random bytes, same size":
+        f.write_bytes(os.urandom(f.stat().st_size))
+    elif how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "deleted":
+        f.unlink()
+
+
+@pytest.mark.parametrize("victim,how", [("zero_pp_rank_0_mp_rank_00_model_states.pt", "random bytes, same size"),
+                                        ("zero_pp_rank_1_mp_rank_00_model_states.pt", "truncated"),
+                                        ("rank1.pt", "deleted"), ("config.yaml", "truncated"),
+                                        (MARKER, "random bytes, same size")])
+def test_auto_skips_a_damaged_newest_checkpoint(tmp_path, caplog, victim, how):
+    """`auto` = the newest checkpoint that is complete and loads: a damaged one is skipped with a
+    warning naming the file, the next older one is used."""
+    root = tmp_path / "checkpoints"
+    s9, s10 = _ckpt(root, 9), _ckpt(root, 10)
+    (root / "latest").write_text("step-10\n")
+    _damage(s10 / victim, how)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert resolve_resume("auto", root) == s9
+    assert f"skipping checkpoint {s10}" in caplog.text and victim in caplog.text, caplog.text
+    # asked for by name, it is refused naming the file (exit 2 in the trainer)
+    with pytest.raises(CheckpointError, match=victim.replace(".", r"\.")):
+        resolve_resume(str(s10), root)
+
+
+def test_auto_with_no_loadable_checkpoint_names_each(tmp_path):
+    root = tmp_path / "checkpoints"
+    s9, s10 = _ckpt(root, 9), _ckpt(root, 10)
+    _damage(s9 / "rank0.pt", "deleted")
+    _damage(s10 / "rank1.pt", "truncated")
+    with pytest.raises(CheckpointError) as e:
+        resolve_resume("auto", root)
+    msg = str(e.value)
+    assert "step-9" in msg and "rank0.pt is missing" in msg and "step-10" in msg and "rank1.pt has" in msg, msg
+
+
+def test_world_size_is_what_was_saved_not_what_is_present(tmp_path):
+    """Deleting step-9/rank1.pt used to read as "saved by 1 rank": a silent reshard and reseed."""
+    s = _ckpt(tmp_path, 9, world=2)
+    (s / "rank1.pt").unlink()
+    assert saved_world_size(s) == 2
+    legacy = _ckpt(tmp_path, 10, world=3, complete=False)
+    (legacy / MARKER).write_text("10\n")  # saved before manifests: the rank files are all there is
+    assert saved_world_size(legacy) == 3 and resolve_resume(str(legacy), tmp_path) == legacy
 
 
 UNIVERSAL_GROUPS = r'''

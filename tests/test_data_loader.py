@@ -196,9 +196,36 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(pairs, tmp_
     assert "train-000000.tar" in text and "pair-000000010" in text
     assert loader.metrics()["data/corrupt_samples"] == 1
 
-    os.unlink(bad / "train-000002.tar")                   # a shard gone after sizes.json was written
-    loader = build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, drop_last=False)
-    assert len(keys(loader)) == 6 and loader.metrics()["data/corrupt_shards"] == 2
+    os.unlink(bad / "train-000002.tar")  # a shard gone before the run: a configuration error, named
+    with pytest.raises(ValueError, match=r"names 3 shards, 1 of which do not exist: \S+/train-000002\.tar"):
+        build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, drop_last=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_sample_in_sizes_json_is_delivered_or_counted(pairs, tmp_path, workers):
+    """A tar truncated to half its size and another with 64 KiB of random bytes written into it:
+    the samples they can no longer deliver used to vanish from the counts (only undecodable ones
+    were counted).  Delivered + corrupt + lost = what sizes.json lists, per shard too."""
+    bad = tmp_path / "bad"
+    shutil.copytree(pairs, bad)
+    with open(bad / "train-000000.tar", "r+b") as f:
+        f.truncate(os.path.getsize(bad / "train-000000.tar") // 2)
+    with open(bad / "train-000001.tar", "r+b") as f:
+        f.seek(512)
+        f.write(os.urandom(64 << 10))
+    loader = build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=workers,
+                          drop_last=False)
+    real = [k for b in keys(loader) for k, pad in b if not pad]
+    m = loader.metrics()
+    assert len(real) == len(set(real)) and m["data/lost_samples"] > 0
+    assert len(real) + m["data/corrupt_samples"] + m["data/lost_samples"] == 17, (len(real), m)
+    lost = loader.lost_by_shard()
+    assert {os.path.basename(u) for u in lost} == {"train-000000.tar", "train-000001.tar"}
+    assert sum(lost.values()) == m["data/lost_samples"] and lost[str(bad / "train-000001.tar")] >= 6
+    resumed = build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=workers,
+                           drop_last=False)
+    resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert resumed.lost_by_shard() == lost  # a checkpoint keeps the per-shard counts
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -478,7 +505,8 @@ def test_samples_the_collator_rejects_are_skipped_and_counted(tmp_path, caplog, 
         assert batch["image_grid_thw"].shape[0] == batch_size
     real = [k for _, ks in got for k, pad in ks if not pad]
     assert real == ["a-1", "a-4"]
-    assert loader.metrics() == {"data/corrupt_samples": 4, "data/corrupt_shards": 0, "data/padded_samples": 4}
+    assert loader.metrics() == {"data/corrupt_samples": 4, "data/corrupt_shards": 0, "data/lost_samples": 0,
+                                "data/padded_samples": 4}
     assert "sample a-0 in " in caplog.text and "rejected by the collator (ValueError: absolute aspect" in caplog.text
 
     # nothing collates (model.max_length below the image + C tokens): a DataError with the reason

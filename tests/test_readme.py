@@ -13,7 +13,7 @@ from functools import lru_cache
 import pytest
 
 from conftest import REPO
-from pipeline.config import Config
+from pipeline.config import Config, format_value, schema_keys
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -66,7 +66,7 @@ def script_of(cmd):
     for i, t in enumerate(cmd[1:], 1):
         if t.endswith(".py"):
             return t, cmd[i + 1:]
-        if t == "-m" and cmd[i + 1].split(".")[0] in ("pipeline", "kernels", "data_prep", "benchmarks", "launch"):
+        if t == "-m" and cmd[i + 1].split(".")[0] in ("pipeline", "coma_kernels", "data_prep", "benchmarks", "launch"):
             return cmd[i + 1].replace(".", "/") + ".py", cmd[i + 2:]
         if t in ("-m", "-c"):
             return None
@@ -163,40 +163,17 @@ def test_python_snippets_import_real_names():
     for body in blocks("python"):
         tree = ast.parse(body)  # a syntax error fails here
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "kernels"):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "coma_kernels"):
                 mod = __import__(node.module, fromlist=[a.name for a in node.names])
                 for a in node.names:
                     assert hasattr(mod, a.name), f"README imports {a.name} from {node.module}, which has none"
 
 
-def _flat_defaults(cls=Config, prefix=""):
-    """Dotted key → default for every leaf of the schema; a list of dataclasses (``data.sources``)
-    also contributes its item's keys as ``data.sources[].key``."""
-    out = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            out.update(_flat_defaults(type(default), key + "."))
-            continue
-        out[key] = default
-        args = typing.get_args(hints[f.name])
-        if typing.get_origin(hints[f.name]) is list and args and dataclasses.is_dataclass(args[0]):
-            out.update(_flat_defaults(args[0], key + "[]."))
-    return out
+def _flat_defaults():
+    return {key: default for key, default, _ in schema_keys()}
 
 
-def _fmt(v):
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, list):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    if isinstance(v, str):
-        return v if v else '""'
-    return repr(v)
+_fmt = format_value
 
 
 def test_config_reference_lists_every_key_with_its_default():
@@ -217,7 +194,10 @@ def test_first_part_matches_makefile():
     first = "\n## ".join(head[:3])
     assert "make demo" in first and "make test" in first
     assert f"pip install {torch_pin}" in first, f"README's install must pin {torch_pin} like the Makefile"
-    assert 'pip install -e ".[dev]"' in first and 'pip install -e ".[dev]"' in make.replace("$(PY) -m pip", "pip")
+    pins = re.search(r"^CONSTRAINTS \?= (\S+)", make, re.M).group(1)
+    assert (REPO / pins).is_file(), f"the Makefile's constraints file {pins} is missing"
+    assert f'pip install -c {pins} -e ".[dev]"' in first, f"README's install must use {pins} like the Makefile"
+    assert 'pip install $(PIN) -e ".[dev]"' in make.replace("$(PY) -m pip", "pip")
 
 
 def test_reproducing_section_is_folded_in():

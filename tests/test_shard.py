@@ -443,3 +443,108 @@ def test_a_killed_worker_stops_the_run_and_a_rerun_finishes(tmp_path):
     assert tars == sorted(p.name for p in out.glob("*.tar")) and len(tars) == 16
     for t in tars:
         assert (out / t).read_bytes() == (clean / t).read_bytes(), t
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and open(f"/proc/{p}/stat").read().rsplit(") ", 1)[1].split()[1] == str(pid):
+                kids.append(int(p))
+        except (OSError, IndexError):
+            continue
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_die_with_a_killed_main_process_and_a_rerun_finishes(tmp_path):
+    """kill -9 of shard.py itself (the OOM killer's choice: the biggest process) used to leave
+    its pool workers alive forever, blocked on a pipe read; they now die with it, and a rerun
+    still ends with the tars of a clean run."""
+    import signal
+    import time
+
+    manifest = dataset(tmp_path, "pair", 48, size=(640, 640))
+    cmd = [sys.executable, str(REPO / "data_prep" / "shard.py"), "--input", str(manifest), "--workers", "2",
+           "--samples-per-shard", "3", "--max-image-side", "64"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd + ["--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers, deadline = [], time.time() + 60
+    while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid) if any(out.glob("*_stats.json")) else []
+        time.sleep(0.01)
+    assert len(workers) >= 2, "the run ended before its workers were seen; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 20
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if _alive(w)]
+    for w in alive:  # leave nothing behind even when the assertion fails
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"shard.py workers {alive} outlived the killed main process"
+
+    assert subprocess.run(cmd + ["--output", str(out)], capture_output=True, timeout=120).returncode == 0
+    clean = tmp_path / "clean"
+    assert subprocess.run(cmd + ["--output", str(clean)], capture_output=True, timeout=120).returncode == 0
+    tars = sorted(p.name for p in clean.glob("*.tar"))
+    assert tars == sorted(p.name for p in out.glob("*.tar")) and len(tars) == 16
+    assert all((out / t).read_bytes() == (clean / t).read_bytes() for t in tars)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 512 KiB tmpfs (root only: skipped elsewhere): a disk that fills up, or goes read-only."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _shard_cli(*args):
+    r = subprocess.run([sys.executable, str(REPO / "data_prep" / "shard.py"), "--workers", "2", *map(str, args)],
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_finishes(tmp_path, small_fs):
+    manifest = dataset(tmp_path, "pair", 24, size=(128, 128))  # ~50 KB random PNGs: ~1.2 MB of shards
+    rc, err = _shard_cli("--input", manifest, "--output", small_fs / "out", "--samples-per-shard", "3")
+    assert rc == 1, err
+    assert "warning: the shards will take about" in err and "free" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write ") and "No space left on device" in last and "rerun" in last, err
+    assert "Traceback" not in err
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
+    assert _shard_cli("--input", manifest, "--output", small_fs / "out", "--samples-per-shard", "3")[0] == 0
+    assert _shard_cli("--input", manifest, "--output", tmp_path / "clean", "--samples-per-shard", "3")[0] == 0
+    tars = sorted(p.name for p in (tmp_path / "clean").glob("*.tar"))
+    assert len(tars) == 8 and all((small_fs / "out" / t).read_bytes() == (tmp_path / "clean" / t).read_bytes()
+                                  for t in tars)
+
+
+def test_unwritable_outputs_are_one_line_naming_the_path(tmp_path, small_fs):
+    manifest = dataset(tmp_path, "pair", 4)
+    (tmp_path / "file").write_text("x")
+    rc, err = _shard_cli("--input", manifest, "--output", tmp_path / "file" / "out")
+    assert rc == 1 and err.count("\n") == 1 and f"{tmp_path / 'file'} is a file" in err, err
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    rc, err = _shard_cli("--input", manifest, "--output", small_fs / "out")
+    assert rc == 1 and err.count("\n") == 1 and f"{small_fs} is on a read-only file system" in err, err
+
+
+def test_a_manifest_of_only_bad_rows_leaves_no_shard_behind(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"image": f"images/missing{i}.png", "text": "x"} for i in range(3)])
+    rc, err = _shard_cli("--input", bad, "--output", tmp_path / "out")
+    assert rc == 1 and "no usable row" in err and "missing_image=3" in err, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["errors.jsonl"]

@@ -202,6 +202,64 @@ def test_resume_at_another_world_size_through_the_universal_checkpoint(assets, s
 
 
 @pytest.mark.slow
+def test_auto_resume_skips_a_damaged_checkpoint_and_reproduces_the_run(assets, stage1):
+    """A bad disk or a truncated copy from object storage: the newest checkpoint's rank-0 model
+    states are random bytes.  `auto` used to stop with DeepSpeed's UnpicklingError; now it warns
+    naming the file, resumes from the previous checkpoint, and retrains the same steps with the
+    same losses as the undamaged run."""
+    import shutil
+
+    from conftest import free_port
+
+    run = assets["root"] / "runs/stage1_tiny_damaged"
+    shutil.copytree(stage1["run"] / "checkpoints", run / "checkpoints",
+                    ignore=shutil.ignore_patterns("universal", "latest_universal"))
+    victim = run / "checkpoints/step-8/zero_pp_rank_0_mp_rank_00_model_states.pt"
+    victim.write_bytes(os.urandom(victim.stat().st_size))
+    r = subprocess.run(_stage1_cmd(assets, free_port(), "torchrun", "--train.name=stage1_tiny_damaged"), cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert f"skipping checkpoint {victim.parent}: {victim} does not load" in out, out[-4000:]
+    assert "resumed from" in out and "step-6" in out
+    original = {x["step"]: x for x in _raw_rows(stage1["run"])}
+    rows = _raw_rows(run)
+    assert [x["step"] for x in rows] == [7, 8]
+    for x in rows:
+        a, b = original[x["step"]]["loss/train"], x["loss/train"]
+        assert abs(a - b) <= 1e-6 * abs(a), (x["step"], a, b)
+        assert x["optim/lr"] == original[x["step"]]["optim/lr"]
+
+
+@pytest.mark.slow
+def test_samples_lost_in_damaged_shards_stop_the_run_naming_them(assets):
+    """Tars cut short (a copy that died half-way): the samples sizes.json lists but no rank can
+    read used to go uncounted (the run ended "0 skipped"); now they count in
+    data/skipped_samples and past train.max_skipped_fraction the run stops with exit 3, naming
+    the worst shards."""
+    import shutil
+
+    from conftest import free_port
+
+    shards = assets["root"] / "qa-damaged"
+    shutil.copytree(assets["qa"], shards)
+    tars = sorted(shards.glob("*.tar"))
+    for t in tars:
+        with open(t, "r+b") as f:
+            f.truncate(t.stat().st_size // 4)
+    r = subprocess.run(_stage1_cmd(assets, free_port(), "deepspeed", "--train.name=stage1_tiny_lost",
+                                   f"--data.sources=[{{shards: '{shards}'}}]", "--train.max_steps=40",
+                                   "--train.save_every=100"),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 3, out[-4000:]
+    assert "train.max_skipped_fraction=0.01" in out and "lost in truncated or unreadable shards" in out, out[-4000:]
+    assert re.search(r"worst shards: \S+/qa-damaged/train-\d{6}\.tar \(\d+ lost\)", out), out[-4000:]
+    rows = _raw_rows(assets["root"] / "runs/stage1_tiny_lost")
+    assert rows[-1]["data/skipped_samples"] > 0.01 * max(rows[-1]["data/samples_seen"], 1)
+
+
+@pytest.mark.slow
 def test_sigterm_to_every_process_saves_and_the_rerun_continues(assets):
     """What SLURM does at preemption or the time limit: SIGTERM to every process of the job step,
     ranks and DataLoader workers alike (then SIGKILL after KillWait).  Every rank finishes its
@@ -297,6 +355,46 @@ def test_config_errors_in_process(tmp_path):
     assert main(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
                     f"--train.resume={tmp_path / 'missing'}", "--model.init=x",
                     f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json", f"--train.run_root={tmp_path}"]) == 2
+
+
+def test_missing_shards_are_a_config_error_before_any_process_group(tmp_path, capsys, monkeypatch):
+    """A range typo (10 shards named, 8 written) used to train on 80% of the data with warnings
+    and exit 0; a pattern matching nothing was reported only after DeepSpeed's set-up."""
+    from data_prep import shard
+    from datagen import dataset
+    from pipeline import dist
+    from pipeline.train import main
+    from tests.tiny_models import tiny_model_dir
+
+    def no_process_group(*a, **k):
+        raise AssertionError("a process group was started before the shards were checked")
+
+    monkeypatch.setattr(dist, "init", no_process_group)
+    out = tmp_path / "shards"
+    assert shard.main(["--input", str(dataset(tmp_path, "qa", 16)), "--output", str(out), "--kind", "qa",
+                       "--samples-per-shard", "2", "--workers", "1"]) == 0
+    base = ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), f"--model.init={tiny_model_dir()}",
+            f"--train.run_root={tmp_path / 'runs'}"]
+    capsys.readouterr()
+    assert main(1, base + [f"--data.sources=[{{shards: '{out}/train-{{000000..000009}}.tar'}}]"]) == 2
+    err = capsys.readouterr().err
+    assert "names 10 shards, 2 of which do not exist" in err and "train-000008.tar" in err, err
+    assert f"{out}/manifest.json says the shards there are {out}/train-{{000000..000007}}.tar" in err, err
+    assert main(1, base + [f"--data.sources=[{{shards: '{tmp_path}/nope-{{0..3}}.tar'}}]"]) == 2
+    assert "matches no shard on disk" in capsys.readouterr().err
+
+
+def test_an_unwritable_run_directory_is_named_before_any_process_group(tmp_path, capsys, monkeypatch):
+    from pipeline import dist
+    from pipeline.train import main
+    from tests.tiny_models import tiny_model_dir
+
+    monkeypatch.setattr(dist, "init", lambda *a, **k: pytest.fail("a process group was started"))
+    (tmp_path / "file").write_text("x")
+    assert main(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), f"--model.init={tiny_model_dir()}",
+                    f"--train.run_root={tmp_path / 'file'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the run directory {tmp_path / 'file' / 'stage1_tiny'} cannot be written" in err and "is a file" in err
 
 
 @pytest.mark.slow
