@@ -271,6 +271,8 @@ def build(cfg: Config, world_size: int, total_steps: int, model_loader=None,
         config=ds,
         dist_init_required=False,
     )
+    if hasattr(engine.module, "place_buffers"):  # ZeRO-3 does not move a zero.Init model's buffers
+        engine.module.place_buffers(engine.device)
     log.info("DeepSpeed ZeRO-%d engine: global batch %d = %d per rank (micro %d × accumulation %d)%s",
              zero_stage(ds), plan.global_batch, plan.per_rank, plan.micro, plan.accumulation,
              f", embedding cache chunks of {plan.cache_chunk}" if plan.cache_chunk else "")

@@ -119,8 +119,8 @@ def export_model(model: CoMaModel, out_dir: str | os.PathLike, state_dict: Optio
     hf = merged_backbone(model, state_dict)
     if dtype is not None:
         hf = hf.to(DTYPES[dtype])
-    scale = state_dict.get("log_logit_scale") if state_dict is not None else None
-    scale = float((scale if scale is not None else model.log_logit_scale).detach().float().exp())
+    offset = state_dict.get("logit_scale_offset") if state_dict is not None else None
+    scale = float(model.logit_scale(offset).detach())
     meta = {
         "format": FORMAT_VERSION,
         "family": model.adapter.name,

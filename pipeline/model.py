@@ -68,13 +68,25 @@ class CoMaModel(nn.Module):
         self.base_attn = base_attn
         self.register_buffer("compression_ids", torch.tensor(processor.compression_ids, dtype=torch.long),
                              persistent=False)
-        # log(1/τ), fp32; trainable only when the loss config asks for a learnable scale.
+        # The logit scale is scale0 · exp(offset).  scale0 = 1/τ is a Python float, so a fixed τ
+        # is exact in the forward: DeepSpeed's bf16 mode casts every parameter, and a bf16
+        # log-scale rounds ln(1/0.03) = 3.5066 to 3.5 (τ = 0.0302).  A learnable scale trains only
+        # the offset, which starts at 0: its fp32 master is what the optimizer updates, and the
+        # bf16 copy the forward reads is within 2^-9 of how far it has moved (not of 3.5).
         # Shape [1], not 0-dim: DeepSpeed ZeRO-3 cannot partition a 0-dim parameter created
         # outside zero.Init (it views the data as bytes to broadcast it).
-        self.log_logit_scale = nn.Parameter(torch.tensor([float(-torch.log(torch.tensor(temperature)))]),
-                                            requires_grad=learnable_scale)
+        self.scale0 = 1.0 / temperature
+        self.logit_scale_offset = nn.Parameter(torch.zeros(1), requires_grad=learnable_scale)
 
     # ------------------------------------------------------------------------------ plumbing
+    def place_buffers(self, device: torch.device) -> None:
+        """Put the wrapper's buffer (the compression ids) on ``device``, rebuilt from the
+        processor, its source of truth.  Why: a ZeRO-3 engine places the partitioned parameters
+        itself and skips ``module.to(device)``, so a buffer made outside ``zero.Init`` stays
+        where it was made (the CPU) and the first GPU forward fails in ``torch.isin``; the engine
+        set-up (pipeline/engine.py) calls this with the engine's device."""
+        self.compression_ids = torch.tensor(self.processor.compression_ids, dtype=torch.long, device=device)
+
     @property
     def hf(self) -> nn.Module:
         """The Hugging Face model (inside the peft wrapper when LoRA is on)."""
@@ -85,8 +97,10 @@ class CoMaModel(nn.Module):
     def is_peft(self) -> bool:
         return hasattr(self.backbone, "peft_config")
 
-    def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.float().exp().clamp(max=100.0).reshape(())
+    def logit_scale(self, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """0-dim fp32 1/τ (``offset``: a saved ``logit_scale_offset`` instead of the live one)."""
+        offset = self.logit_scale_offset if offset is None else offset
+        return (self.scale0 * offset.float().exp()).clamp(max=100.0).reshape(())
 
     def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None, **_) -> torch.Tensor:
         """inputs_embeds [B, L, D]: token embeddings (new C rows included) + image features."""

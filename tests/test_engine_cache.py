@@ -35,7 +35,7 @@ def test_embedding_cache_equivalence_and_guards(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
     res = json.loads((tmp_path / "result.json").read_text())
-    assert res["partitioned"], res
+    assert res["partitioned"] and res["buffers_placed"], res
     assert res["init_equal"] and res["scale_trained"]
     assert res["grad_max_err"] <= 1e-5 + 1e-4 * res["grad_max_ref"], res
     assert res["grad_max_ref"] > 1e-4  # the step did produce gradients
@@ -129,6 +129,19 @@ def worker(out_dir: Path) -> None:
     # A: per-rank batch of 4 in one forward.
     cfg_a = load_config(None, common + ["--train.micro_batch_size=4"])
     a = _build(cfg_a, seed=7)
+    # Device placement is guaranteed, not an accident of the CPU: ZeRO-3 skips module.to(device) for a
+    # zero.Init model, so a buffer made elsewhere (here: on `meta`) stayed there; the engine places it.
+    from pipeline.engine import build
+    from pipeline.model import load_model
+
+    def stray_buffer(mc):
+        m = load_model(mc, temperature=cfg_a.loss.temperature, learnable_scale=True)
+        m.compression_ids = m.compression_ids.to("meta")
+        return m
+
+    placed = build(cfg_a, world_size=2, total_steps=10, model_loader=stray_buffer)
+    res["buffers_placed"] = all(b.device == placed.engine.device for b in placed.model.buffers())
+    del placed
     big = [p for n, p in a.model.named_parameters() if "embed_tokens" in n and not p.requires_grad]
     res["partitioned"] = bool(big) and all(p.numel() == 0 and p.ds_numel > 0 for p in big)
     assert a.plan.cache_chunk is None
@@ -162,7 +175,7 @@ def worker(out_dir: Path) -> None:
     b.engine.step = orig_step
     assert out["applied"]
     after_b = _trainable(b.model)
-    res["scale_trained"] = "log_logit_scale" in grads_a and float(grads_a["log_logit_scale"].abs().max()) > 0
+    res["scale_trained"] = "logit_scale_offset" in grads_a and float(grads_a["logit_scale_offset"].abs().max()) > 0
     res["grad_err_by_param"] = {n: float((grads_a[n] - captured[n]).abs().max()) for n in grads_a}
     res["grad_max_err"] = max(float((grads_a[n] - captured[n]).abs().max()) for n in grads_a)
     res["grad_max_ref"] = max(float(grads_a[n].abs().max()) for n in grads_a)

@@ -139,4 +139,18 @@ def test_contrastive_forward(eval_model):
     assert q.shape == (2, 64) and k.shape == (3, 64) and q.dtype == k.dtype == torch.float32
     assert scale.dim() == 0 and abs(float(scale) - 1 / 0.03) < 1e-3
     learn = load_model(model_cfg(), temperature=0.05, learnable_scale=True)
-    assert learn.log_logit_scale.requires_grad and abs(float(learn.logit_scale().detach()) - 20.0) < 1e-3
+    assert learn.logit_scale_offset.requires_grad and abs(float(learn.logit_scale().detach()) - 20.0) < 1e-3
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_logit_scale_is_exact_under_bf16_parameters(learnable):
+    """DeepSpeed's bf16 mode casts every parameter: a bf16 log-scale rounded ln(1/0.03) = 3.5066
+    to 3.5, so the forward used tau = 0.0302.  The configured tau is now exact in the forward, and a
+    learnable scale moves by the fp32 master's steps near its start, not by bf16 steps of 3.5."""
+    model = load_model(model_cfg(), temperature=0.03, learnable_scale=learnable).to(torch.bfloat16)
+    assert float(model.logit_scale()) == float(torch.tensor(1 / 0.03, dtype=torch.float32))
+    if learnable:
+        with torch.no_grad():
+            model.logit_scale_offset.fill_(1e-3)  # one small optimizer step, as its bf16 copy sees it
+        moved = float(model.logit_scale()) / (1 / 0.03)
+        assert moved != 1.0 and abs(moved - float(torch.tensor(1e-3).exp())) < 1e-5
