@@ -12,8 +12,9 @@ forward   1. all_gather of the local batch sizes (2 ints per rank).
 backward  4. symmetric only: all_reduce(SUM) of d loss / d column-LSE (1 float per key), so that
              each rank learns how much every key's column term weighs (a key's positive query
              may live on another rank) and back-propagates it into its own queries.
-          5. all_reduce(SUM) of d loss / d gathered keys ([M, D]); each rank keeps its own rows.
-             This is gather-with-gradient: key_local receives the gradient of *every* rank's loss.
+          5. reduce_scatter(SUM) of d loss / d gathered keys ([M, D], in fp32): each rank receives
+             the sum over ranks of its own rows only, half the traffic of an all_reduce.  This is
+             gather-with-gradient: key_local receives the gradient of *every* rank's loss.
 
 Loss scaling: each rank returns  Σ_{local i} ℓ_i · W / N  (W ranks, N global queries), i.e. its
 local mean when batches are equal.  DeepSpeed averages gradients over ranks, so the averaged
@@ -33,8 +34,8 @@ from .infonce import check_inputs, loss_grads, per_query_losses
 
 
 class _GatherRows(torch.autograd.Function):
-    """All ranks' [m_r, D] tensors concatenated in rank order → [M, D]; backward all-reduces the
-    gradient (every rank's loss depends on every key) and returns this rank's rows."""
+    """All ranks' [m_r, D] tensors concatenated in rank order → [M, D]; backward sums the gradient
+    of every rank's loss (each depends on every key) into this rank's rows with a reduce-scatter."""
 
     @staticmethod
     def forward(ctx, local, sizes, rank, group):
@@ -48,10 +49,22 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start: start + ctx.sizes[ctx.rank]], None, None, None
+        # reduce_scatter needs equal blocks: rank r's rows at block r, padded to the largest m_r.
+        # At least fp32 whatever the gradient's dtype: a bf16 sum of W ranks' terms drops low bits.
+        sizes, pad = ctx.sizes, max(ctx.sizes)
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        blocks = grad.new_zeros(len(sizes) * pad, grad.shape[1], dtype=acc)
+        start = 0
+        for r, m in enumerate(sizes):
+            blocks[r * pad: r * pad + m] = grad[start: start + m]
+            start += m
+        mine = blocks.new_empty(pad, grad.shape[1])
+        _reduce_scatter(mine, blocks, group=ctx.group)
+        return mine[: sizes[ctx.rank]].to(grad.dtype), None, None, None
+
+
+# torch >= 2.12 names it reduce_scatter_single (the old name warns); older GPU images have only the old one
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _all_reduce_lse(partial: torch.Tensor, group) -> torch.Tensor:

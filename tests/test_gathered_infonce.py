@@ -44,14 +44,25 @@ def worker(rank, world, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
     results = {}
+    reduced = []  # numel of every all_reduce: the key gradient [M, D] must travel by reduce-scatter
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(t, *a, **k):
+        reduced.append(t.numel())
+        return all_reduce(t, *a, **k)
+
+    dist.all_reduce = counting_all_reduce
     for i, (name, n, m, sym, backend, dtype) in enumerate(CASES[world]):
         qs, ks = global_batch(n, m, dtype, seed=i)
         q = qs[rank].clone().requires_grad_()
         k = ks[rank].clone().requires_grad_()
         s = torch.tensor(SCALE, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+        reduced.clear()
         loss = coma_kernels.gathered_infonce(q, k, s, symmetric=sym, backend=backend)
         loss.backward()
-        results[name] = {"loss": loss.detach(), "dq": q.grad, "dk": k.grad, "ds": s.grad}
+        results[name] = {"loss": loss.detach(), "dq": q.grad, "dk": k.grad, "ds": s.grad,
+                         "largest_all_reduce": max(reduced, default=0), "keys": sum(m)}
+    dist.all_reduce = all_reduce
     dist.barrier()
     dist.destroy_process_group()
     torch.save(results, out)
@@ -98,6 +109,8 @@ def test_rank_averaged_gradients_equal_single_process_reference(world, tmp_path)
         torch.testing.assert_close(torch.cat([r["dq"].double() for r in res]) / world, q.grad, **tol, msg=name)
         torch.testing.assert_close(torch.cat([r["dk"].double() for r in res]) / world, k.grad, **tol, msg=name)
         torch.testing.assert_close(sum(r["ds"].double() for r in res) / world, s.grad, **tol, msg=name)
+        # the [M, D] key gradient is reduce-scattered (each rank gets its rows), never all-reduced
+        assert all(r["largest_all_reduce"] <= r["keys"] for r in res), (name, [r["largest_all_reduce"] for r in res])
 
 
 def test_requires_initialised_process_group():
