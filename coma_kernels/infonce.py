@@ -32,6 +32,7 @@ CUDA: :mod:`coma_kernels.tiled`).  :class:`FusedInfoNCE` is the whole loss as on
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -96,6 +97,17 @@ def combine(row_loss, col_loss, reduction):
     return per_query
 
 
+def _autocast_off(fn):
+    """The loss computes in its own dtypes: under an outer autocast (a training step's bf16 region)
+    torch.mm in the host loops (tiled.py, infonce_torch.py) would run its fp32 GEMMs in bf16."""
+    @functools.wraps(fn)
+    def wrapper(query, *args, **kwargs):
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            return fn(query, *args, **kwargs)
+    return wrapper
+
+
+@_autocast_off
 def per_query_losses(query, key, scale: float, positive_index, symmetric, ops, reduce_col=None):
     """Forward without a graph: (per-query losses [n], row_lse [n], col_lse [m] | None, dots [n])
     in the accumulation dtype; dots_i = q_i · k_{p_i}.  ``reduce_col`` (coma_kernels.distributed)
@@ -113,6 +125,7 @@ def per_query_losses(query, key, scale: float, positive_index, symmetric, ops, r
     return combine(row_loss, col_loss, "none"), row_lse, col_lse, dots
 
 
+@_autocast_off
 def loss_grads(query, key, scale: float, positive_index, symmetric, ops, row_lse, col_lse, weight,
                reduce_col=None):
     """Gradients of Σ_i weight_i · loss_i w.r.t. (query, key, logit_scale), in the accumulation

@@ -39,17 +39,8 @@ class TorchOps:
         acc = acc_dtype(query.dtype)
         return query.to(acc).contiguous(), key.to(acc).contiguous()
 
+    # (autocast is off around both: coma_kernels.infonce's callers turn it off for every backend)
     def stats(self, query, key, scale: float, col: bool):
-        # autocast would silently run the chunk products in bf16/fp16: accumulation is fp32 here
-        with torch.autocast(query.device.type, enabled=False):
-            return self._stats(query, key, scale, col)
-
-    def softmax_grads(self, query, key, scale: float, row_lse, row_coef, col_lse=None, col_coef=None,
-                      pos_index=None, pos_coef=None):
-        with torch.autocast(query.device.type, enabled=False):
-            return self._softmax_grads(query, key, scale, row_lse, row_coef, col_lse, col_coef, pos_index, pos_coef)
-
-    def _stats(self, query, key, scale, col):
         q, k = self._prep(query, key)
         n, m = q.shape[0], k.shape[0]
         step = self.chunk or _chunk_rows(n, m, q.device)
@@ -70,7 +61,8 @@ class TorchOps:
         col_lse = cmax + torch.log(csum) if col else None
         return row_lse, col_lse
 
-    def _softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse, col_coef, pos_index, pos_coef):
+    def softmax_grads(self, query, key, scale: float, row_lse, row_coef, col_lse=None, col_coef=None,
+                      pos_index=None, pos_coef=None):
         q, k = self._prep(query, key)
         n, m = q.shape[0], k.shape[0]
         step = self.chunk or _chunk_rows(n, m, q.device)

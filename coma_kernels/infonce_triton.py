@@ -94,10 +94,10 @@ def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, col
             s_c = tl.where(rmask[:, None], s, float("-inf"))
             c_max = tl.max(s_c, axis=0)                          # finite: every block has a valid row
             c_sum = tl.sum(tl.exp(s_c - c_max[None, :]), axis=0)
-            tl.store(PMAX + pid_m * m + cols, c_max, mask=cmask)
-            tl.store(PSUM + pid_m * m + cols, c_sum, mask=cmask)
-    tl.store(RMAX + split * n + rows, m_i, mask=rmask)
-    tl.store(RSUM + split * n + rows, l_i, mask=rmask)
+            tl.store(PMAX + pid_m.to(tl.int64) * m + cols, c_max, mask=cmask)  # int64: blocks · m may pass 2³¹
+            tl.store(PSUM + pid_m.to(tl.int64) * m + cols, c_sum, mask=cmask)
+    tl.store(RMAX + split.to(tl.int64) * n + rows, m_i, mask=rmask)
+    tl.store(RSUM + split.to(tl.int64) * n + rows, l_i, mask=rmask)
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0,
         pidx = tl.load(PIDX + rows, mask=rmask, other=-1)
         pcoef = tl.load(PCOEF + rows, mask=rmask, other=0.0)
         g -= tl.where(cols[None, :] == pidx[:, None], pcoef[:, None], 0.0)
-    tl.store(DSP + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
+    tl.store(DSP + pid_m.to(tl.int64) * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
     tl.store(G + local[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=valid)
 
 

@@ -206,11 +206,14 @@ def test_auto_picks_torch_on_cpu_and_import_is_lazy(repo_root):
     assert r.returncode == 0, f"importing kernels pulled in {r.stdout} {r.stderr[-500:]}"
 
 
-def test_autocast_does_not_lower_torch_backend_precision():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_does_not_lower_precision(backend):
+    """An outer autocast (a training step's bf16 region) turned the triton host loop's fp32
+    GEMMs (tiled.py) into bf16 ones."""
     q, k, s = make(40, 60, 32, torch.float32, 33.3)
-    want = run("torch", q, k, s)
+    want = run(backend, q, k, s)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = run("torch", q, k, s)
+        got = run(backend, q, k, s)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-7)
 
