@@ -37,7 +37,7 @@ from pipeline.checkpoint import (CheckpointError, CheckpointManager, resolve_res
 from pipeline.config import Config, ConfigError, save_yaml, to_dict, to_yaml
 from pipeline.data_plan import expand_sources
 from pipeline.fileio import atomic_write_text, output_problem
-from pipeline.flops import FlopsModel, batch_shape_stats, peak_flops
+from pipeline.flops import FlopsModel, batch_shape_stats, peak_flops, target_tokens
 from pipeline.metrics import Metrics
 from pipeline.steps import StepRunner, TrainState, num_samples
 
@@ -249,7 +249,6 @@ class Loop:
                                         train_llm_weights=not cfg.model.lora.enabled,
                                         train_vit=not cfg.model.freeze_vision)
         self.peak = peak_flops(get_accelerator().device_name() + " " + _device_label(), cfg.train.peak_tflops)
-        self.passes = 2 if (cfg.train.stage == 2 and built.plan.cache_chunk is not None) else 1
         self.config_yaml = to_yaml(cfg)
         self.window = _Window()
         self._it: Optional[Iterator] = None
@@ -297,7 +296,7 @@ class Loop:
         else:
             st.bad_in_row = 0
         tokens, seqs, patches = _count_tokens(parts)
-        flops = self.fm.step_flops(seqs, patches, forward_passes=self.passes)
+        flops = self.fm.step_flops(seqs, patches, head_tokens=sum(target_tokens(p) for p in parts))
         loss = out["loss"] if out["applied"] and math.isfinite(out["loss"]) else None  # skipped steps: no loss
         self.window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, loss, t_gc)
         if st.step % cfg.train.log_every == 0 or st.step == self.total:

@@ -22,19 +22,28 @@ def test_lora_frozen_vision_counts():
     assert f == pytest.approx(llm_mm + llm_attn + vit + llm_mm + 2 * llm_attn)
 
 
-def test_full_ft_cache_and_recompute():
+def test_full_ft_counts_model_flops_only():
+    """PaLM/torchtitan model FLOPs: 6·N per token under full fine-tuning plus attention; the
+    embedding cache's no-grad pass and checkpoint recompute are not model FLOPs (they used to be
+    counted, the former always)."""
     m = _m(train_llm_weights=True, train_vit=True)
     llm_mm, llm_attn = 2 * 1000 * 5, 2 * 2 * 8 * 25
     vit = 2 * 100 * 2 + 4 * 4 * 4
     fwd = llm_mm + llm_attn + vit
     bwd = 2 * llm_mm + 2 * llm_attn + 2 * vit
     assert m.step_flops([5], [2]) == pytest.approx(fwd + bwd)
-    # embedding cache: a second forward of everything
-    assert m.step_flops([5], [2], forward_passes=2) == pytest.approx(2 * fwd + bwd)
-    # gradient checkpointing (hardware FLOPs): one more LLM forward
-    assert m.step_flops([5], [2], count_checkpoint_recompute=True) == pytest.approx(fwd + bwd + llm_mm + llm_attn)
+    assert m.step_flops([5], [2]) == pytest.approx(6 * 1000 * 5 + 3 * llm_attn + 3 * vit)
     # patches and tokens are counted separately: more patches never changes the LLM term
     assert m.step_flops([5], [3]) - m.step_flops([5], [2]) == pytest.approx(3 * (2 * 100 + 4 * 4 * (9 - 4)) / 1)
+
+
+def test_output_head_runs_on_target_tokens_only():
+    """An untied lm_head used to be counted on every token; stage 2 never runs it and stage 1
+    only at its target tokens."""
+    lora, full = _m(head_params=500), _m(head_params=500, train_llm_weights=True)
+    assert lora.step_flops([10], []) == _m().step_flops([10], [])                 # stage 2
+    assert lora.step_flops([10], [], head_tokens=3) - lora.step_flops([10], []) == pytest.approx(2 * 2 * 500 * 3)
+    assert full.step_flops([10], [], head_tokens=3) - full.step_flops([10], []) == pytest.approx(6 * 500 * 3)
 
 
 def test_batch_stats_nested_and_peak():
@@ -45,6 +54,7 @@ def test_batch_stats_nested_and_peak():
     assert seqs == [3, 4, 3] and patches == [16]
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 NVL") == 835e12
     assert peak_flops("cpu") is None and peak_flops("cpu", override_tflops=2.0) == 2e12
 
 
@@ -63,5 +73,7 @@ def test_from_tiny_model(tmp_path):
     n_vit = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
     n_emb = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n)
     n_all = sum(p.numel() for p in model.parameters())
-    assert fm.vit_params == n_vit and fm.llm_params == n_all - n_vit - n_emb
+    n_head = sum(p.numel() for n, p in model.named_parameters() if "lm_head" in n)
+    assert fm.vit_params == n_vit and fm.llm_params == n_all - n_vit - n_emb - n_head
+    assert fm.head_params == 128 * 32  # vocab × hidden, whether or not the head is tied
     assert (fm.llm_layers, fm.llm_hidden, fm.vit_layers, fm.vit_hidden) == (2, 32, 1, 16)
