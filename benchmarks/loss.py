@@ -108,9 +108,13 @@ def provider_fn(name, symmetric):
         from inf_cl import cal_inf_loss  # CUDA only
 
         def infcl(q, k, s):  # returns the mean q→k loss; upcasts to fp32 internally; D % 256 == 0
+            # The scale goes into q here, not through scale=: a scale that requires grad is
+            # all-reduced inside Inf-CL without a process group (fails outside torch.distributed).
+            # (s·q)·k = s·(q·k): the same logits, and s still gets its gradient through q.
             labels = torch.arange(q.shape[0], device=q.device)
-            one = cal_inf_loss(q, k, labels=labels, scale=s)
-            return 0.5 * (one + cal_inf_loss(k, q, labels=labels, scale=s)) if symmetric else one
+            qs = q * s
+            one = cal_inf_loss(qs, k, labels=labels)
+            return 0.5 * (one + cal_inf_loss(k, qs, labels=labels)) if symmetric else one
         return infcl
     if name == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
