@@ -43,10 +43,6 @@ if find_spec("pipeline") is None:  # imported as an installed package, never by 
     sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 RESULTS = REPO / "benchmarks" / "results"
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name substring.
-BF16_PEAK = [("H200", 989.0), ("H100 SXM", 989.0), ("H100 80GB HBM3", 989.0), ("H100 NVL", 835.0),
-             ("H100 PCIe", 756.0), ("H100", 756.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0),
-             ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0)]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -223,6 +219,8 @@ def bench_one(name, n, d, dtype_name, symmetric, device, repeats, scale, truth_c
 
 def device_info(device):
     import torch
+
+    from pipeline.flops import peak_flops
     info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
             "host": platform.node(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
@@ -233,7 +231,7 @@ def device_info(device):
     if device == "cuda":
         name = torch.cuda.get_device_name()
         info.update(gpu=name, cuda=torch.version.cuda,
-                    bf16_peak_tflops=next((p for key, p in BF16_PEAK if key in name), None))
+                    bf16_peak_tflops=(peak_flops(name) or 0) / 1e12 or None)  # pipeline/flops.py's table
     else:
         info.update(gpu=None, cuda=None, bf16_peak_tflops=None, cpu=platform.processor() or platform.machine(),
                     threads=torch.get_num_threads())

@@ -17,7 +17,8 @@ Stable API (the engine, export and evaluation code against it)
 * stage-1 batch (has ``labels``)  → :class:`Stage1Output` with ``.loss`` (0-dim fp32), ``.num_targets``
   and ``.num_tokens`` (0-dim long tensors);
 * embedding batch                 → ``[B, D]`` float32, L2-normalised;
-* contrastive batch (``query`` / ``candidates``) → ``(q [n, D], k [m, D], logit_scale 0-dim)``, all
+* contrastive batch (``query`` / ``candidates``) → ``(q [n, D], k [m, D], logit_scale 0-dim)``: q, k
+  L2-normalised in fp32 then rounded once to ``model_cfg.dtype`` (bf16 in GPU training), the scale
   fp32; k = the n positives then the hard negatives.  The logit scale is a parameter used inside
   forward (ZeRO-3 gathers parameters only there); the engine calls
   ``coma_kernels.gathered_infonce(q, k, logit_scale)``.
@@ -124,8 +125,14 @@ class CoMaModel(nn.Module):
     # ------------------------------------------------------------------------------- forward
     def forward(self, **batch):
         if "query" in batch:
-            q = self.embed(**batch["query"])
-            k = self.embed(**batch["candidates"])
+            # The loss takes the embeddings in the model's dtype (bf16 in GPU training): rounding
+            # unit-norm embeddings to bf16 moves the loss gradients by ~0.5 %, trained regime
+            # included (benchmarks/loss_dtype.py), about the precision of the bf16 hidden states
+            # they average, while fp32 inputs would run the loss GEMMs as TF32 or FMA.  The fused
+            # kernels accumulate in fp32 (coma_kernels/infonce.py); benchmarks/loss.py times bf16.
+            dt = DTYPES[self.cfg.dtype]
+            q = self.embed(**batch["query"]).to(dt)
+            k = self.embed(**batch["candidates"]).to(dt)
             return q, k, self.logit_scale()
         if "labels" in batch:
             return self.stage1(**batch)

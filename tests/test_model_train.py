@@ -138,6 +138,12 @@ def test_contrastive_forward(eval_model):
     q, k, scale = eval_model(**Collator(eval_model.processor, eval_model.cfg, kind="mmeb")(samples))
     assert q.shape == (2, 64) and k.shape == (3, 64) and q.dtype == k.dtype == torch.float32
     assert scale.dim() == 0 and abs(float(scale) - 1 / 0.03) < 1e-3
+    # a bf16 model hands the loss bf16 embeddings (what the fused kernels are benchmarked on),
+    # normalised in fp32 first; the scale stays fp32
+    bf16 = load_model(model_cfg(dtype="bfloat16"), for_training=False)
+    qb, kb, sb = bf16(**Collator(bf16.processor, bf16.cfg, kind="mmeb")(samples))
+    assert qb.dtype == kb.dtype == torch.bfloat16 and sb.dtype == torch.float32
+    assert torch.allclose(qb.float().norm(dim=-1), torch.ones(2), atol=1e-2)
     learn = load_model(model_cfg(), temperature=0.05, learnable_scale=True)
     assert learn.logit_scale_offset.requires_grad and abs(float(learn.logit_scale().detach()) - 20.0) < 1e-3
 
