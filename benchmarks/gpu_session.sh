@@ -1,65 +1,125 @@
 #!/usr/bin/env bash
-# The whole GPU check of a lent H100/H200 in one command that ends inside the device tool's
-# 10-minute call (a session has 15 minutes of device time in all, machine start included):
+# The prepared GPU session: run it first whenever a GPU is lent (the device tool's command):
 #
-#   bash benchmarks/wheelhouse.sh            # here first: .whl/ with deepspeed, webdataset, … (git-ignored)
-#   device run:  command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 600
+#   make wheelhouse                                  # here, once: .whl/ (git-ignored) for phases 4-7
+#   device run:  command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 450
+#   device run:  command "PHASES=train bash benchmarks/gpu_session.sh", carry [".whl"]   # the 3B run alone
 #
-# 1. kernels (KERNEL_S, default 330 s): benchmarks/gpu_check.py — triton and cuda InfoNCE vs
-#    float64 (fp32/bf16/fp16, odd shapes, the trained regime), gathered_infonce over NCCL, then
-#    the loss benchmark from the issue's target point (N=32768, D=2048, bf16, symmetric) down.
-# 2. training (TRAIN_S, default 240 s): benchmarks/throughput.py under torchrun on 1 GPU with a
-#    random-init Qwen2.5-VL-3B (stage 1 preset: LoRA, ZeRO-3, bf16, gradient checkpointing),
-#    synthetic 448 px images (256 visual tokens), global batch 32: step time, MFU, memory,
-#    pipeline vs bare loop.
+# Phases, cheapest and most informative first, each under its own time limit; each appends one
+# JSON line to $OUT/phases.jsonl the moment it ends ({"phase", "status": ok|fail|timeout|skipped,
+# "rc", "seconds", "result", "tail"}) and leaves its log in $OUT, so a call cut short keeps every
+# phase that finished.  The limits add up to 415 s, so a rerun still fits a 15-minute budget.
 #
-# Everything lands in $OUT as two files (the tool returns at most 8): summary.txt (PASS/FAIL
-# counts, the target lines, the throughput row) and gpu_session.tgz (all logs, CSV and JSON).
+#   1 env          (10 s)  card, driver, torch/CUDA/triton versions
+#   2 correctness  (75 s)  benchmarks/gpu_check.py --skip-bench: triton and cuda InfoNCE vs float64
+#                          (fp32/bf16/fp16, odd shapes, the trained regime), gathered_infonce on NCCL
+#   3 breakdown    (45 s)  benchmarks/loss_breakdown.py: per-kernel times of the triton loss at
+#                          N=32768, D=2048, bf16, symmetric, and the cuBLAS ceiling of its four GEMMs
+#   4 wheels       (30 s)  install .whl/ (deepspeed, transformers, ... and inf_cl); phases 1-3 need none
+#   5 loss         (70 s)  benchmarks/loss.py at the target point: reference, triton, cuda, Inf-CL
+#   6 compression  (45 s)  benchmarks/compression.py: the stage-1 mask paths on the GPU's attention
+#   7 train       (140 s)  benchmarks/throughput.py: ZeRO-3 stage 1 of a random-init Qwen2.5-VL-3B
+#                          (LoRA, bf16, 448 px images): step time, tokens/s, MFU, peak memory
+#
+# PHASES="env correctness ..." picks phases; OUT defaults to benchmarks/results/gpu_session.
+# On a CPU-only machine the script runs as a dry run: env and the phase bookkeeping run, the GPU
+# phases record "skipped" (tests/test_gpu_session.py does exactly this).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_session}
-KERNEL_S=${KERNEL_S:-330}
-TRAIN_S=${TRAIN_S:-240}
-WORK=$(mktemp -d /tmp/gpu_session.XXXXXX)
-mkdir -p "$OUT" "$WORK/kernels"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PHASES=${PHASES:-"env correctness breakdown wheels loss compression train"}
+mkdir -p "$OUT"
+# The device machine gets a copy of the working tree, not an installed package: put it on the path.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+unset TRITON_INTERPRET
+HAVE_GPU=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "gpu_session: installing .whl/ failed" | tee "$OUT/summary.txt"; exit 1; }
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
-fi
-python3 - <<'PY' 2>&1 | tee "$WORK/versions.txt"
-import importlib, torch
-print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch", torch.__version__)
-for m in ("triton", "deepspeed", "transformers", "peft", "webdataset", "inf_cl"):
+# record NAME RC SECONDS [RESULT_JSON_FILE]: one JSON line in $OUT/phases.jsonl
+record() {
+  python3 - "$OUT" "$@" <<'PY'
+import json, sys
+from pathlib import Path
+out, name, rc, secs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+res_file = Path(sys.argv[5]) if len(sys.argv) > 5 else None
+log = out / f"{name}.log"
+lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+result = None
+if res_file is not None and res_file.exists():
+    text = res_file.read_text(errors="replace")
     try:
-        print(m, getattr(importlib.import_module(m), "__version__", "?"))
-    except Exception as e:  # noqa: BLE001
-        print(m, "MISSING", type(e).__name__, e)
+        result = json.loads(text)
+    except ValueError:  # JSON lines or CSV: keep the rows
+        rows = [r for r in text.splitlines() if r.strip()]
+        try:
+            result = [json.loads(r) for r in rows]
+        except ValueError:
+            result = rows[:40]
+if name == "correctness":
+    passed = [l for l in lines if l.startswith("PASS")]
+    failed = [l for l in lines if l.startswith("FAIL")]
+    result = {"passed": len(passed), "failed": len(failed), "fail_lines": failed[:20],
+              "summary": next((l for l in lines if l.startswith("correctness:")), None)}
+status = {0: "ok", 124: "timeout", 137: "timeout", 2: "skipped"}.get(rc, "fail")
+line = {"phase": name, "status": status, "rc": rc, "seconds": round(secs, 1), "result": result,
+        "tail": lines[-15:]}
+with open(out / "phases.jsonl", "a") as f:
+    f.write(json.dumps(line) + "\n")
+print(f"[gpu_session] {name}: {status} (rc {rc}, {secs:.0f} s)", flush=True)
 PY
+}
 
-t0=$SECONDS
-timeout "$KERNEL_S" python3 benchmarks/gpu_check.py --out "$WORK/kernels" --deadline $((KERNEL_S - 15)) \
-  >"$WORK/gpu_check.log" 2>&1
-echo "gpu_check exit $? after $((SECONDS - t0)) s" >>"$WORK/gpu_check.log"
+# phase NAME LIMIT RESULT_FILE CMD...: run CMD under LIMIT seconds, log to $OUT/NAME.log, record it
+phase() {
+  local name=$1 limit=$2 res=$3; shift 3
+  case " $PHASES " in *" $name "*) ;; *) return 0 ;; esac
+  local t0=$SECONDS rc
+  timeout --kill-after=5 "$limit" bash -c '"$@"' "$name" "$@" >"$OUT/$name.log" 2>&1  # bash: phases may be functions
+  rc=$?
+  record "$name" "$rc" "$((SECONDS - t0))" ${res:+"$res"}
+}
 
-t0=$SECONDS
-timeout "$TRAIN_S" python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 \
-  benchmarks/throughput.py --config launch/configs/stage1_qwen2_5_vl_3b.yaml --random-init qwen2_5_vl_3b \
-  --random-init-dir /tmp/coma-3b --image-size 448 --model.max_pixels=200704 --data synthetic \
-  --warmup 1 --steps 2 --rounds 2 --train.global_batch_size=32 --train.micro_batch_size=8 \
-  --out "$WORK/throughput.jsonl" >"$WORK/throughput.log" 2>&1
-echo "throughput exit $? after $((SECONDS - t0)) s" >>"$WORK/throughput.log"
+gpu_only() {  # exit 2 (recorded as skipped) on a machine without a GPU, else run the command
+  if [ "$HAVE_GPU" = 1 ]; then "$@"; else echo "no CUDA device: skipped"; return 2; fi
+}
 
-{
-  cat "$WORK/versions.txt"
-  echo "--- kernels"
-  grep -c '^PASS' "$WORK/gpu_check.log" | sed 's/^/PASS lines: /'
-  grep -E '^FAIL|^correctness|target|exit' "$WORK/gpu_check.log"
-  echo "--- training"
-  tail -n 25 "$WORK/throughput.log"
-  cat "$WORK/throughput.jsonl" 2>/dev/null
-} >"$OUT/summary.txt"
-tar czf "$OUT/gpu_session.tgz" -C "$WORK" .
-cat "$OUT/summary.txt"
+install_wheels() {
+  compgen -G ".whl/*.whl" >/dev/null || { echo "no .whl/ carried (run make wheelhouse here first)"; return 2; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+}
+export -f gpu_only install_wheels
+export HAVE_GPU
+
+phase env 10 "$OUT/env.json" python3 -c "
+import json, platform, shutil, subprocess, torch
+info = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,
+        'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'nvcc': shutil.which('nvcc'),
+        'ninja': shutil.which('ninja')}
+try:
+    import triton; info['triton'] = triton.__version__
+except ImportError:
+    info['triton'] = None
+try:
+    info['driver'] = subprocess.run(['nvidia-smi', '--query-gpu=driver_version,memory.total,clocks.max.sm',
+                                     '--format=csv,noheader'], capture_output=True, text=True, timeout=5).stdout.strip()
+except (OSError, subprocess.SubprocessError):
+    info['driver'] = None
+json.dump(info, open('$OUT/env.json', 'w'))
+print(json.dumps(info))"
+phase correctness 75 "" gpu_only python3 benchmarks/gpu_check.py --skip-bench --out "$OUT/correctness"
+phase breakdown 45 "$OUT/loss_breakdown.json" gpu_only python3 benchmarks/loss_breakdown.py --out "$OUT/loss_breakdown.json"
+phase wheels 30 "" install_wheels
+if [ -d /tmp/site ]; then export PYTHONPATH="/tmp/site:$PYTHONPATH" PATH="/tmp/site/bin:$PATH"; fi
+phase loss 70 "$OUT/loss_target.csv" gpu_only python3 benchmarks/loss.py --device cuda --n 32768 --d 2048 \
+  --dtype bf16 --symmetric on --repeats 3 --providers reference triton cuda infcl --out "$OUT/loss_target.csv"
+phase compression 45 "$OUT/compression/compression.json" gpu_only python3 benchmarks/compression.py --device cuda \
+  --dtype bfloat16 --tokens 256,1024 --reps 5 --no-memory --out "$OUT/compression"
+phase train 140 "$OUT/throughput.jsonl" gpu_only python3 -m torch.distributed.run --nproc_per_node 1 \
+  --master_port 29533 benchmarks/throughput.py --config launch/configs/stage1_qwen2_5_vl_3b.yaml \
+  --random-init qwen2_5_vl_3b --random-init-dir /tmp/coma-3b --image-size 448 --model.max_pixels=200704 \
+  --data synthetic --warmup 1 --steps 2 --rounds 2 --train.global_batch_size=32 --train.micro_batch_size=8 \
+  --out "$OUT/throughput.jsonl"
+cat "$OUT/phases.jsonl" 2>/dev/null | python3 -c "
+import json, sys
+for line in sys.stdin:
+    p = json.loads(line)
+    print(f\"{p['phase']:<12} {p['status']:<8} {p['seconds']:>6} s\")"

@@ -1,0 +1,129 @@
+"""Where the time of one fused InfoNCE forward + backward goes, kernel by kernel, against the
+cuBLAS ceiling of the four GEMMs it has to do.
+
+    python benchmarks/loss_breakdown.py                                  # GPU: N=32768, D=2048, bf16, symmetric
+    python benchmarks/loss_breakdown.py --backend cuda --n 16384 --d 3584
+
+The loss does four N×N×D products (2·N²·D FLOPs each): Q Kᵀ for the statistics (forward), Q Kᵀ
+again in the gradient tiles (recompute), G K for dQ and Gᵀ Q for dK.  The ceiling is torch.mm
+on those shapes (bf16 in, fp32 out, the chunk sizes the backend uses): no kernel of ours can
+beat it, and the gap per phase says which one to work on.  Kernel times come from
+torch.profiler (CUDA activity), summed by kernel name over ``--repeats`` calls after a warm-up.
+
+Prints a table and writes benchmarks/results/loss_breakdown.json (one object: environment,
+per-kernel rows, the ceiling rows, and the ratios).  Needs a CUDA device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
+    sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cuda_ms(fn, repeats: int) -> float:
+    """Median ms of ``fn()`` over ``repeats`` CUDA-event timed calls after one warm-up."""
+    import statistics
+
+    import torch
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=32768)
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--backend", default="triton", choices=["triton", "cuda"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(RESULTS / "loss_breakdown.json"))
+    args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(json.dumps({"status": "skipped", "reason": "no CUDA device"}))
+        return 2
+    import coma_kernels
+    from coma_kernels.tiled import DEFAULT_CHUNK_ELEMS, mm_f32
+    from pipeline.flops import peak_flops
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    n, d = args.n, args.d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1).to(dt).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1).to(dt).requires_grad_()
+    s = torch.tensor(33.3, device="cuda", requires_grad=True)
+
+    def step():
+        loss = coma_kernels.fused_infonce(q, k, s, symmetric=True, backend=args.backend)
+        loss.backward()
+        q.grad = k.grad = s.grad = None
+
+    total_ms = cuda_ms(step, args.repeats)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.repeats):
+            step()
+        torch.cuda.synchronize()
+    kernels = []
+    for ev in prof.key_averages():
+        cuda_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if cuda_us:
+            kernels.append({"kernel": ev.key[:90], "calls": ev.count // args.repeats,
+                            "ms": round(cuda_us / 1e3 / args.repeats, 3)})
+    kernels.sort(key=lambda r: -r["ms"])
+
+    # The ceiling: the same four products with torch.mm at the chunk the host loop uses.
+    chunk = min(n, max(64, int(os.environ.get("COMA_INFONCE_CHUNK_ELEMS_GPU", DEFAULT_CHUNK_ELEMS)) // n))
+    qd, kd = q.detach(), k.detach()
+    gch = torch.randn(chunk, n, device="cuda", dtype=dt)
+    per = 2.0 * n * n * d
+    ceiling = []
+    for name, fn in [("logits Q Kᵀ (stats)", lambda: mm_f32(qd, kd.t())),
+                     ("logits Q Kᵀ (recompute)", lambda: mm_f32(qd, kd.t())),
+                     ("dQ = G K (all chunks)", lambda: [mm_f32(gch, kd) for _ in range(0, n, chunk)]),
+                     ("dK += Gᵀ Q (all chunks)", lambda: [mm_f32(gch.t(), qd[:chunk]) for _ in range(0, n, chunk)])]:
+        ms = cuda_ms(fn, args.repeats)
+        ceiling.append({"gemm": name, "ms": round(ms, 3), "tflops": round(per / ms / 1e9, 1)})
+    ceiling_ms = sum(r["ms"] for r in ceiling)
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(name)
+    flops = 4 * per
+    report = {"gpu": name, "torch": torch.__version__, "backend": args.backend, "n": n, "d": d, "dtype": args.dtype,
+              "chunk": chunk, "total_ms": round(total_ms, 3), "tflops": round(flops / total_ms / 1e9, 1),
+              "pct_peak": round(100 * flops / (total_ms / 1e3) / peak, 1) if peak else None,
+              "ceiling_ms": round(ceiling_ms, 3), "vs_ceiling": round(total_ms / ceiling_ms, 2),
+              "kernels": kernels[:20], "ceiling": ceiling}
+    print(f"{args.backend} N={n} D={d} {args.dtype} symmetric fwd+bwd: {total_ms:.2f} ms = {report['tflops']} TFLOP/s"
+          f" ({report['pct_peak']}% of {name}'s bf16 peak); cuBLAS ceiling of its 4 GEMMs {ceiling_ms:.2f} ms"
+          f" ({report['vs_ceiling']}x)")
+    for r in kernels[:12]:
+        print(f"  {r['ms']:9.3f} ms  x{r['calls']:<4} {r['kernel']}")
+    for r in ceiling:
+        print(f"  ceiling {r['gemm']:<26} {r['ms']:8.3f} ms  {r['tflops']:7.1f} TFLOP/s")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
