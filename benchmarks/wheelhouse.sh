@@ -16,9 +16,12 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DEST=.whl
 GPU_PY=${GPU_PY:-3.12}
-PURE=(deepspeed hjson webdataset braceexpand transformers peft pydantic annotated-types
-      typing-inspection typing_extensions inf_cl)
-COMPILED=(pydantic_core regex)  # regex: transformers checks its version at import
+PURE=(deepspeed hjson py-cpuinfo einops webdataset braceexpand transformers peft pydantic annotated-types
+      typing-inspection typing_extensions kernels inf_cl)
+# regex: transformers checks its version at import; msgpack, psutil: deepspeed imports them.
+# flash-attn is not carried: PyPI has only its CUDA source build (the compression phase falls
+# back to SDPA and says so).
+COMPILED=(pydantic_core regex msgpack psutil)
 rm -rf "$DEST" && mkdir -p "$DEST"
 ver() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 for p in "${PURE[@]}"; do
