@@ -237,3 +237,18 @@ def test_triton_other_tile_shapes(monkeypatch, tiles):
     pidx = torch.randint(0, 99, (70,), generator=torch.Generator().manual_seed(2))
     got = run("triton", q, k, s, symmetric=True, positive_index=pidx)
     assert_close(got, reference(q, k, s, symmetric=True, positive_index=pidx), torch.float32, tiles)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dk_accumulates_in_place_in_fp32(dtype):
+    """tiled.py's dK += alpha · Gᵀ Q_chunk writes into the fp32 accumulator itself (no [m, D]
+    temporary per chunk on CUDA); every path gives the fp32 sum of the products."""
+    from coma_kernels.tiled import addmm_f32_
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 19, generator=g).to(dtype), torch.randn(19, 11, generator=g).to(dtype)
+    out = torch.randn(37, 11, generator=g)
+    want = out.double() + 0.5 * (a.double() @ b.double())
+    addmm_f32_(out, a, b, 0.5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
