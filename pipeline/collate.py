@@ -166,6 +166,7 @@ class Collator:
             raise ValueError(f"model.max_text_tokens must be >= 1 (or null: no cut), got {model_cfg.max_text_tokens}")
         self.proc, self.cfg, self.kind, self.mode = processor, model_cfg, kind, mode
         self.padding_side = padding_side
+        self.official = getattr(model_cfg, "prompt_format", "chat") == "official"
         self.max_negatives = max_negatives
         self.pixel_dtype = pixel_dtype
 
@@ -210,8 +211,12 @@ class Collator:
             if not text and img is None:
                 raise ValueError(f"item {i} has neither text nor image")
             n = next(it_tok) if img is not None else None
-            instr = _instruction(instruction, text, img is not None)
-            seqs.append(self.proc.input_ids(text, n, instr, self.cfg.max_text_tokens) + self.proc.compression_ids)
+            if self.official:
+                x = self.proc.official_input_ids(text, n, False, instruction, self.cfg.max_text_tokens)
+            else:
+                x = self.proc.input_ids(text, n, _instruction(instruction, text, img is not None),
+                                        self.cfg.max_text_tokens)
+            seqs.append(x + self.proc.compression_ids)
         return self._pad(seqs, None, pv, grid)
 
     def stage1(self, rows: Sequence[tuple]) -> dict:
@@ -222,8 +227,11 @@ class Collator:
         for (text, _img, conv, key), n in zip(rows, ntok):
             if not conv:
                 raise ValueError(f"sample {key!r}: stage 1 needs at least one question/answer turn")
-            x = self.proc.input_ids(text, n, _instruction(self.cfg.instruction, text, has_image=True),
-                                    self.cfg.max_text_tokens) + self.proc.compression_ids
+            if self.official:
+                x = self.proc.official_input_ids(text, n, True) + self.proc.compression_ids
+            else:
+                x = self.proc.input_ids(text, n, _instruction(self.cfg.instruction, text, has_image=True),
+                                        self.cfg.max_text_tokens) + self.proc.compression_ids
             try:
                 d, t = self._fit_dialogue(conv, loss_on, len(x), key)
             except ValueError as e:
@@ -236,7 +244,7 @@ class Collator:
         """The dialogue's ids/targets, keeping whole turns while ``[X][C][D]`` fits
         ``model.max_length``; a first turn that alone is too long is cut at the limit."""
         max_len = self.cfg.max_length
-        pieces = self.proc.dialogue_pieces(conv, loss_on)  # [head, turn_1, …]: tokenised once
+        pieces = self.proc.dialogue_pieces(conv, loss_on, head=not self.official)  # [head, turn_1, …]
         total = sum(len(p) for p, _ in pieces)
         if max_len is not None and x_len + total > max_len:
             if x_len >= max_len:

@@ -9,7 +9,8 @@ The export directory is a plain Hugging Face model directory (``from_pretrained`
 backbone class loads it with no peft and no project code) plus:
 
 * the tokenizer, with the compression tokens, and ``preprocessor_config.json`` (PIL processor);
-* ``coma.json``: K, the compression token strings, pooling, instruction, text cap, logit scale, family —
+* ``coma.json``: K, the compression token strings, pooling, prompt format, instruction, text cap, logit
+  scale, family —
   what :class:`Embedder` needs to rebuild the exact ``[X][C]`` inputs.
 
 A stage-1 export is also a valid ``model.init`` for stage 2 (the tokens are found, not re-added).
@@ -127,6 +128,7 @@ def export_model(model: CoMaModel, out_dir: str | os.PathLike, state_dict: Optio
         "num_compression_tokens": model.processor.num_compression_tokens,
         "compression_tokens": model.processor.tokenizer.convert_ids_to_tokens(model.processor.compression_ids),
         "pooling": model.cfg.pooling,
+        "prompt_format": model.cfg.prompt_format,
         "instruction": model.cfg.instruction,
         "max_text_tokens": model.cfg.max_text_tokens,
         "logit_scale": scale,
@@ -152,6 +154,7 @@ def read_meta(path: str | os.PathLike) -> dict:
             defaults = ModelConfig()
             return {"format": FORMAT_VERSION, "family": "auto", "untrained": True,
                     "num_compression_tokens": defaults.num_compression_tokens, "pooling": defaults.pooling,
+                    "prompt_format": defaults.prompt_format,
                     "instruction": defaults.instruction, "max_text_tokens": defaults.max_text_tokens,
                     "logit_scale": 1.0 / LossConfig().temperature}
         raise FileNotFoundError(f"{f} not found: {path} is neither an exported CoMa model nor a Hugging Face "
@@ -184,6 +187,7 @@ class Embedder:
         cfg = ModelConfig(init=str(path), family=meta["family"], num_compression_tokens=meta["num_compression_tokens"],
                           pooling=meta["pooling"], instruction=meta["instruction"], dtype=name,
                           max_text_tokens=meta.get("max_text_tokens"),  # absent: exported before the key
+                          prompt_format=meta.get("prompt_format", "chat"),
                           gradient_checkpointing=False, dummy_vision=False, lora=LoraConfig(enabled=False))
         model = load_model(cfg, for_training=False, temperature=1.0 / meta["logit_scale"])
         if model.processor.added_tokens and not meta.get("untrained"):

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 import torch
 
 from pipeline.adapters import FamilyAdapter, adapter_for
-from pipeline.prompts import split_on_placeholder
+from pipeline.prompts import (IMAGE_PLACEHOLDER, OFFICIAL_STAGE1_PROMPT, OFFICIAL_STAGE1_TEXT_PROMPT,
+                              normalize_placeholders, split_on_placeholder)
 
 COMPRESSION_TOKEN = "<|cmp_{i}|>"
 
@@ -144,6 +145,38 @@ class Processor:
             ids += self.vision_span_ids(n_image_tokens)
         return ids + end
 
+    def official_input_ids(self, text: Optional[str], n_image_tokens: Optional[int], stage1: bool,
+                           instruction: Optional[str] = None, max_text_tokens: Optional[int] = None) -> list[int]:
+        """Token ids of X as the authors' code builds it (``model.prompt_format: official``;
+        docs/fidelity.md has the file:line of each rule).  No chat template, no system prompt:
+
+        * stage 1: the vision span, the sample's own text after a newline when it has one,
+          then ``"\nSummarize above image and text in a few words."``;
+        * stage 2 and evaluation: the raw text with the vision span where the ``<image>``
+          marker was (``<|image_1|>`` in MMEB; literally, whitespace kept), or first when the
+          text has no marker; ``instruction`` (``model.instruction``) after a newline if set.
+
+        C follows directly.  Every text piece lies between special tokens, so tokenising the
+        pieces apart gives the ids of the authors' whole-string tokenisation."""
+        has_image = n_image_tokens is not None
+        span = self.vision_span_ids(n_image_tokens) if has_image else []
+        text = normalize_placeholders(text) or ""
+        if stage1:
+            own = text.replace(IMAGE_PLACEHOLDER, "").strip()
+            prompt = OFFICIAL_STAGE1_PROMPT if has_image else OFFICIAL_STAGE1_TEXT_PROMPT
+            before, after = "", ("\n" + own if own else "") + prompt
+        elif has_image and IMAGE_PLACEHOLDER in text:
+            before, after = text.split(IMAGE_PLACEHOLDER, 1)
+        else:
+            before, after = ("", text) if has_image else (text, "")
+        if max_text_tokens is not None and not stage1:
+            before, after = self.cut_text(before, after, max_text_tokens)
+        if instruction and not stage1:
+            after = after + "\n" + instruction
+        b, a = (self.user_ids(x) for x in (before, after))
+        tb, ta = self.many_text_ids([before if b is None else "", after if a is None else ""])
+        return (tb if b is None else b) + span + (ta if a is None else a)
+
     def cut_text(self, before: str, after: str, max_tokens: int) -> tuple[str, str]:
         """An input's own text (``before`` and ``after`` its image) cut to at most ``max_tokens``
         tokens together, counted as each part tokenises on its own; the cut drops the end of
@@ -171,12 +204,13 @@ class Processor:
                 return cut
         return ""
 
-    def dialogue_pieces(self, conversations: Sequence[dict], loss_on: str = "answer"
+    def dialogue_pieces(self, conversations: Sequence[dict], loss_on: str = "answer", head: bool = True
                         ) -> list[tuple[list[int], list[bool]]]:
         """D = ``Q_1 A_1 … Q_t A_t`` (the ChatML turns after C) as ``[head, turn_1, …, turn_t]``
         pieces of (token ids, per-token "is a target" flags): answers (+ their end-of-turn token)
         for ``loss_on="answer"``, every token for ``"all"``.  Each turn is tokenised on its own,
-        so D of the first t turns is the concatenation of the first t + 1 pieces."""
+        so D of the first t turns is the concatenation of the first t + 1 pieces.  ``head``
+        False (the official format: C is not inside an assistant turn): the head piece is empty."""
         a = self.adapter
         other = loss_on == "all"
         for i, turn in enumerate(conversations):
@@ -187,8 +221,9 @@ class Processor:
             [a.turn_close(), a.turn_close().rstrip("\n"), "\n"]
             + [s for t in conversations
                for s in (a.user_open() + t["question"] + a.turn_close() + a.assistant_open(), str(t["answer"]))])
-        head, answer_close, nl = ids[:3]  # head closes the assistant turn that C occupies
-        pieces = [(head, [other] * len(head))]
+        first, answer_close, nl = ids[:3]  # the head closes the assistant turn that C occupies
+        first = first if head else []
+        pieces = [(first, [other] * len(first))]
         for t, q_ids, a_ids in zip(conversations, ids[3::2], ids[4::2]):
             q_lit, a_lit = self.user_ids(t["question"]), self.user_ids(str(t["answer"]))
             if q_lit is not None:  # a question spelling added tokens (see user_ids)

@@ -30,6 +30,11 @@ _FOREIGN_MARKERS = re.compile(r"<\|image_\d+\|>|<image>|<img>|\[image\]", re.IGN
 DEFAULT_IMAGE_INSTRUCTION = "Summarize the above image in a few words."
 DEFAULT_TEXT_INSTRUCTION = "Summarize the above sentence in a few words."
 
+# What the authors' stage-1 code puts between the image and C (``model.prompt_format: official``;
+# src/data/dataset/llava_instruct_dataset.py:76-80 of Trustworthy-Information-Access/CoMa).
+OFFICIAL_STAGE1_PROMPT = "\nSummarize above image and text in a few words."
+OFFICIAL_STAGE1_TEXT_PROMPT = "\nSummarize above text in a few words."
+
 
 def normalize_placeholders(text: str | None) -> str | None:
     """Rewrite every known image marker (``<|image_1|>``, ``<image>``, …) to :data:`IMAGE_PLACEHOLDER`

@@ -299,3 +299,44 @@ def test_text_spelling_special_tokens_stays_text(proc):
     head, close = proc.many_text_ids([a.system_block() + a.user_open() + "a plain caption",
                                       a.turn_close() + a.assistant_open()])
     assert proc.input_ids("a plain caption", None) == head + close
+
+
+def _authors_ids(proc, text: str) -> list[int]:
+    """What the authors' processor does with a finished input string: one tokenizer call."""
+    return proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_official_format_stage1_token_for_token(proc):
+    """model.prompt_format=official, stage 1: the string the authors' code builds (image span,
+    "\\nSummarize above image and text in a few words.", C, ChatML turns without a system turn;
+    llava_instruct_dataset.py:10-38,76-80, train_collator.py:182-205, processor.py:78-79),
+    tokenised as their processor does, equals our ids; with stage1_loss=all the labels are every
+    token from the first <|im_start|> after C to the end (processor.py:288-306)."""
+    cfg = model_cfg(prompt_format="official", stage1_loss="all")
+    conv = [{"question": "What digit is it?", "answer": "A seven."}, {"question": "Colour?", "answer": "Black"}]
+    img = image(56, 56)
+    b = Collator(proc, cfg, kind="qa")([{"__key__": "k", "kind": "qa", "image": img, "conversations": conv}])
+    n = int(b["image_grid_thw"].prod(-1)[0]) // proc.merge_size ** 2
+    x = ("<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + "\nSummarize above image and text in a few words."
+         + "".join(proc.tokenizer.convert_ids_to_tokens(proc.compression_ids)))
+    d = "".join(f"<|im_start|>user\n{t['question']}<|im_end|>\n<|im_start|>assistant\n{t['answer']}<|im_end|>\n"
+                for t in conv)
+    assert b["input_ids"][0].tolist() == _authors_ids(proc, x + d)
+    n_x = len(_authors_ids(proc, x))
+    assert (b["labels"][0][:n_x] == IGNORE_INDEX).all() and (b["labels"][0][n_x:] == b["input_ids"][0][n_x:]).all()
+
+
+def test_official_format_stage2_token_for_token(proc):
+    """Stage 2 / evaluation, official: the raw MMEB text with the vision span where <|image_1|>
+    was (whitespace kept) and C appended; no template, no default instruction
+    (mmeb_dataset.py:61-64)."""
+    cfg = model_cfg(prompt_format="official")
+    c = "".join(proc.tokenizer.convert_ids_to_tokens(proc.compression_ids))
+    query = "<image> Represent the given image with the following question: What is in the image?"
+    b = Collator(proc, cfg, kind="mmeb").encode([{"text": query, "image": image(56, 56)},
+                                                  {"text": "A photo of a cat", "image": None}])
+    n = int(b["image_grid_thw"].prod(-1)[0]) // proc.merge_size ** 2
+    q = ("<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+         + " Represent the given image with the following question: What is in the image?" + c)
+    rows = [r[m.bool()].tolist() for r, m in zip(b["input_ids"], b["attention_mask"])]
+    assert rows == [_authors_ids(proc, q), _authors_ids(proc, "A photo of a cat" + c)]

@@ -151,3 +151,14 @@ def test_every_path_converts_images_alike(tmp_path):
                             shuffle=False, drop_last=False)
     ramp, square = (np.asarray(s["image"], dtype=float) for s in batch)
     assert 100 < ramp.mean() < 160 and square[0, 0].min() > 240 and square[8, 8].max() < 40
+
+
+def test_export_keeps_the_prompt_format(tmp_path):
+    """An export trained on the official format embeds with it (coma.json's prompt_format)."""
+    cfg = model_cfg(prompt_format="official", lora=LoraConfig(enabled=False))
+    model = load_model(cfg, for_training=False)
+    out = export_model(model, tmp_path / "official")
+    assert read_meta(out)["prompt_format"] == "official"
+    with torch.no_grad():
+        expected = model.embed(**Collator(model.processor, cfg, kind="mmeb").encode(ITEMS))
+    torch.testing.assert_close(Embedder.from_pretrained(out).encode(ITEMS), expected, atol=2e-5, rtol=1e-4)
