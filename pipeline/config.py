@@ -41,6 +41,8 @@ class LoraConfig:
     target_modules: list[str] = setting(
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="linear layers that get adapters")
     use_dora: bool = setting(False, "DoRA instead of plain LoRA (the reference code's choice)")
+    init: Literal["default", "gaussian"] = setting(
+        "default", "adapter A init: peft's default (Kaiming uniform) or gaussian (the reference code's choice)")
 
 
 @dataclass

@@ -276,6 +276,7 @@ def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.0
 
         peft_cfg = LoraConfig(
             r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, use_dora=lc.use_dora, bias="none",
+            init_lora_weights="gaussian" if lc.init == "gaussian" else True,
             # a regex, so that same-named projections of the vision tower are never adapted
             target_modules=LM_TARGET_REGEX.format("|".join(lc.target_modules)),
             # the K new rows of the input embedding train; the rest of the vocabulary stays frozen

@@ -160,3 +160,17 @@ def test_logit_scale_is_exact_under_bf16_parameters(learnable):
             model.logit_scale_offset.fill_(1e-3)  # one small optimizer step, as its bf16 copy sees it
         moved = float(model.logit_scale()) / (1 / 0.03)
         assert moved != 1.0 and abs(moved - float(torch.tensor(1e-3).exp())) < 1e-5
+
+
+def test_gaussian_adapter_init():
+    """model.lora.init=gaussian: A ~ N(0, 1/r) as the reference code's peft config asks; B = 0."""
+    from pipeline.config import LoraConfig
+
+    lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, init="gaussian")
+    model = load_model(model_cfg(lora=lora))
+    a = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+    b = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_B" in n])
+    assert abs(float(a.std()) - 1 / 4) < 0.03 and float(b.abs().max()) == 0.0
+    default = load_model(model_cfg(lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)))
+    a0 = torch.cat([p.detach().flatten() for n, p in default.named_parameters() if "lora_A" in n])
+    assert abs(float(a0.std()) - 1 / 4) > 0.05  # Kaiming uniform: a different spread
