@@ -55,8 +55,9 @@ class ModelConfig:
         "auto", "VLM family adapter; auto reads model_type from the checkpoint (qwen2_vl, qwen2_5_vl)")
     num_compression_tokens: int = setting(
         32, "K, the number of compression tokens (cmp_0 … cmp_{K-1}) appended after each input (paper: 32)")
-    mask_impl: Literal["efficient", "reference"] = setting(
-        "efficient", "stage-1 compression mask: efficient (no L×L mask, flash-attention compatible) or reference")
+    mask_impl: Literal["efficient", "reference", "causal"] = setting(
+        "efficient", "stage-1 compression mask: efficient (no L×L mask, flash-attention compatible) or reference; "
+        "causal = no compression mask (what the authors' released scripts run)")
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = setting(
         "auto", "auto = flash_attention_2 when installed, else sdpa")
     pooling: Literal["mean", "last"] = setting(

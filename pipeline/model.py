@@ -157,10 +157,10 @@ class CoMaModel(nn.Module):
         elif mask_impl == "efficient":
             layout = build_layout(input_ids, attention_mask, self.compression_ids)
             hidden = self._decode(inputs_embeds, pos, self._mask_mapping(None), **{LAYOUT_KWARG: layout})
-        elif mask_impl == "causal":  # no compression mask at all: the benchmark's lower bound
+        elif mask_impl == "causal":  # no compression mask: the authors' released runs, the benchmark's bound
             hidden = self._decode(inputs_embeds, pos, attention_mask)
         else:
-            raise ValueError(f"model.mask_impl={mask_impl!r}: use 'efficient' or 'reference'")
+            raise ValueError(f"model.mask_impl={mask_impl!r}: use 'efficient', 'reference' or 'causal'")
         # Only target positions go through the LM head: logits for a 150K vocabulary over the
         # whole image span would dominate activation memory.
         tgt = labels[:, 1:]

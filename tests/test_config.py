@@ -83,3 +83,11 @@ def test_unknown_override_suggests_the_closest_key(argv, suggestion):
 
     with pytest.raises(ConfigError, match=suggestion.replace(".", r"\.").replace("?", r"\?")):
         parse_cli(1, argv)
+
+
+def test_fidelity_switches_are_config_choices():
+    cfg = load_config(None, ["--model.mask_impl=causal", "--model.prompt_format=official",
+                             "--model.lora.init=gaussian", "--model.stage1_loss=all"])
+    assert (cfg.model.mask_impl, cfg.model.prompt_format, cfg.model.lora.init) == ("causal", "official", "gaussian")
+    with pytest.raises(ConfigError, match="prompt_format"):
+        load_config(None, ["--model.prompt_format=vlm2vec"])
