@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-rows", type=int, default=None, help="first N rows per dataset (quick checks)")
     ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    ap.add_argument("--pooling", choices=["mean", "last"], default=None,
+                    help="override the model's pooling (released CoMa weights: 'last' as their evaluation, "
+                         "'mean' as their training)")
     ap.add_argument("--overwrite", action="store_true", help="recompute datasets that already have a score file")
     args = ap.parse_args(argv)
 
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
         print(f"error: --out: {problem}", file=sys.stderr)
         return 2
     try:
-        encode = load_encoder(args.model, device=args.device, batch_size=args.batch_size)
+        encode = load_encoder(args.model, device=args.device, batch_size=args.batch_size, pooling=args.pooling)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: --model: {e}", file=sys.stderr)
         return 2

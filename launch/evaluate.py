@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples only")
     ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    ap.add_argument("--pooling", choices=["mean", "last"], default=None,
+                    help="override the model's pooling (released CoMa weights: 'last' as their evaluation, "
+                         "'mean' as their training)")
     ap.add_argument("--ties", default="pessimistic", choices=["pessimistic", "first"],
                     help="a tie with the positive counts as a miss (default) or, as MMEB's argmax, as a hit")
     args = ap.parse_args(argv)
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        encode = load_encoder(args.model, device=args.device, batch_size=args.batch_size)
+        encode = load_encoder(args.model, device=args.device, batch_size=args.batch_size, pooling=args.pooling)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: --model: {e}", file=sys.stderr)
         return 2

@@ -308,11 +308,13 @@ def read_mmeb_shards(spec: str, max_samples: Optional[int] = None, batch_size: i
     return out
 
 
-def load_encoder(model_dir: str, device: Optional[str] = None, batch_size: int = 32) -> Encode:
-    """``encode(items) -> float32 [n, D]`` backed by :class:`pipeline.Embedder` on an exported model."""
+def load_encoder(model_dir: str, device: Optional[str] = None, batch_size: int = 32,
+                 pooling: Optional[str] = None) -> Encode:
+    """``encode(items) -> float32 [n, D]`` backed by :class:`pipeline.Embedder` on an exported model
+    (``pooling``: override the model's, e.g. ``mean`` for the released weights' training pooling)."""
     from pipeline.export import Embedder
 
-    emb = Embedder.from_pretrained(model_dir, **({"device": device} if device else {}))
+    emb = Embedder.from_pretrained(model_dir, **({"device": device} if device else {}), pooling=pooling)
 
     def encode(items: list) -> torch.Tensor:
         return emb.encode(items, batch_size=batch_size)

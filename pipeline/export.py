@@ -33,6 +33,9 @@ from pipeline.model import DTYPES, CoMaModel, load_model
 
 META_FILE = "coma.json"
 FORMAT_VERSION = 1
+# Image bounds of the authors' evaluation (scripts/eval.sh passes none, so src/arguments.py:46-47's
+# defaults apply: 4..1280 visual tokens); their training used 256..1024.
+RELEASED_EVAL_PIXELS = (28 * 28 * 4, 28 * 28 * 1280)
 
 
 @contextlib.contextmanager
@@ -151,6 +154,9 @@ def read_meta(path: str | os.PathLike) -> dict:
         if (Path(path) / "config.json").exists():
             from pipeline.config import LossConfig
 
+            released = _released_meta(path)
+            if released:
+                return released
             defaults = ModelConfig()
             return {"format": FORMAT_VERSION, "family": "auto", "untrained": True,
                     "num_compression_tokens": defaults.num_compression_tokens, "pooling": defaults.pooling,
@@ -165,6 +171,26 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _released_meta(path) -> Optional[dict]:
+    """The authors' released checkpoints (404-not-founds/CoMa-3B, -7B) come without coma.json,
+    with their ``<|ctoken_pad_i|>`` tokens in the tokenizer: embed them as their evaluation does
+    (scripts/eval.sh: --pooling eos, i.e. the last compression token; the official input format;
+    their eval's image bounds; τ = 0.03).  None for any other directory."""
+    from transformers import AutoTokenizer
+
+    from pipeline.processing import released_compression_tokens
+
+    try:
+        k = released_compression_tokens(AutoTokenizer.from_pretrained(str(path)))
+    except (OSError, ValueError):
+        return None
+    if not k:
+        return None
+    return {"format": FORMAT_VERSION, "family": "auto", "released": True, "num_compression_tokens": k,
+            "pooling": "last", "prompt_format": "official", "instruction": None, "max_text_tokens": None,
+            "logit_scale": 1.0 / 0.03, "min_pixels": RELEASED_EVAL_PIXELS[0], "max_pixels": RELEASED_EVAL_PIXELS[1]}
+
+
 class Embedder:
     """Inference API over an exported model: ``encode(items) -> float32 [N, D]``, L2-normalised."""
 
@@ -176,7 +202,11 @@ class Embedder:
         self.logit_scale = float(model.logit_scale())
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> "Embedder":
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, pooling: Optional[str] = None
+                        ) -> "Embedder":
+        """``path``: an export, a released CoMa checkpoint, or a plain VLM directory (the
+        untrained baseline; see :func:`read_meta`).  ``pooling`` overrides the stored one
+        (``mean`` | ``last``; the released weights were trained with mean, evaluated with last)."""
         meta = read_meta(path)
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -185,7 +215,8 @@ class Embedder:
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         name = {v: k for k, v in DTYPES.items()}[dtype]
         cfg = ModelConfig(init=str(path), family=meta["family"], num_compression_tokens=meta["num_compression_tokens"],
-                          pooling=meta["pooling"], instruction=meta["instruction"], dtype=name,
+                          pooling=pooling or meta["pooling"], instruction=meta["instruction"], dtype=name,
+                          min_pixels=meta.get("min_pixels"), max_pixels=meta.get("max_pixels"),
                           max_text_tokens=meta.get("max_text_tokens"),  # absent: exported before the key
                           prompt_format=meta.get("prompt_format", "chat"),
                           gradient_checkpointing=False, dummy_vision=False, lora=LoraConfig(enabled=False))

@@ -23,17 +23,33 @@ from pipeline.prompts import (IMAGE_PLACEHOLDER, OFFICIAL_STAGE1_PROMPT, OFFICIA
                               normalize_placeholders, split_on_placeholder)
 
 COMPRESSION_TOKEN = "<|cmp_{i}|>"
+# The authors' name for them (src/model/processor.py:32 of Trustworthy-Information-Access/CoMa):
+# a tokenizer of their released checkpoints has these, and they are used as found.
+RELEASED_COMPRESSION_TOKEN = "<|ctoken_pad_{i}|>"
 
 
-def compression_tokens(k: int) -> list[str]:
-    return [COMPRESSION_TOKEN.format(i=i) for i in range(k)]
+def compression_tokens(k: int, fmt: str = COMPRESSION_TOKEN) -> list[str]:
+    return [fmt.format(i=i) for i in range(k)]
+
+
+def released_compression_tokens(tokenizer) -> int:
+    """How many of the authors' ``<|ctoken_pad_i|>`` tokens (i = 0, 1, …) ``tokenizer`` holds,
+    0 when it holds ours or none."""
+    vocab = tokenizer.get_vocab()
+    if COMPRESSION_TOKEN.format(i=0) in vocab:
+        return 0
+    k = 0
+    while RELEASED_COMPRESSION_TOKEN.format(i=k) in vocab:
+        k += 1
+    return k
 
 
 class Processor:
     """Holds ``tokenizer``, ``image_processor``, ``adapter`` and the K compression tokens."""
 
     def __init__(self, tokenizer, image_processor, adapter: FamilyAdapter, num_compression_tokens: int,
-                 merge_size: int, image_token_id: int, vision_start_id: int, vision_end_id: int):
+                 merge_size: int, image_token_id: int, vision_start_id: int, vision_end_id: int,
+                 token_format: str = COMPRESSION_TOKEN):
         if num_compression_tokens < 1:
             raise ValueError(f"model.num_compression_tokens must be >= 1, got {num_compression_tokens}")
         self.tokenizer = tokenizer
@@ -44,8 +60,9 @@ class Processor:
         self.vision_start_id = vision_start_id
         self.vision_end_id = vision_end_id
         self.num_compression_tokens = num_compression_tokens
-        self.added_tokens = add_compression_tokens(tokenizer, num_compression_tokens)
-        self.compression_ids = [tokenizer.convert_tokens_to_ids(t) for t in compression_tokens(num_compression_tokens)]
+        self.added_tokens = add_compression_tokens(tokenizer, num_compression_tokens, token_format)
+        self.compression_ids = [tokenizer.convert_tokens_to_ids(t)
+                                for t in compression_tokens(num_compression_tokens, token_format)]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._ids: dict[str, tuple[int, ...]] = {}  # many_text_ids' memo
         # Every string the tokenizer turns into one added token (<|image_pad|>, <|im_end|>, the
@@ -63,8 +80,9 @@ class Processor:
         adapter = adapter_for(config.model_type, family)
         tok = AutoTokenizer.from_pretrained(path)
         improc = adapter.image_processor(path, min_pixels, max_pixels)
+        fmt = RELEASED_COMPRESSION_TOKEN if released_compression_tokens(tok) else COMPRESSION_TOKEN
         return cls(tok, improc, adapter, num_compression_tokens, adapter.merge_size(config),
-                   config.image_token_id, config.vision_start_token_id, config.vision_end_token_id)
+                   config.image_token_id, config.vision_start_token_id, config.vision_end_token_id, fmt)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         self.tokenizer.save_pretrained(out_dir)
@@ -236,11 +254,11 @@ class Processor:
         return pieces
 
 
-def add_compression_tokens(tokenizer, k: int) -> int:
-    """Add ``<|cmp_0|>..<|cmp_{k-1}|>`` as special tokens where missing; returns how many were
-    added (0 for a checkpoint exported after a previous stage)."""
+def add_compression_tokens(tokenizer, k: int, fmt: str = COMPRESSION_TOKEN) -> int:
+    """Add ``<|cmp_0|>..<|cmp_{k-1}|>`` (or ``fmt``'s names) as special tokens where missing;
+    returns how many were added (0 for a checkpoint exported after a previous stage)."""
     vocab = tokenizer.get_vocab()
-    missing = [t for t in compression_tokens(k) if t not in vocab]
+    missing = [t for t in compression_tokens(k, fmt) if t not in vocab]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     return len(missing)
