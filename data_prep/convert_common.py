@@ -280,6 +280,26 @@ def read_json_records(path: Path) -> Iterable[tuple[str, Any]]:
             yield f"{name}:line {lineno}", rec
 
 
+def read_records(path: Path) -> Iterable[tuple[str, Any]]:
+    """Yield ``(location, record)`` from a Parquet file (one record per row, nested columns as
+    lists and dicts; how the Hugging Face Hub stores and converts data sets) or, for any other
+    suffix, from JSON / JSON Lines (:func:`read_json_records`)."""
+    if path.suffix != ".parquet":
+        yield from read_json_records(path)
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise UsageError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield f"{path.name}:row {row}", rec
+
+
 def _holds_json_lines(path: Path, enc: dict) -> bool:
     """Whatever the suffix (a ``.json`` file often holds JSON Lines, which the authors' loader,
     ``datasets``' json builder, reads as such): JSON Lines when the first non-empty line is a

@@ -4,8 +4,8 @@
         --image-root data/vlm2vec_train/MMEB-train --output data/stage1/qa.jsonl
     python data_prep/from_llava.py ... --shard data/stage1/shards --shard-args "--samples-per-shard 1000 --workers 16"
 
-Input: a JSON list or JSON Lines of records (the format of the paper's released stage-1 QA
-data and of LLaVA's instruction data)::
+Input: a JSON list, JSON Lines (whatever the suffix) or Parquet file of records (the format of the
+paper's released stage-1 QA data, 404-not-founds/CoMa_{3B,7B}_SFT, and of LLaVA's instruction data)::
 
     {"id": "...", "image": "sub/dir/a.jpg",
      "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
@@ -41,7 +41,7 @@ from data_prep.cli import run_cli  # noqa: E402
 from data_prep.convert_common import (  # noqa: E402
     Parser,
     ConversionLog, JSONError, ManifestWriter, UsageError, add_common_args, finish, make_key,
-    progress, read_json_records, resolve_image,
+    progress, read_records, resolve_image,
 )
 from pipeline.prompts import has_marker, strip_placeholders  # noqa: E402
 
@@ -97,8 +97,8 @@ def convert_record(rec: Any, image_root: Path) -> tuple[Optional[dict], Optional
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = Parser(__doc__)
-    p.add_argument("--input", required=True, nargs="+", metavar="JSON",
-                   help="LLaVA-style .json (a list) or .jsonl file(s)")
+    p.add_argument("--input", required=True, nargs="+", metavar="FILE",
+                   help="LLaVA-style .json (a list), .jsonl or .parquet file(s) (the released CoMa_*_SFT data)")
     p.add_argument("--image-root", default=None,
                    help="folder relative image paths are resolved against (default: the input's folder)")
     add_common_args(p)
@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not root.is_dir():
                 raise UsageError(f"--image-root {root}: no such folder")
             group = f.name
-            for n, (loc, rec) in enumerate(progress(read_json_records(f), f.name)):
+            for n, (loc, rec) in enumerate(progress(read_records(f), f.name)):
                 log.saw(group)
                 rid = rec.get("id") if isinstance(rec, dict) else None
                 key = make_key(rid) if rid is not None else make_key(f.stem, n)

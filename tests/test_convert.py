@@ -121,6 +121,27 @@ def test_llava_json_suffix_holding_json_lines(llava_dir, tmp_path):
     assert read_jsonl(a)[0]["meta"]["source"] == "llava_lines.json:line 1"
 
 
+def test_llava_parquet_as_the_hub_stores_it(llava_dir, tmp_path):
+    """The released SFT data as a Parquet file (the Hub's storage and conversion format): the
+    conversations column is a list of structs; the records convert as from JSON."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r for r in LLAVA_RECORDS if "conversations" in r and isinstance(r.get("image"), str)]
+    pq.write_table(pa.Table.from_pylist([{"id": r.get("id"), "image": r["image"], "conversations": r["conversations"]}
+                                         for r in rows]), tmp_path / "sft.parquet")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert from_llava.main(["--input", str(tmp_path / "sft.parquet"), "--output", str(a),
+                            "--image-root", str(llava_dir)]) == 0
+    src = tmp_path / "same.jsonl"
+    src.write_text("".join(json.dumps({"id": r.get("id"), "image": r["image"], "conversations": r["conversations"]})
+                           + "\n" for r in rows))
+    assert from_llava.main(["--input", str(src), "--output", str(b), "--image-root", str(llava_dir)]) == 0
+    conv = lambda recs: [r["conversations"] for r in recs]  # noqa: E731
+    assert conv(read_jsonl(a)) == conv(read_jsonl(b)) and len(read_jsonl(a)) >= 2
+    assert read_jsonl(a)[0]["meta"]["source"] == "sft.parquet:row 1"
+
+
 def test_llava_jsonl_bad_line_and_strict(llava_dir, tmp_path, capsys):
     out = tmp_path / "qa.jsonl"
     assert from_llava.main(["--input", str(llava_dir / "llava.jsonl"), "--output", str(out),
