@@ -43,6 +43,9 @@ class LoraConfig:
     use_dora: bool = setting(False, "DoRA instead of plain LoRA (the reference code's choice)")
     init: Literal["default", "gaussian"] = setting(
         "default", "adapter A init: peft's default (Kaiming uniform) or gaussian (the reference code's choice)")
+    trainable_embeddings: Literal["new_rows", "all"] = setting(
+        "new_rows", "input embedding rows that train beside the adapters: the K compression tokens', or all "
+        "(the reference code's modules_to_save; a tied output head trains with them)")
 
 
 @dataclass

@@ -279,10 +279,16 @@ def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.0
             init_lora_weights="gaussian" if lc.init == "gaussian" else True,
             # a regex, so that same-named projections of the vision tower are never adapted
             target_modules=LM_TARGET_REGEX.format("|".join(lc.target_modules)),
-            # the K new rows of the input embedding train; the rest of the vocabulary stays frozen
-            trainable_token_indices={"embed_tokens": list(proc.compression_ids)},
+            # the K new rows of the input embedding train and the rest of the vocabulary stays
+            # frozen; or (trainable_embeddings=all) a trainable copy of the whole table
+            **({"modules_to_save": ["embed_tokens"]} if lc.trainable_embeddings == "all"
+               else {"trainable_token_indices": {"embed_tokens": list(proc.compression_ids)}}),
         )
         backbone = get_peft_model(hf, peft_cfg)
+        if lc.trainable_embeddings == "all" and getattr(hf.config.get_text_config(), "tie_word_embeddings", False):
+            # A tied head (Qwen2.5-VL-3B) would keep reading the frozen original: tie it to the
+            # trainable copy, so the head trains with it, as the reference code does (model.py:184-187).
+            proc.adapter.lm_head(hf).weight = hf.get_input_embeddings().modules_to_save["default"].weight
         if not model_cfg.freeze_vision:
             for p in visual.parameters():
                 p.requires_grad_(True)

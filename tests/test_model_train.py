@@ -174,3 +174,43 @@ def test_gaussian_adapter_init():
     default = load_model(model_cfg(lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)))
     a0 = torch.cat([p.detach().flatten() for n, p in default.named_parameters() if "lora_A" in n])
     assert abs(float(a0.std()) - 1 / 4) > 0.05  # Kaiming uniform: a different spread
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_all_embeddings_train_and_a_tied_head_follows(tied, tmp_path):
+    """model.lora.trainable_embeddings=all: the whole input table trains (the reference code's
+    modules_to_save), and a tied output head (Qwen2.5-VL-3B) reads the trainable copy."""
+    import json
+    import shutil
+
+    from pipeline.collate import Collator
+    from pipeline.config import LoraConfig
+    from pipeline.export import Embedder, export_model
+    from tests.tiny_models import tiny_model_dir
+
+    init = tiny_model_dir()
+    if tied:
+        init = tmp_path / "tied"
+        shutil.copytree(tiny_model_dir(), init)
+        cfg_json = json.loads((init / "config.json").read_text())
+        cfg_json.setdefault("text_config", {})["tie_word_embeddings"] = True
+        cfg_json["tie_word_embeddings"] = True
+        (init / "config.json").write_text(json.dumps(cfg_json))
+    lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, trainable_embeddings="all")
+    cfg = model_cfg(init=str(init), lora=lora)
+    model = load_model(cfg)
+    table = model.hf.get_input_embeddings().modules_to_save["default"].weight
+    assert table.requires_grad and table.shape[0] >= len(model.processor.tokenizer)
+    head = model.adapter.lm_head(model.hf).weight
+    assert (head is table) == tied
+    before = table.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(**Collator(model.processor, cfg, kind="qa")(digits_qa_samples(4))).loss.backward()
+    opt.step()
+    changed = (table.detach() - before).abs().sum(-1) > 0
+    c = torch.tensor(model.processor.compression_ids)
+    assert changed[c].all() and changed.sum() > len(c)  # more than the compression rows move
+    out = export_model(model, tmp_path / "export")
+    with torch.no_grad():
+        want = model.embed(**Collator(model.processor, cfg, kind="mmeb").encode([{"text": "a seven"}]))
+    torch.testing.assert_close(Embedder.from_pretrained(out).encode([{"text": "a seven"}]), want, atol=2e-5, rtol=1e-4)
