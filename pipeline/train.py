@@ -317,10 +317,7 @@ class Loop:
         base = max(self.state.samples_seen, self.source.epoch_samples, 1)
         if skipped <= limit * base:
             return
-        lost = Counter()
-        for per_rank in dist.all_gather_object(self.source.lost_by_shard()):
-            lost.update(per_rank)
-        worst = ", ".join(f"{url} ({n} lost)" for url, n in lost.most_common(5)) or "none lost whole: undecodable samples"
+        worst = _worst_shards(self.source) or "none lost whole: undecodable samples"
         raise TrainingStopped(
             f"{skipped:.0f} samples could not be delivered (undecodable, or lost in truncated or unreadable shards), "
             f"{skipped / base:.1%} of {base} > train.max_skipped_fraction={limit}; worst shards: {worst}. Rewrite "
@@ -443,13 +440,23 @@ def _run(cfg: Config, signals: "StopSignals", model_loader, loader_factory) -> P
             loop.save()
         export_dir = export_engine(built, run_dir / "export")
         skipped = dist.all_reduce_dict({"s": float(source.skipped_samples)}, "sum")["s"]
+        worst = _worst_shards(source)
         log.info("done: %d steps (%d skipped as non-finite), %d samples skipped as undecodable or lost "
-                 "(data/skipped_samples); export in %s", state.step, state.skipped_steps, skipped, export_dir)
+                 "(data/skipped_samples%s); export in %s", state.step, state.skipped_steps, skipped,
+                 f"; worst shards: {worst}" if worst else "", export_dir)
         if env.rank == 0:
             _plot_losses(run_dir)
     finally:
         metrics.close()
     return run_dir
+
+
+def _worst_shards(source, most: int = 5) -> str:
+    """Collective: 'url (n lost), …' over every rank's shards that lost samples, worst first; ''."""
+    lost = Counter()
+    for per_rank in dist.all_gather_object(source.lost_by_shard()):
+        lost.update(per_rank)
+    return ", ".join(f"{url} ({n} lost)" for url, n in lost.most_common(most))
 
 
 def _plot_losses(run_dir: Path) -> None:

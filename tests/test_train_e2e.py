@@ -257,6 +257,16 @@ def test_samples_lost_in_damaged_shards_stop_the_run_naming_them(assets):
     assert re.search(r"worst shards: \S+/qa-damaged/train-\d{6}\.tar \(\d+ lost\)", out), out[-4000:]
     rows = _raw_rows(assets["root"] / "runs/stage1_tiny_lost")
     assert rows[-1]["data/skipped_samples"] > 0.01 * max(rows[-1]["data/samples_seen"], 1)
+    # allowed to go on, the run ends with the count and the shards in its last line (it said "0 skipped")
+    r = subprocess.run(_stage1_cmd(assets, free_port(), "deepspeed", "--train.name=stage1_tiny_lost_ok",
+                                   f"--data.sources=[{{shards: '{shards}'}}]", "--train.max_steps=8",
+                                   "--train.save_every=100", "--train.max_skipped_fraction=1.0"),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    m = re.search(r"done: 8 steps \(0 skipped as non-finite\), (\d+) samples skipped as undecodable or lost "
+                  r"\(data/skipped_samples; worst shards: \S+/qa-damaged/train-\d{6}\.tar \(\d+ lost\)", out)
+    assert m and int(m.group(1)) > 0, out[-3000:]
 
 
 @pytest.mark.slow
