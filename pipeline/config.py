@@ -112,6 +112,12 @@ class DataConfig:
     workers: int = setting(2, "DataLoader workers per rank (shards are split over ranks × workers)")
     shuffle_buffer: int = setting(1000, "sample shuffle buffer per worker")
     resampled: bool = setting(False, "infinite resampled stream (with train.max_steps) instead of exact epochs")
+    task_sampling: Literal["proportional", "uniform"] = setting(
+        "proportional", "stage 2: tasks in proportion to their samples (one stream), or uniform: each block of "
+        "task_batch_size from one source drawn by weight, whatever its size (the authors'; one source per task)")
+    batch_composition: Literal["per_rank", "shared"] = setting(
+        "per_rank", "uniform sampling: each rank draws its own block sequence, or shared: every rank the same "
+        "one, so a global step holds few tasks (the authors')")
     task_batch_size: Optional[int] = setting(
         None,
         "stage 2: sub-batches of this size drawn from a single task, so in-batch negatives share a task "

@@ -72,7 +72,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data_plan import (Piece, Plan, Source, WorkerPlan, check_kind, expand_sources, open_tar,
+from pipeline.data_plan import (BlockMixture, Piece, Plan, Source, WorkerPlan, check_kind, expand_sources, open_tar,
                                 shard_sizes, split_name)
 from pipeline.imaging import open_image, reuse_image_memory, to_rgb
 
@@ -174,7 +174,8 @@ class ShardDataset(IterableDataset):
     def __init__(self, sources: list[Source], kind: str, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  drop_last: bool = True, resampled: bool = False, epoch_samples: Optional[int] = None,
-                 task_batch_size: Optional[int] = None, collate_fn: Optional[Callable] = None):
+                 task_batch_size: Optional[int] = None, collate_fn: Optional[Callable] = None,
+                 task_sampling: str = "proportional", shared_blocks: bool = False):
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -182,15 +183,25 @@ class ShardDataset(IterableDataset):
         if task_batch_size and (kind != "mmeb" or batch_size % task_batch_size):
             raise ValueError(f"task_batch_size={task_batch_size} needs kind='mmeb' and to divide "
                              f"batch_size={batch_size}")
+        if task_sampling not in ("proportional", "uniform"):
+            raise ValueError(f"data.task_sampling={task_sampling!r}: use proportional or uniform")
+        uniform = task_sampling == "uniform"
+        if uniform and not task_batch_size:
+            raise ValueError("data.task_sampling=uniform draws blocks of data.task_batch_size samples from one "
+                             "source: set data.task_batch_size (the authors': 64) and one source per task")
+        if shared_blocks and not uniform:
+            raise ValueError("data.batch_composition=shared needs data.task_sampling=uniform")
         self.kind, self.rank = kind, rank
         self.shuffle_buffer, self.task_batch_size = shuffle_buffer, task_batch_size
         self.collate_fn = collate_fn or default_collate
         check_kind(sources, kind)
         urls = [u for s in sources for u in s.urls]
         source_of = [i for i, s in enumerate(sources) for _ in s.urls]
+        # uniform blocks are an endless stream (an "epoch" is its nominal length): resampled sizing
         self.plan = Plan(urls, source_of, shard_sizes(urls), sources,
                          batch_size, world_size, max(1, num_workers), seed, shuffle, drop_last,
-                         resampled, epoch_samples)
+                         resampled or uniform, epoch_samples)
+        self.mixture = BlockMixture(self.plan, task_batch_size, rank, shared_blocks) if uniform else None
         self.epoch = 0
         self.skip_batches = 0
         if self.plan.batches() == 0:
@@ -386,6 +397,10 @@ class ShardDataset(IterableDataset):
         wp = self.plan.worker(self.epoch, self.rank, k)
         skip = len(range(k, self.skip_batches, K))  # this worker's batches already consumed
         ctx = Counter()
+        if self.mixture is not None:  # uniform task blocks: the position is computed, nothing re-read
+            yield from self._batches(self._decoded(self._blocks(k, skip, ctx), ctx), wp.batch_sizes[skip:], k,
+                                     ctx, Counter())
+            return
         rng = random.Random(f"{self.plan.seed}:buffer:{self.epoch}:{self.rank}:{k}")
         it = self._shuffled(self._raw(wp, k, ctx), rng)
         if self.task_batch_size:
@@ -394,12 +409,33 @@ class ShardDataset(IterableDataset):
         # undecoded.  What reading them counted (corrupt or short shards, padding) is already
         # in the checkpoint's counters, so it is reported from here on as a delta only.
         deque(itertools.islice(it, sum(wp.batch_sizes[:skip])), maxlen=0)  # consume, undecoded
-        base = Counter(ctx)
-        it = self._decoded(it, ctx)
+        yield from self._batches(self._decoded(it, ctx), wp.batch_sizes[skip:], k, ctx, Counter(ctx))
+
+    def _batches(self, samples: Iterator[dict], sizes: list[int], k: int, ctx: Counter, base: Counter
+                 ) -> Iterator[_Item]:
+        """Collated batches of ``sizes`` from decoded ``samples``, each with the counters since ``base``."""
         good: dict[str, dict] = {}
-        for size in wp.batch_sizes[skip:]:
-            batch = list(itertools.islice(it, size))
+        for size in sizes:
+            batch = list(itertools.islice(samples, size))
             yield _Item(self._collate(batch, good, ctx), k, dict(ctx - base))
+
+    def _blocks(self, k: int, skip: int, ctx: Counter) -> Iterator[dict]:
+        """data.task_sampling=uniform: raw samples of this worker's batches (k, k + K, … of the
+        epoch, from its ``skip``-th on), each batch ``batch_size / task_batch_size`` blocks of one
+        source (data_plan.BlockMixture).  The global block index runs on across epochs: one
+        stream, as the authors' run is.  A block a damaged shard left short is padded (counted)."""
+        per_epoch, K, B = self.plan.batches(), self.plan.num_workers, self.task_batch_size
+        nb = self.plan.batch_size // B
+        for t in list(range(k, per_epoch, K))[skip:]:
+            first = (self.epoch * per_epoch + t) * nb
+            for g in range(first, first + nb):
+                _, pieces = self.mixture.pieces(g)
+                got = [raw for p in pieces for raw in self._read(p, ctx)]
+                fill = got or [self._fallback()]
+                for i in range(B - len(got)):
+                    ctx["padded_samples"] += 1
+                    got.append(dict(fill[i % len(fill)], __pad__=True))
+                yield from got
 
     def _task(self, s: dict) -> str:
         return str(s.get("task", "")) if self.kind == "mmeb" else ""
@@ -634,7 +670,8 @@ def build_loader(shards: Any, kind: str, batch_size: int, rank: Optional[int] = 
                  resampled: bool = False, epoch_samples: Optional[int] = None,
                  task_batch_size: Optional[int] = None, weights: Any = None,
                  collate_fn: Optional[Callable[[list[dict]], Any]] = None,
-                 pin_memory: bool = False, prefetch_factor: Optional[int] = None) -> ShardLoader:
+                 pin_memory: bool = False, prefetch_factor: Optional[int] = None,
+                 task_sampling: str = "proportional", batch_composition: str = "per_rank") -> ShardLoader:
     """The loader for one rank.  ``batch_size`` is per rank (the micro batch); ``shuffle=False,
     drop_last=False`` is the evaluation setting (every sample once, in shard order per
     worker).  See the module docstring for everything else."""
@@ -647,8 +684,15 @@ def build_loader(shards: Any, kind: str, batch_size: int, rank: Optional[int] = 
     ds = ShardDataset(expand_sources(shards, weights), kind, batch_size, rank, world_size, num_workers,
                       seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
                       resampled=resampled, epoch_samples=epoch_samples, task_batch_size=task_batch_size,
-                      collate_fn=collate_fn)
+                      collate_fn=collate_fn, task_sampling=task_sampling,
+                      shared_blocks=_composition(batch_composition) == "shared")
     return ShardLoader(ds, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+def _composition(value: str) -> str:
+    if value not in ("per_rank", "shared"):
+        raise ValueError(f"data.batch_composition={value!r}: use per_rank or shared")
+    return value
 
 
 def loader_from_config(data_cfg, batch_size: int, rank: Optional[int] = None,
@@ -660,6 +704,7 @@ def loader_from_config(data_cfg, batch_size: int, rank: Optional[int] = None,
     kwargs = dict(kind=data_cfg.kind, batch_size=batch_size, rank=rank, world_size=world_size,
                   num_workers=data_cfg.workers, seed=data_cfg.seed, shuffle_buffer=data_cfg.shuffle_buffer,
                   resampled=data_cfg.resampled, task_batch_size=data_cfg.task_batch_size,
-                  collate_fn=collate_fn)
+                  collate_fn=collate_fn, task_sampling=data_cfg.task_sampling,
+                  batch_composition=data_cfg.batch_composition)
     kwargs.update(overrides)
     return build_loader(list(data_cfg.sources), **kwargs)

@@ -333,3 +333,87 @@ class Plan:
             if pos >= hi:
                 break
         return WorkerPlan(pieces, mine, hi - lo)
+
+
+# ------------------------------------------------------------------------- uniform task blocks
+class BlockMixture:
+    """``data.task_sampling: uniform`` (the authors' stage-2 mixture): the stream is blocks of
+    ``block`` samples, each from ONE source (a task's shards), the source drawn with probability
+    ∝ its ``weight`` (all 1: uniformly, whatever its size), not in proportion to its samples.
+
+    Every rank reads only its own contiguous share of each source, cycling through it when it
+    runs out (small tasks recur, as in the authors' all_exhausted interleaving), so ranks never
+    read the same sample in a pass.  ``shared``: every rank draws the same source for block g
+    (``data.batch_composition: shared``: one global step holds few tasks, each split over the
+    ranks, as the authors' shared seed does); otherwise each rank draws its own sequence.
+
+    Pure arithmetic on (seed, rank, block index): where a worker starts after a resume is
+    computed, never replayed from data."""
+
+    CHUNK = 1024  # blocks drawn per RNG call (cached)
+
+    def __init__(self, plan: "Plan", block: int, rank: int, shared: bool):
+        self.block, self.rank, self.shared = block, rank, shared
+        self.seed = plan.seed
+        self.weights = [s.weight for s in plan.sources]
+        if min(self.weights) <= 0:
+            raise ValueError("data.task_sampling=uniform: every source needs weight > 0")
+        W = plan.world_size
+        self.shards: list[list[tuple[int, int]]] = []   # per source: (shard, samples) in order, capped
+        self.slices: list[tuple[int, int]] = []         # per source: this rank's [lo, hi) of its samples
+        for s, src in enumerate(plan.sources):
+            left = src.max_samples if src.max_samples is not None else float("inf")
+            mine = []
+            for i, n in enumerate(plan.sizes):
+                if plan.shard_source[i] == s and left > 0:
+                    mine.append((i, int(min(n, left))))
+                    left -= mine[-1][1]
+            total = sum(n for _, n in mine)
+            if total < W:
+                raise ValueError(f"source {src.name} has {total} samples, fewer than the {W} ranks that each need "
+                                 "a share of it (data.task_sampling=uniform)")
+            self.shards.append(mine)
+            self.slices.append((rank * total // W, (rank + 1) * total // W))
+        self._chunks: dict[int, list[int]] = {}
+        self._counts: dict[int, list[int]] = {}  # per chunk: blocks of each source before it
+
+    def _chunk(self, c: int) -> list[int]:
+        if c not in self._chunks:
+            who = "all" if self.shared else f"rank{self.rank}"
+            rng = random.Random(f"{self.seed}:blocks:{who}:{c}")
+            self._chunks[c] = rng.choices(range(len(self.weights)), weights=self.weights, k=self.CHUNK)
+        return self._chunks[c]
+
+    def source_of(self, g: int) -> int:
+        """The source of global block ``g``."""
+        return self._chunk(g // self.CHUNK)[g % self.CHUNK]
+
+    def blocks_before(self, s: int, g: int) -> int:
+        """How many of blocks 0 … g-1 come from source ``s``."""
+        c = g // self.CHUNK
+        for k in range(len(self._counts), c + 1):  # cumulative counts at each chunk start, built once
+            prev = self._counts[k - 1] if k else [0] * len(self.weights)
+            here = Counter(self._chunk(k - 1)) if k else Counter()
+            self._counts[k] = [prev[i] + here[i] for i in range(len(self.weights))]
+        return self._counts[c][s] + self._chunk(c)[: g % self.CHUNK].count(s)
+
+    def pieces(self, g: int) -> tuple[int, list[Piece]]:
+        """(source, the pieces to read) for block ``g`` of this rank: the next ``block`` samples
+        of its share of the source, wrapping around at the end of the share."""
+        s = self.source_of(g)
+        lo, hi = self.slices[s]
+        n = hi - lo
+        start = self.blocks_before(s, g) * self.block
+        wanted = [lo + (start + i) % n for i in range(self.block)]
+        out: list[Piece] = []
+        for j in wanted:  # sample j of the source → (shard, offset); consecutive runs merge
+            pos = j
+            for shard, size in self.shards[s]:
+                if pos < size:
+                    break
+                pos -= size
+            if out and out[-1].shard == shard and out[-1].skip + out[-1].take == pos:
+                out[-1] = Piece(shard, out[-1].skip, out[-1].take + 1)
+            else:
+                out.append(Piece(shard, pos, 1))
+        return s, out
