@@ -91,3 +91,17 @@ def test_paper_presets():
     assert s2.loss.temperature == 0.03 and s2.data.task_batch_size == 64
     full = load_config(REPO / "launch/configs/stage1_qwen2_5_vl_7b_fullft.yaml")
     assert full.model.lora.enabled is False and full.model.init.endswith("7B-Instruct")
+    # what the authors' code does (docs/fidelity.md), in both stages and both sizes
+    for c in (s1, s2, load_config(REPO / "launch/configs/stage1_qwen2_5_vl_7b.yaml"),
+              load_config(REPO / "launch/configs/stage2_qwen2_5_vl_7b.yaml")):
+        lc = c.model.lora
+        assert (lc.use_dora, lc.init, lc.trainable_embeddings, c.model.prompt_format) == (
+            True, "gaussian", "all", "official")
+    assert (s1.model.mask_impl, s1.model.stage1_loss) == ("causal", "all")
+    assert (s2.data.task_sampling, s2.data.batch_composition, s2.loss.hard_negatives) == ("uniform", "shared", False)
+    assert len(s2.data.sources) == 20 and s2.model.pooling == "mean"
+    # the paper's text where it differs: the compression mask and the answer-only loss
+    for size in ("3b", "7b"):
+        alt = load_config(REPO / f"launch/configs/stage1_qwen2_5_vl_{size}_paper_mask.yaml")
+        assert (alt.model.mask_impl, alt.model.stage1_loss) == ("efficient", "answer")
+        assert alt.model.lora.use_dora and alt.model.prompt_format == "official"
