@@ -32,6 +32,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pooling", choices=["mean", "last"], default=None,
                     help="override the model's pooling (released CoMa weights: 'last' as their evaluation, "
                          "'mean' as their training)")
+    ap.add_argument("--probe-compression", action="store_true",
+                    help="instead of retrieval: the compression probe of a stage-1 model (answer accuracy with "
+                         "the true vs a swapped image, pipeline.evaluate.compression_probe)")
+    ap.add_argument("--task", default=None, help="--probe-compression: the task to ask (default: the first "
+                    "whose queries have an image and positives are text)")
     ap.add_argument("--ties", default="pessimistic", choices=["pessimistic", "first"],
                     help="a tie with the positive counts as a miss (default) or, as MMEB's argmax, as a hit")
     args = ap.parse_args(argv)
@@ -48,6 +53,21 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.probe_compression:
+        from pipeline.evaluate import compression_probe
+
+        try:
+            probe = compression_probe(args.model, samples, task=args.task, max_samples=args.max_samples or 300,
+                                      batch_size=args.batch_size, device=args.device or "cpu")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        probe.update({"model": os.path.abspath(args.model), "data": args.data})
+        write_json(args.out, probe)
+        print(f"compression probe, task {probe['task']}, {probe['n']} held-out images, {probe['candidates']} answers "
+              f"(chance {100 * probe['chance']:.1f}%): true image {100 * probe['true']:.1f}%, swapped image "
+              f"{100 * probe['swapped']:.1f}%\nwrote {args.out}")
+        return 0
     try:
         encode = load_encoder(args.model, device=args.device, batch_size=args.batch_size, pooling=args.pooling)
     except (FileNotFoundError, ValueError) as e:

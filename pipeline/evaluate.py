@@ -322,6 +322,63 @@ def load_encoder(model_dir: str, device: Optional[str] = None, batch_size: int =
     return encode
 
 
+# ------------------------------------------------------------------------- compression probe
+@torch.no_grad()
+def compression_probe(model_dir: str, samples: Sequence[dict], task: Optional[str] = None,
+                      max_samples: Optional[int] = 300, batch_size: int = 32, device: str = "cpu") -> dict:
+    """Does stage 1 put the image into the compression tokens?  The cheapest check of a stage-1
+    run, at any scale.
+
+    From ``mmeb`` samples of one classification-like task (``task``; default: the first task
+    whose positives are text only), each query's text without its image marker is a question and
+    the task's distinct positive texts are the candidate answers.  The stage-1 model (an export,
+    or a plain VLM: the untrained baseline) scores every candidate as the answer after
+    ``[X][C][Q]`` (mean CE over the answer tokens, :meth:`CoMaModel.stage1` ``per_row``) and
+    picks the best, once with the sample's own image and once with another sample's image (a
+    fixed derangement).  Under the compression mask the dialogue sees the image only through C,
+    so ``true`` above ``swapped`` means the image travels through C; both at chance means it does
+    not (yet).  Returns {"task", "n", "candidates", "chance", "true", "swapped"} (accuracies 0..1)."""
+    from pipeline.collate import Collator, to_device
+    from pipeline.config import LoraConfig, ModelConfig
+    from pipeline.export import read_meta
+    from pipeline.model import load_model
+    from pipeline.prompts import strip_placeholders
+
+    def text_only(s):
+        return s["positive"].get("text") and s["positive"].get("image") is None and s["query"].get("image") is not None
+
+    usable = [s for s in samples if text_only(s)]
+    task = task or (usable[0]["task"] if usable else None)
+    usable = [s for s in usable if s["task"] == task][: max_samples or None]
+    if len(usable) < 2:
+        raise ValueError(f"the compression probe needs >= 2 samples of a task whose queries have an image and whose "
+                         f"positives are text (task={task!r}, found {len(usable)})")
+    answers = sorted({s["positive"]["text"] for s in usable})
+    meta = read_meta(model_dir)
+    cfg = ModelConfig(init=str(model_dir), num_compression_tokens=meta["num_compression_tokens"], dtype="float32",
+                      prompt_format=meta.get("prompt_format", "chat"), gradient_checkpointing=False,
+                      dummy_vision=False, mask_impl="efficient", stage1_loss="answer",
+                      lora=LoraConfig(enabled=False))
+    model = load_model(cfg, for_training=False).to(device)
+    collate = Collator(model.processor, cfg, kind="qa")
+    n = len(usable)
+    swapped = [usable[(i + 1) % n]["query"]["image"] for i in range(n)]
+    result = {"task": task, "n": n, "candidates": len(answers), "chance": 1.0 / len(answers)}
+    for name, images in (("true", [s["query"]["image"] for s in usable]), ("swapped", swapped)):
+        hits = 0
+        for lo in range(0, n, batch_size):
+            chunk = list(range(lo, min(n, lo + batch_size)))
+            losses = torch.stack([model.stage1(**to_device(collate([
+                {"kind": "qa", "image": images[i], "__key__": str(i), "conversations": [
+                    {"question": strip_placeholders(usable[i]["query"]["text"]) or "Describe the image.",
+                     "answer": a}]} for i in chunk]), device), per_row=True).loss.float().cpu()
+                for a in answers], dim=1)                                   # [chunk, candidates]
+            truth = torch.tensor([answers.index(usable[i]["positive"]["text"]) for i in chunk])
+            hits += int((losses.argmin(1) == truth).sum())
+        result[name] = hits / n
+    return result
+
+
 # ----------------------------------------------------------------------------------- display
 def format_table(results: dict, ks: Sequence[int] = DEFAULT_KS) -> str:
     """A fixed-width table (percentages) of per-task and overall metrics, with the candidate mode."""

@@ -139,11 +139,14 @@ class CoMaModel(nn.Module):
         return self.embed(**batch)
 
     def stage1(self, input_ids, attention_mask, labels, mm_token_type_ids=None, pixel_values=None,
-               image_grid_thw=None, inputs_embeds=None, mask_impl: Optional[str] = None, **_) -> Stage1Output:
+               image_grid_thw=None, inputs_embeds=None, mask_impl: Optional[str] = None, per_row: bool = False,
+               **_) -> Stage1Output:
         """Next-token CE on the target tokens of ``[X][C][D]`` under the compression mask.
 
         input_ids/attention_mask/labels: [B, L] long (labels unshifted, -100 = ignore);
-        ``inputs_embeds`` [B, L, D] overrides :meth:`embed_inputs` (probing gradients in tests)."""
+        ``inputs_embeds`` [B, L, D] overrides :meth:`embed_inputs` (probing gradients in tests);
+        ``per_row``: ``loss`` is [B] fp32, each row's mean CE over its own targets (the
+        compression probe ranks answers with it; NaN for a row without targets)."""
         mask_impl = mask_impl or self.cfg.mask_impl
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
@@ -168,10 +171,13 @@ class CoMaModel(nn.Module):
         h = hidden[:, :-1][sel]
         n = sel.sum()
         if h.shape[0] == 0:
-            loss = hidden.sum() * 0.0
+            loss = torch.full((sel.shape[0],), float("nan"), device=hidden.device) if per_row else hidden.sum() * 0.0
         else:
             logits = self.adapter.lm_head(self.hf)(h).float()
-            loss = F.cross_entropy(logits, tgt[sel])
+            loss = F.cross_entropy(logits, tgt[sel], reduction="none" if per_row else "mean")
+            if per_row:  # per-token CE summed into its row, over the row's target count
+                loss = torch.zeros(sel.shape[0], device=loss.device).index_add_(0, sel.nonzero()[:, 0], loss)
+                loss = loss / sel.sum(1).float()
         return Stage1Output(loss=loss, num_targets=n, num_tokens=attention_mask.sum())
 
     def embed(self, input_ids, attention_mask, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None,

@@ -133,3 +133,34 @@ def test_entry_points_check_their_outputs_before_any_work(tmp_path, capsys):
     assert [line.split(": ")[1] for line in err] == ["--out"] * 3, err
     assert export.main(["--checkpoint", str(tmp_path / "a_folder"), "--out", str(tmp_path / "x")]) == 2
     assert "--checkpoint=" in capsys.readouterr().err
+
+
+def test_compression_probe_ranks_answers_by_their_loss(export_dir):
+    """The probe's pick for an image is the candidate answer with the lowest per-row stage-1 loss
+    after [X][C][Q] (computed here by hand for each row), with the true and with a swapped image."""
+    from pipeline.collate import Collator
+    from pipeline.config import LoraConfig, ModelConfig
+    from pipeline.evaluate import compression_probe
+    from pipeline.model import load_model
+
+    samples = [{"task": "cls", "query": {"text": "<image> Which digit is it?", "image": img},
+                "positive": {"text": WORDS[d], "image": None}, "negatives": []} for img, d in digits(12)]
+    res = compression_probe(export_dir, samples, max_samples=12, batch_size=5)
+    answers = sorted({s["positive"]["text"] for s in samples})
+    assert (res["task"], res["n"], res["candidates"]) == ("cls", 12, len(answers))
+    cfg = ModelConfig(init=export_dir, num_compression_tokens=4, dtype="float32", gradient_checkpointing=False,
+                      dummy_vision=False, lora=LoraConfig(enabled=False))
+    model = load_model(cfg, for_training=False)
+    collate = Collator(model.processor, cfg, kind="qa")
+
+    def pick(i, image):
+        with torch.no_grad():
+            one = [float(model.stage1(**collate([{"kind": "qa", "image": image, "__key__": "k", "conversations": [
+                {"question": "Which digit is it?", "answer": a}]}])).loss) for a in answers]
+        return answers[int(np.argmin(one))] == samples[i]["positive"]["text"]
+
+    true = sum(pick(i, s["query"]["image"]) for i, s in enumerate(samples)) / 12
+    swapped = sum(pick(i, samples[(i + 1) % 12]["query"]["image"]) for i in range(12)) / 12
+    assert res["true"] == pytest.approx(true) and res["swapped"] == pytest.approx(swapped)
+    with pytest.raises(ValueError, match="compression probe needs"):
+        compression_probe(export_dir, samples[:1])
