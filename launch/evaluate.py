@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                          "the true vs a swapped image, pipeline.evaluate.compression_probe)")
     ap.add_argument("--task", default=None, help="--probe-compression: the task to ask (default: the first "
                     "whose queries have an image and positives are text)")
+    ap.add_argument("--question", default=None, help="--probe-compression: ask this instead of each query's text "
+                    "(e.g. the question stage 1 trained on)")
     ap.add_argument("--ties", default="pessimistic", choices=["pessimistic", "first"],
                     help="a tie with the positive counts as a miss (default) or, as MMEB's argmax, as a hit")
     args = ap.parse_args(argv)
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
 
         try:
             probe = compression_probe(args.model, samples, task=args.task, max_samples=args.max_samples or 300,
-                                      batch_size=args.batch_size, device=args.device or "cpu")
+                                      batch_size=args.batch_size, device=args.device or "cpu",
+                                      question=args.question)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

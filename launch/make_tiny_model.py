@@ -19,13 +19,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     ap.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=2, help="language-model layers (the demo uses 4)")
     ap.add_argument("--min-pixels", type=int, default=56 * 56)
     ap.add_argument("--max-pixels", type=int, default=28 * 28 * 16)
     args = ap.parse_args(argv)
     from pipeline.tiny import make_tiny_model
 
     path = make_tiny_model(args.out, family=args.family, seed=args.seed,
-                           min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                           min_pixels=args.min_pixels, max_pixels=args.max_pixels, layers=args.layers)
     print(f"wrote tiny {args.family} model to {path}")
 
 

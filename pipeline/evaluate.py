@@ -325,13 +325,15 @@ def load_encoder(model_dir: str, device: Optional[str] = None, batch_size: int =
 # ------------------------------------------------------------------------- compression probe
 @torch.no_grad()
 def compression_probe(model_dir: str, samples: Sequence[dict], task: Optional[str] = None,
-                      max_samples: Optional[int] = 300, batch_size: int = 32, device: str = "cpu") -> dict:
+                      max_samples: Optional[int] = 300, batch_size: int = 32, device: str = "cpu",
+                      question: Optional[str] = None) -> dict:
     """Does stage 1 put the image into the compression tokens?  The cheapest check of a stage-1
     run, at any scale.
 
     From ``mmeb`` samples of one classification-like task (``task``; default: the first task
-    whose positives are text only), each query's text without its image marker is a question and
-    the task's distinct positive texts are the candidate answers.  The stage-1 model (an export,
+    whose positives are text only), each query's text without its image marker is the question
+    (``question`` instead, e.g. the one stage 1 trained on) and the task's distinct positive texts
+    are the candidate answers.  The stage-1 model (an export,
     or a plain VLM: the untrained baseline) scores every candidate as the answer after
     ``[X][C][Q]`` (mean CE over the answer tokens, :meth:`CoMaModel.stage1` ``per_row``) and
     picks the best, once with the sample's own image and once with another sample's image (a
@@ -370,7 +372,7 @@ def compression_probe(model_dir: str, samples: Sequence[dict], task: Optional[st
             chunk = list(range(lo, min(n, lo + batch_size)))
             losses = torch.stack([model.stage1(**to_device(collate([
                 {"kind": "qa", "image": images[i], "__key__": str(i), "conversations": [
-                    {"question": strip_placeholders(usable[i]["query"]["text"]) or "Describe the image.",
+                    {"question": question or strip_placeholders(usable[i]["query"]["text"]) or "Describe the image.",
                      "answer": a}]} for i in chunk]), device), per_row=True).loss.float().cpu()
                 for a in answers], dim=1)                                   # [chunk, candidates]
             truth = torch.tensor([answers.index(usable[i]["positive"]["text"]) for i in chunk])

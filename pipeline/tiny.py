@@ -93,9 +93,9 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def _configs(family: str, vocab_size: int, ids: dict):
+def _configs(family: str, vocab_size: int, ids: dict, layers: int = 2):
     text = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         rms_norm_eps=1e-6, tie_word_embeddings=False,
         # 0.1 instead of 0.02: with a frozen random LM head at 0.02 the logits cannot leave the
@@ -126,8 +126,10 @@ def _configs(family: str, vocab_size: int, ids: dict):
 
 
 def make_tiny_model(out_dir: str | os.PathLike, family: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl",
-                    seed: int = 0, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 16) -> Path:
-    """Write a complete tiny HF model directory to ``out_dir`` and return its path.
+                    seed: int = 0, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 16,
+                    layers: int = 2) -> Path:
+    """Write a complete tiny HF model directory to ``out_dir`` and return its path (``layers``:
+    language-model layers; the demo uses 4, where stage 1 can learn to compress a digit).
 
     Written to a temporary sibling and renamed at the end, so an interrupted build never
     leaves a half-written directory that later loads fail on in confusing ways.
@@ -139,7 +141,9 @@ def make_tiny_model(out_dir: str | os.PathLike, family: Literal["qwen2_vl", "qwe
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab = ((len(tok) + 63) // 64) * 64  # padded like Qwen's (151936 > len(tokenizer))
-    config, cls = _configs(family, vocab, ids)
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    config, cls = _configs(family, vocab, ids, layers)
     torch.manual_seed(seed)
     model = cls(config).to(torch.float32).eval()
     improc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
@@ -149,5 +153,6 @@ def make_tiny_model(out_dir: str | os.PathLike, family: Literal["qwen2_vl", "qwe
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         improc.save_pretrained(tmp)
-        (tmp / "tiny_model.json").write_text(json.dumps({"family": family, "seed": seed}), encoding="utf-8")
+        (tmp / "tiny_model.json").write_text(json.dumps({"family": family, "seed": seed, "layers": layers}),
+                                             encoding="utf-8")
     return out

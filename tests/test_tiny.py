@@ -45,3 +45,6 @@ def test_make_tiny_model_cli(tmp_path):
     assert pre["size"]["longest_edge"] == 28 * 28 * 64
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--family", "llava"])
+    main(["--out", str(tmp_path / "l4"), "--layers", "4"])  # the demo's model
+    cfg = json.loads((tmp_path / "l4" / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 4
