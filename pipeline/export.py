@@ -152,17 +152,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     f = Path(path) / META_FILE
     if not f.exists():
         if (Path(path) / "config.json").exists():
-            from pipeline.config import LossConfig
-
-            released = _released_meta(path)
-            if released:
-                return released
-            defaults = ModelConfig()
-            return {"format": FORMAT_VERSION, "family": "auto", "untrained": True,
-                    "num_compression_tokens": defaults.num_compression_tokens, "pooling": defaults.pooling,
-                    "prompt_format": defaults.prompt_format,
-                    "instruction": defaults.instruction, "max_text_tokens": defaults.max_text_tokens,
-                    "logit_scale": 1.0 / LossConfig().temperature}
+            return _meta_of_plain_directory(path)
         raise FileNotFoundError(f"{f} not found: {path} is neither an exported CoMa model nor a Hugging Face "
                                 "model directory (export one with launch/export.py or pipeline.export.export_model)")
     meta = json.loads(f.read_text(encoding="utf-8"))
@@ -171,24 +161,29 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _released_meta(path) -> Optional[dict]:
-    """The authors' released checkpoints (404-not-founds/CoMa-3B, -7B) come without coma.json,
-    with their ``<|ctoken_pad_i|>`` tokens in the tokenizer: embed them as their evaluation does
-    (scripts/eval.sh: --pooling eos, i.e. the last compression token; the official input format;
-    their eval's image bounds; τ = 0.03).  None for any other directory."""
+def _meta_of_plain_directory(path) -> dict:
+    """What :func:`read_meta` says of a model directory without ``coma.json``: the config
+    defaults (an untrained model), except for the authors' released checkpoints
+    (404-not-founds/CoMa-3B, -7B, recognised by their ``<|ctoken_pad_i|>`` tokens), which are
+    embedded as their evaluation does (scripts/eval.sh: --pooling eos, i.e. the last compression
+    token; the official input format; their eval's image bounds)."""
     from transformers import AutoTokenizer
 
+    from pipeline.config import LossConfig
     from pipeline.processing import released_compression_tokens
 
+    d = ModelConfig()
+    meta = {"format": FORMAT_VERSION, "family": "auto", "num_compression_tokens": d.num_compression_tokens,
+            "pooling": d.pooling, "prompt_format": d.prompt_format, "instruction": d.instruction,
+            "max_text_tokens": d.max_text_tokens, "logit_scale": 1.0 / LossConfig().temperature}
     try:
         k = released_compression_tokens(AutoTokenizer.from_pretrained(str(path)))
     except (OSError, ValueError):
-        return None
-    if not k:
-        return None
-    return {"format": FORMAT_VERSION, "family": "auto", "released": True, "num_compression_tokens": k,
-            "pooling": "last", "prompt_format": "official", "instruction": None, "max_text_tokens": None,
-            "logit_scale": 1.0 / 0.03, "min_pixels": RELEASED_EVAL_PIXELS[0], "max_pixels": RELEASED_EVAL_PIXELS[1]}
+        k = 0
+    if k:
+        return {**meta, "released": True, "num_compression_tokens": k, "pooling": "last", "prompt_format": "official",
+                "min_pixels": RELEASED_EVAL_PIXELS[0], "max_pixels": RELEASED_EVAL_PIXELS[1]}
+    return {**meta, "untrained": True}
 
 
 class Embedder:
