@@ -402,6 +402,24 @@ def test_parallel_runs_exit_cleanly_as_a_command(tmp_path):
         assert strict.returncode == 1 and "missing_image" in strict.stderr, strict.stderr
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and open(f"/proc/{p}/stat").read().rsplit(") ", 1)[1].split()[1] == str(pid):
+                kids.append(int(p))
+        except (OSError, IndexError):
+            continue
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_killed_worker_stops_the_run_and_a_rerun_finishes(tmp_path):
     """A worker killed mid-run (as the OOM killer would) ends the run with exit 1 and a message
     (multiprocessing.Pool used to wait forever for the lost shard); the rerun completes, and its
@@ -414,17 +432,10 @@ def test_a_killed_worker_stops_the_run_and_a_rerun_finishes(tmp_path):
            "--samples-per-shard", "3", "--max-image-side", "64"]
     out = tmp_path / "out"
     proc = subprocess.Popen(cmd + ["--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    me, victim, deadline = str(proc.pid), None, time.time() + 60
+    victim, deadline = None, time.time() + 60
     while victim is None and time.time() < deadline and proc.poll() is None:
-        kids = [p for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")]
-        for p in kids:
-            try:
-                ppid = open(f"/proc/{p}/stat").read().rsplit(") ", 1)[1].split()[1]
-            except OSError:
-                continue
-            if ppid == me and any(out.glob("*_stats.json")):  # a worker, once work is under way
-                victim = int(p)
-                break
+        if any(out.glob("*_stats.json")):  # a worker, once work is under way
+            victim = next(iter(_children(proc.pid)), None)
         time.sleep(0.01)
     assert victim is not None, "the run ended before a worker could be killed; make it longer"
     os.kill(victim, signal.SIGKILL)
@@ -443,24 +454,6 @@ def test_a_killed_worker_stops_the_run_and_a_rerun_finishes(tmp_path):
     assert tars == sorted(p.name for p in out.glob("*.tar")) and len(tars) == 16
     for t in tars:
         assert (out / t).read_bytes() == (clean / t).read_bytes(), t
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for p in os.listdir("/proc"):
-        try:
-            if p.isdigit() and open(f"/proc/{p}/stat").read().rsplit(") ", 1)[1].split()[1] == str(pid):
-                kids.append(int(p))
-        except (OSError, IndexError):
-            continue
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
