@@ -166,7 +166,10 @@ class Collator:
             raise ValueError(f"model.max_text_tokens must be >= 1 (or null: no cut), got {model_cfg.max_text_tokens}")
         self.proc, self.cfg, self.kind, self.mode = processor, model_cfg, kind, mode
         self.padding_side = padding_side
-        self.official = getattr(model_cfg, "prompt_format", "chat") == "official"
+        fmt = getattr(model_cfg, "prompt_format", "chat")
+        self.official = fmt in ("official", "official_eval")
+        # the authors' evaluation (not their training) ends queries and image inputs with "\n"
+        self.eval_newline = fmt == "official_eval"
         self.max_negatives = max_negatives
         self.pixel_dtype = pixel_dtype
 
@@ -199,7 +202,9 @@ class Collator:
         """Items ``{"text": str|None, "image": PIL|None}`` → an embedding batch of ``[X][C]`` rows.
 
         ``instruction`` (else ``model.instruction``) goes before C; an item with no text of its
-        own gets the default "Summarize the above image/sentence in a few words."."""
+        own gets the default "Summarize the above image/sentence in a few words.".  An item's
+        optional ``"role"`` (``"query"`` | ``"candidate"``) matters only to ``official_eval``:
+        a text-only candidate gets no newline before C."""
         seqs = []
         instruction = instruction if instruction is not None else self.cfg.instruction
         items = list(items)
@@ -212,7 +217,9 @@ class Collator:
                 raise ValueError(f"item {i} has neither text nor image")
             n = next(it_tok) if img is not None else None
             if self.official:
-                x = self.proc.official_input_ids(text, n, False, instruction, self.cfg.max_text_tokens)
+                newline = self.eval_newline and (img is not None or it.get("role") != "candidate")
+                x = self.proc.official_input_ids(text, n, False, instruction, self.cfg.max_text_tokens,
+                                                 suffix="\n" if newline else "")
             else:
                 x = self.proc.input_ids(text, n, _instruction(instruction, text, img is not None),
                                         self.cfg.max_text_tokens)

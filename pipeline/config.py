@@ -67,9 +67,10 @@ class ModelConfig:
         "mean", "embedding = mean of the compression tokens' final states (paper) or the last token's")
     stage1_loss: Literal["answer", "all"] = setting(
         "answer", "stage-1 cross-entropy on answer tokens only (paper) or on all tokens after C (reference code)")
-    prompt_format: Literal["chat", "official"] = setting(
+    prompt_format: Literal["chat", "official", "official_eval"] = setting(
         "chat", "chat: X in a chat turn before C (system prompt, user turn, assistant header); official: as the authors' "
-        "code (docs/fidelity.md)")
+        "training code; official_eval: as their evaluation code (official, plus a newline before C on every input "
+        "but a text-only candidate; how their released weights are embedded) (docs/fidelity.md)")
     instruction: Optional[str] = setting(
         None,
         "optional instruction placed before the compression tokens, e.g. 'Summarize the above image in a few "

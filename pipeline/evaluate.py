@@ -57,8 +57,9 @@ def image_fingerprint(image) -> Optional[str]:
     return h.hexdigest()
 
 
-def side_item(side: dict) -> dict:
-    """A sample side ``{"text", "image"}`` → an encoder item with only the present keys."""
+def side_item(side: dict, role: str) -> dict:
+    """A sample side ``{"text", "image"}`` → an encoder item with only the present keys, and its
+    role (``query`` | ``candidate``; see :meth:`pipeline.export.Embedder.encode`)."""
     item = {}
     if side.get("text") is not None:
         item["text"] = side["text"]
@@ -66,7 +67,7 @@ def side_item(side: dict) -> dict:
         item["image"] = side["image"]
     if not item:
         raise ValueError("a sample side has neither text nor image")
-    return item
+    return {**item, "role": role}
 
 
 class ItemTable:
@@ -77,7 +78,7 @@ class ItemTable:
         self._rows: dict[tuple, int] = {}
 
     def add(self, item: dict) -> int:
-        key = (item.get("text"), image_fingerprint(item.get("image")))
+        key = (item.get("text"), image_fingerprint(item.get("image")), item.get("role"))
         row = self._rows.get(key)
         if row is None:
             row = self._rows[key] = len(self.items)
@@ -116,12 +117,12 @@ def build_queries(samples: Iterable[dict]) -> tuple[ItemTable, list[QuerySpec]]:
                              "needs 'mmeb' samples (query / positive / negatives)")
         task = s.get("task") or "default"
         key = s.get("__key__", str(len(specs)))
-        q = table.add(side_item(s["query"]))
-        p = table.add(side_item(s["positive"]))
+        q = table.add(side_item(s["query"], "query"))
+        p = table.add(side_item(s["positive"], "candidate"))
         if p not in pool_seen[task]:
             pool_seen[task].add(p)
             pool[task].append(p)
-        negs = [r for r in (table.add(side_item(n)) for n in (s.get("negatives") or [])) if r != p]
+        negs = [r for r in (table.add(side_item(n, "candidate")) for n in (s.get("negatives") or [])) if r != p]
         if negs:
             specs.append(QuerySpec(task, key, q, [p] + list(dict.fromkeys(negs)), 0, "own"))
         else:

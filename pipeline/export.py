@@ -181,7 +181,7 @@ def _meta_of_plain_directory(path) -> dict:
     except (OSError, ValueError):
         k = 0
     if k:
-        return {**meta, "released": True, "num_compression_tokens": k, "pooling": "last", "prompt_format": "official",
+        return {**meta, "released": True, "num_compression_tokens": k, "pooling": "last", "prompt_format": "official_eval",
                 "min_pixels": RELEASED_EVAL_PIXELS[0], "max_pixels": RELEASED_EVAL_PIXELS[1]}
     return {**meta, "untrained": True}
 
@@ -240,11 +240,13 @@ class Embedder:
     def encode(self, items: Sequence[dict] | Iterable[dict], batch_size: int = 32,
                instruction: Optional[str] = None) -> torch.Tensor:
         """items: dicts with ``"text"`` (may hold the ``<image>`` marker), ``"image"`` (PIL image or
-        path) or both → float32 [N, D] on CPU, L2-normalised."""
+        path) or both, and optionally ``"role"`` (``"query"`` | ``"candidate"``: only the
+        ``official_eval`` format, the released weights', tells them apart) → float32 [N, D] on
+        CPU, L2-normalised."""
         items = list(items)
         outs = []
         for i in range(0, len(items), batch_size):
-            chunk = [{"text": it.get("text"), "image": self._load_image(it.get("image"))}
+            chunk = [{"text": it.get("text"), "image": self._load_image(it.get("image")), "role": it.get("role")}
                      for it in items[i:i + batch_size]]
             batch = to_device(self.collator.encode(chunk, instruction=instruction), self.device, self.dtype)
             outs.append(self.model.embed(**batch).float().cpu())

@@ -112,9 +112,9 @@ def default_image_root(root: str) -> str:
     return root
 
 
-def _side(text: Optional[str], img: Optional[str], image_root: str, where: str) -> dict:
+def _side(text: Optional[str], img: Optional[str], image_root: str, where: str, role: str) -> dict:
     """One query/candidate → encoder item (image as a resolved path; the encoder opens it)."""
-    item = {}
+    item = {"role": role}
     if img:
         path = img if os.path.isabs(img) else os.path.join(image_root, img)
         if not os.path.isfile(path):
@@ -126,7 +126,7 @@ def _side(text: Optional[str], img: Optional[str], image_root: str, where: str) 
         text = strip_placeholders(text) if text else text
     if text:
         item["text"] = text
-    if not item:
+    if len(item) == 1:
         raise MMEBDataError(f"{where}: neither text nor image")
     return item
 
@@ -137,7 +137,7 @@ def parse_row(file: str, lineno: int, row: dict, image_root: str) -> tuple[dict,
     for k in ("qry_text", "tgt_text"):
         if k not in row:
             raise MMEBDataError(f"{where}: missing field '{k}'")
-    query = _side(row.get("qry_text"), row.get("qry_img_path"), image_root, where + " (query)")
+    query = _side(row.get("qry_text"), row.get("qry_img_path"), image_root, where + " (query)", "query")
     imgs = row.get("tgt_img_path") or []
     texts = row.get("tgt_text")
     if texts in ("", None):  # MMEB writes "" when no candidate has text
@@ -149,7 +149,8 @@ def parse_row(file: str, lineno: int, row: dict, image_root: str) -> tuple[dict,
     imgs = list(imgs) or [""] * len(texts)
     if not texts:
         raise MMEBDataError(f"{where}: no candidates")
-    cands = [_side(t, i, image_root, f"{where} (candidate {j})") for j, (t, i) in enumerate(zip(texts, imgs))]
+    cands = [_side(t, i, image_root, f"{where} (candidate {j})", "candidate")
+             for j, (t, i) in enumerate(zip(texts, imgs))]
     return query, cands
 
 

@@ -164,7 +164,8 @@ class Processor:
         return ids + end
 
     def official_input_ids(self, text: Optional[str], n_image_tokens: Optional[int], stage1: bool,
-                           instruction: Optional[str] = None, max_text_tokens: Optional[int] = None) -> list[int]:
+                           instruction: Optional[str] = None, max_text_tokens: Optional[int] = None,
+                           suffix: str = "") -> list[int]:
         """Token ids of X as the authors' code builds it (``model.prompt_format: official``;
         docs/fidelity.md has the file:line of each rule).  No chat template, no system prompt:
 
@@ -172,7 +173,8 @@ class Processor:
           then ``"\nSummarize above image and text in a few words."``;
         * stage 2 and evaluation: the raw text with the vision span where the ``<image>``
           marker was (``<|image_1|>`` in MMEB; literally, whitespace kept), or first when the
-          text has no marker; ``instruction`` (``model.instruction``) after a newline if set.
+          text has no marker; ``instruction`` (``model.instruction``) after a newline if set;
+          then ``suffix`` (``official_eval``: their evaluation's ``"\n"``).
 
         C follows directly.  Every text piece lies between special tokens, so tokenising the
         pieces apart gives the ids of the authors' whole-string tokenisation."""
@@ -191,6 +193,7 @@ class Processor:
             before, after = self.cut_text(before, after, max_text_tokens)
         if instruction and not stage1:
             after = after + "\n" + instruction
+        after += suffix
         b, a = (self.user_ids(x) for x in (before, after))
         tb, ta = self.many_text_ids([before if b is None else "", after if a is None else ""])
         return (tb if b is None else b) + span + (ta if a is None else a)

@@ -36,14 +36,16 @@ def released(tmp_path_factory):
     return out
 
 
-ITEMS = [{"text": "<image> Represent the given image with the following question: What is it?", "image": image(56, 56)},
-         {"text": "A handwritten seven", "image": None}]
+QUERY = "\nRepresent the given image with the following question: What is it?"
+ITEMS = [{"text": "<image>" + QUERY, "image": image(56, 56), "role": "query"},
+         {"text": "A handwritten seven", "image": None, "role": "candidate"},
+         {"text": "A handwritten seven", "image": None, "role": "query"}]
 
 
 def test_released_layout_is_read_as_published(released):
     meta = read_meta(released)
     assert meta["released"] and meta["num_compression_tokens"] == K
-    assert (meta["pooling"], meta["prompt_format"]) == ("last", "official")
+    assert (meta["pooling"], meta["prompt_format"]) == ("last", "official_eval")
     assert (meta["min_pixels"], meta["max_pixels"]) == RELEASED_EVAL_PIXELS
     emb = Embedder.from_pretrained(released)
     proc = emb.model.processor
@@ -56,14 +58,19 @@ def test_released_weights_embed_as_their_evaluation(released):
     emb = Embedder.from_pretrained(released)
     got = emb.encode(ITEMS)
     # by hand: their input string (C = their tokens, appended), the last position's state, L2-normalised
-    cfg = model_cfg(init=str(released), num_compression_tokens=K, pooling="last", prompt_format="official",
+    cfg = model_cfg(init=str(released), num_compression_tokens=K, pooling="last", prompt_format="official_eval",
                     min_pixels=RELEASED_EVAL_PIXELS[0], max_pixels=RELEASED_EVAL_PIXELS[1],
                     lora=LoraConfig(enabled=False))
     model = load_model(cfg, for_training=False)
     batch = Collator(model.processor, cfg, kind="mmeb").encode(ITEMS)
+    # their strings (src/data/eval_dataset/image_qa_dataset.py:17-20, processor.py:367-385): a
+    # query ends with "\n" before C, a text candidate is its raw text + C
     c = "".join(RELEASED_COMPRESSION_TOKEN.format(i=i) for i in range(K))
-    assert batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist() == \
-        model.processor.tokenizer("A handwritten seven" + c, add_special_tokens=False)["input_ids"]
+    span = "<|vision_start|>" + "<|image_pad|>" * int(batch["image_grid_thw"][0].prod() // 4) + "<|vision_end|>"
+    tok = model.processor.tokenizer
+    for row, theirs in enumerate([span + QUERY + "\n" + c, "A handwritten seven" + c, "A handwritten seven\n" + c]):
+        assert batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist() == \
+            tok(theirs, add_special_tokens=False)["input_ids"], row
     with torch.no_grad():
         am = batch["attention_mask"]
         hidden = model._decode(model.embed_inputs(**batch), model._positions(
