@@ -64,7 +64,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "wandb>=0.17"],  # wandb: tests/test_wandb.py, offline
+        # wandb: tests/test_wandb.py, offline; mteb: tests/test_mteb.py, with tasks defined there
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "wandb>=0.17", "mteb>=2.0,<3"],
+        "mteb": ["mteb>=2.0,<3"],  # launch/eval_mteb.py, pipeline/mteb_model.py (base install: no torchvision)
         "gpu": ["flash-attn>=2.6"],
         "wandb": ["wandb>=0.17"],
     },
