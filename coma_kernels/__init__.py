@@ -8,7 +8,8 @@ Backends: ``triton`` (fused kernels, :mod:`coma_kernels.infonce_triton`; CPU onl
 TRITON_INTERPRET=1), ``cuda`` (CUDA C++ extension, :mod:`coma_kernels.infonce_cuda`), ``torch``
 (chunked torch, the CPU default, :mod:`coma_kernels.infonce_torch`) and ``reference``
 (materialised logits, :mod:`coma_kernels.infonce_reference`).  ``auto`` = triton for CUDA tensors,
-torch otherwise.  Importing this package is cheap: triton and the CUDA build load lazily.
+torch otherwise (:mod:`coma_kernels.backends`).  Importing this package is cheap: triton and the CUDA
+build load lazily.
 """
 from __future__ import annotations
 
@@ -16,35 +17,11 @@ from typing import Optional
 
 import torch
 
+from .backends import BACKENDS, get_ops, resolve_backend
+from .distributed import gathered_infonce
 from .infonce import check_inputs, infonce_forward, infonce_loss_and_grads as _loss_and_grads
 
-BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
-
 __all__ = ["fused_infonce", "infonce_loss_and_grads", "gathered_infonce", "get_ops", "BACKENDS"]
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"infonce backend={backend!r}; use one of {BACKENDS} (config key loss.backend)")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
-
-
-def get_ops(backend: str, device: torch.device, dtype: torch.dtype):
-    """The tiled primitives (see :mod:`coma_kernels.infonce`) of a backend; raises RuntimeError
-    saying why when the backend cannot run on this device/dtype."""
-    backend = resolve_backend(backend, device)
-    if backend == "torch":
-        from .infonce_torch import TorchOps
-        return TorchOps()
-    if backend == "triton":
-        from .infonce_triton import TritonOps
-        return TritonOps.for_inputs(device, dtype)
-    if backend == "cuda":
-        from .infonce_cuda import CudaOps
-        return CudaOps.for_inputs(device, dtype)
-    raise ValueError(f"backend {backend!r} has no tiled primitives (the reference materialises the logits)")
 
 
 def fused_infonce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor, *,
@@ -93,9 +70,3 @@ def infonce_loss_and_grads(query: torch.Tensor, key: torch.Tensor, logit_scale: 
     ops = get_ops(name, query.device, query.dtype)
     return _loss_and_grads(query.detach(), key.detach(), logit_scale.detach(), positive_index, symmetric, ops,
                            grad_scale)
-
-
-def gathered_infonce(query_local, key_local, logit_scale, *, symmetric=False, group=None, backend="auto"):
-    """InfoNCE with the keys of every rank as negatives; see :func:`coma_kernels.distributed.gathered_infonce`."""
-    from .distributed import gathered_infonce as _impl
-    return _impl(query_local, key_local, logit_scale, symmetric=symmetric, group=group, backend=backend)

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import get_ops, resolve_backend
+from .backends import get_ops, resolve_backend
 from .infonce import check_inputs, loss_grads, per_query_losses
 
 

@@ -1,29 +1,16 @@
-"""Triton kernels for the tiled InfoNCE primitives (maths in :mod:`coma_kernels.infonce`).
+"""Triton kernels for the tiled InfoNCE primitives: the two tile kernels that
+:class:`coma_kernels.tiled.TiledOps` drives (the algorithm, chunking and memory bounds are
+described there; the maths in :mod:`coma_kernels.infonce`).
 
-Forward, ``_stats_kernel`` (one pass, both directions): a 2-D grid of (BLOCK_M rows of Q) ×
-(a contiguous split of the key columns).  Each program streams its keys in BLOCK_N tiles; a
-tile's logits  s · Q_blk K_tileᵀ  are built from BLOCK_K slices of D in an fp32 accumulator
-(tensor cores for fp16/bf16) and never leave registers.  It keeps an online (max, sum-exp) per
-row over its columns,
-        m' = max(m, max_j S_ij),   l' = l · exp(m − m') + Σ_j exp(S_ij − m'),
-and, when symmetric, writes each tile's per-column (max, sum-exp) over its BLOCK_M rows.  The
-host merges the partials with a log-sum-exp: row_lse [n] and col_lse [m].  Partials cost
-8·n·splits + 8·m·⌈n/BLOCK_M⌉ bytes — O(n·m / BLOCK_M), against 2·n·m for bf16 logits.
+``_stats_kernel``: a program owns BLOCK_M rows of Q and a contiguous split of the key columns,
+streams its keys in BLOCK_N tiles, builds each tile's logits from BLOCK_K slices of D in an fp32
+accumulator (tensor cores for fp16/bf16) that never leaves registers, and keeps the online
+(max, sum-exp) per row, m' = max(m, max_j S_ij), l' = l·exp(m − m') + Σ_j exp(S_ij − m'); when
+symmetric it also writes each tile's per-column (max, sum-exp) over its rows.
 
-Backward, ``_grad_tile_kernel`` on row chunks of C rows (C·m ≈ COMA_INFONCE_CHUNK_ELEMS_GPU,
-default 64 Mi elements: 128 MiB in bf16; the host loop is :class:`coma_kernels.tiled.TiledOps`): a 2-D grid over (row block, key tile) recomputes each
-logits tile once and turns it into the softmax-gradient weights
-        G_ij = a_i · exp(S_ij − row_lse_i) + b_j · exp(S_ij − col_lse_j)
-(the column term only when symmetric) minus w_i at the positive (i, p_i) — subtracted in fp32
-before rounding, since there the two terms nearly cancel — written in the input dtype to a
-[C, m] chunk buffer,
-plus Σ G ⊙ (Q Kᵀ) per tile for d logit_scale.  The two products that consume G,
-dQ_chunk = s·G K and dK += s·Gᵀ Q_chunk, are plain GEMMs (cuBLAS via torch.mm, fp32
-accumulation, dK summed across chunks in fp32).  So the backward recomputes S once (not once
-per direction), does no atomics and no read-modify-write of D-wide accumulators (D may be
-thousands: a fused dA accumulator would not fit in registers), and is deterministic.  G is
-normalised to max |coefficient| = 1 before it is rounded to fp16/bf16 (the coefficients are
-O(1/n), below fp16's normal range at large n) and the norm is folded back into s.
+``_grad_tile_kernel``: a program owns one (row block, key tile) of a chunk, recomputes that
+logits tile and writes G (the positive's weight subtracted in fp32 before rounding) plus its
+share of Σ G ⊙ (Q Kᵀ) for d logit_scale.
 
 Under TRITON_INTERPRET=1 (CPU) bf16 ``tl.dot`` is broken upstream, so bf16 tiles are converted
 to fp32 before the dot when interpreting (the ``UPCAST`` constexpr) and G is kept in fp32.

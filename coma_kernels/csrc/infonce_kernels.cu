@@ -6,14 +6,8 @@
 // file compiles with a bare `nvcc -c -arch=sm_90a` and is bound to torch by
 // infonce_binding.cpp, which passes the current stream in explicitly.
 //
-// Maths (coma_kernels/infonce.py):  S = s · Q Kᵀ, Q [n, D], K [m, D].
-//   stats kernel:  grid (row blocks) × (column splits).  Per row, an online (max, sum-exp) over
-//                  the split's columns → rmax/rsum [splits, n]; if symmetric, per tile and
-//                  column the (max, sum-exp) over the block's rows → pmax/psum [row blocks, m].
-//   grad tiles:    grid (row blocks of a chunk) × (key tiles).  G_ij = a_i exp(S_ij − lse_i)
-//                  + b_j exp(S_ij − lse'_j) (second term if symmetric) − w_i [j = p_i] stored to a [C, m]
-//                  buffer in the input dtype, and Σ_ij G_ij (q_i·k_j) per block (d logit_scale).
-// Every launch recomputes its logits tiles from Q and K; all products accumulate in fp32.
+// The algorithm (what each kernel computes, the chunked host loop, G's normalisation) is described
+// once, in coma_kernels/tiled.py; the maths in coma_kernels/infonce.py.
 //
 // Tiling: 256 threads as 16×16; each thread owns a 4×4 micro-tile (rows ty+16i, cols tx+16j,
 // strided so shared-memory reads are broadcast / conflict-free).  D is consumed in BK slices,
