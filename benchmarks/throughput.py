@@ -32,7 +32,7 @@ the median over the pipeline blocks.  Targets: pipeline ≤ 1.05 × bare, data w
 What keeps the comparison fair:
 
 * all three run in the same processes with the same torch threads, set as training sets them
-  (``pipeline.train.set_cpu_threads``: on a CPU run, the node's cores per rank less one per
+  (``pipeline.runtime.set_cpu_threads``: on a CPU run, the node's cores per rank less one per
   loader worker, unless ``OMP_NUM_THREADS`` is set), so neither side gains from a thread count
   the other does not get;
 * the synthetic source hands batches over exactly as ``LoaderSource`` does (packed buffers
@@ -256,8 +256,11 @@ def main(argv: list) -> int:
     from pipeline.config import load_config
     from pipeline.engine import build, plan_batches, zero_stage
     from pipeline.metrics import Metrics
-    from pipeline.train import (Loop, StepRunner, TrainState, _count_tokens, make_loader, manual_gc, parse_cli,
-                                seed_all, set_cpu_threads, setup_logging)
+    from pipeline.cli import parse_cli
+    from pipeline.metrics import count_tokens
+    from pipeline.runtime import manual_gc, seed_all, set_cpu_threads, setup_logging
+    from pipeline.steps import StepRunner, TrainState
+    from pipeline.train import Loop, make_loader
 
     argv = list(argv)
     warmup = _pop_flag(argv, "--warmup", 3, int)
@@ -312,7 +315,7 @@ def main(argv: list) -> int:
     # timed blocks with a prefetch queue of its own.
     if hasattr(it, "close"):
         it.close()
-    tok_per_step, seqs, _ = _count_tokens(bare_batches[0])
+    tok_per_step, seqs, _ = count_tokens(bare_batches[0])
 
     class _InMemory(BatchSource):
         """The same pre-collated batches behind the Loop's source protocol: the pipeline without

@@ -145,7 +145,7 @@ def stage_args(stage: int, init: str, shards: str, run_dir: Path, steps: int, ex
     loads in each rank (``data.workers=0``): a worker would only compete with them (README:
     Throughput on a CPU-only machine; the epoch plan is the same either way)."""
     from pipeline.config import load_config
-    from pipeline.train import loader_workers_compete
+    from pipeline.runtime import loader_workers_compete
 
     preset = REPO / f"launch/configs/stage{stage}_tiny.yaml"
     compete = loader_workers_compete(world_size, load_config(str(preset)).data.workers)

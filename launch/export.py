@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.fileio import output_problem
-    from pipeline.train import export_checkpoint
+    from pipeline.export import export_checkpoint
 
     if problem := output_problem(args.out, folder=True, replace=True):
         print(f"error: --out: {problem}", file=sys.stderr)

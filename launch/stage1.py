@@ -18,7 +18,7 @@ from importlib.util import find_spec
 if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
     sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
-from pipeline.train import main  # noqa: E402
+from pipeline.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(stage=1, argv=sys.argv[1:]))

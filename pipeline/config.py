@@ -13,6 +13,7 @@ import dataclasses
 import os
 import types
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -181,7 +182,7 @@ class TrainConfig:
         "share of the samples trained that may be undecodable or lost in damaged shards before the run stops "
         "(exit 3)")
     # Python's garbage collector run by the loop every N steps, on every rank at the same step,
-    # instead of whenever allocations trigger it (0: Python's automatic GC).  See pipeline/train.py.
+    # instead of whenever allocations trigger it (0: Python's automatic GC).  See pipeline/runtime.py.
     gc_every: int = setting(
         50, "Python's GC runs every this many steps on every rank at once, not at random (0 = automatic GC)")
     dist_timeout_s: int = setting(1800, "collective timeout: a dead rank makes the others exit instead of hanging")
@@ -458,3 +459,17 @@ def help_text() -> str:
         lines.append(f"{flag:<46} {meaning}" if len(flag) < 46 else f"{flag}\n{'':<46} {meaning}")
     return "\n".join(lines).lstrip("\n")
 
+
+def check_model_init(init: str) -> None:
+    """``model.init`` must be a model directory (one with ``config.json``) or a Hub id
+    (``org/name``).  A path that does not exist or holds no model is a config error here, on
+    every rank before anything loads, instead of a transformers traceback per rank."""
+    path = Path(init).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.init={init} has no config.json, so it is not a Hugging Face model "
+                              f"directory: use a VLM directory, a Hub id, or a stage's export (runs/NAME/export)")
+        return
+    if init.startswith(("/", ".", "~")) or init.count("/") > 1 or "\\" in init:
+        raise ConfigError(f"model.init={init}: no such directory (a Hub id looks like org/name); "
+                          f"a previous stage's export is runs/NAME/export")

@@ -500,7 +500,7 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
     The worker also ignores SIGTERM and SIGUSR1: SLURM signals every process of a job step at
     preemption or with ``--signal``, and a worker dying of it makes its rank raise at once
     (PyTorch's SIGCHLD check), cutting short the checkpoint the rank saves on that signal
-    (``pipeline.train.StopSignals``).  The worker still ends with its rank (this SIGKILL)."""
+    (``pipeline.runtime.StopSignals``).  The worker still ends with its rank (this SIGKILL)."""
     import signal
 
     from pipeline.procs import exit_with_parent

@@ -1,6 +1,8 @@
 """Export a trained CoMa model and embed with it.
 
     export_model(model, "runs/stage2/export")                  # LoRA merged, HF dir + processor + coma.json
+    export_engine(built, "runs/NAME/export")                   # a training run's engine (collective)
+    export_checkpoint("runs/NAME/checkpoints/step-100", out)   # a saved checkpoint, offline
     export_model(model, out, state_dict=gathered)              # ZeRO-3: weights the engine gathered
     emb = pipeline.Embedder.from_pretrained("runs/stage2/export")
     vecs = emb.encode([{"text": "a dog"}, {"image": "cat.jpg"}, {"text": "<image> what is it?", "image": pil}])
@@ -253,3 +255,47 @@ class Embedder:
         if not outs:
             return torch.zeros(0, self.model.hf.config.get_text_config().hidden_size)
         return torch.cat(outs)
+
+
+# ------------------------------------------------------------------- exporting a training run
+def export_engine(built, out_dir: Path) -> Path:
+    """Gather the (ZeRO-3-partitioned) weights and write the Hugging Face export on rank 0.
+    Collective: every rank must call it."""
+    from pipeline import dist
+    from pipeline.engine import zero_stage
+
+    eng = built.engine
+    if zero_stage(built.ds_config) == 3:
+        sd = eng._zero3_consolidated_16bit_state_dict()  # full weights on rank 0, None elsewhere
+    else:
+        sd = {k: v.detach().cpu() for k, v in built.model.state_dict().items()} if dist.is_main() else None
+    # ZeRO-3's construction hook would partition the CPU skeleton export builds: switch it off
+    # now that training is over (the weights are already gathered).
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    if dist.is_main():
+        export_model(built.model, out_dir, state_dict=dict(sd))
+    dist.barrier()
+    return out_dir
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, dtype: Optional[str] = None) -> Path:
+    """Offline export of a saved checkpoint, one CPU process, no DeepSpeed engine:
+    ``checkpoint`` is a ``step-N`` directory or a checkpoints directory (its ``latest``).  The
+    ZeRO partitions are merged into full fp32 weights by DeepSpeed's ``zero_to_fp32``, put
+    into the model rebuilt from the config stored in the checkpoint, LoRA merged, written as
+    a Hugging Face directory (``dtype`` default: the run's ``model.dtype``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.checkpoint import resolve_resume
+    from pipeline.config import load_config
+
+    path = resolve_resume(checkpoint, checkpoint, what="--checkpoint")
+    if path is None:
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint there")
+    cfg = load_config(path / "config.yaml")
+    model = load_model(cfg.model, for_training=False, temperature=cfg.loss.temperature,
+                       learnable_scale=cfg.loss.learnable_scale)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return export_model(model, out_dir, state_dict=dict(sd), dtype=dtype or cfg.model.dtype)

@@ -3,8 +3,9 @@ TensorBoard, and Weights & Biases when installed and asked for.
 
 Keys are namespaced (``loss/…``, ``optim/…``, ``throughput/…``, ``memory/…``, ``time/…``,
 ``data/…``, ``train/…``).  Only rank 0 writes; other ranks construct the object with
-``enabled=False`` so call sites need no rank checks.  The reduction over ranks happens before
-(``pipeline.dist.all_reduce_dict``): this file never communicates.
+``enabled=False`` so call sites need no rank checks.  :meth:`Metrics.log_window` is where the
+training loop's numbers are reduced over ranks (``pipeline.dist``: two small all-reduces per log
+line) and get their names; :class:`Window` sums them between log lines.
 """
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ import os
 import secrets
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from pipeline import dist
 from pipeline.fileio import atomic_write_text
+from pipeline.flops import batch_shape_stats
+from pipeline.runtime import peak_memory_gib
 
 log = logging.getLogger("coma.train")
 
@@ -35,6 +40,40 @@ _CONSOLE = [
     ("data/skipped_samples", "skipped_samples", "{:.0f}"),
     ("train/skipped_steps", "skipped_steps", "{:.0f}"),
 ]
+
+
+@dataclass
+class Window:
+    """Per-rank sums over the steps since the last log line."""
+    time: float = 0.0
+    data: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    losses: list = field(default_factory=list)
+    steps: int = 0
+    lr: Optional[float] = None
+    gc: float = 0.0
+
+    def add(self, t, d, s, tok, f, loss, g=0.0):
+        self.time += t
+        self.data += d
+        self.gc += g
+        self.samples += s
+        self.tokens += tok
+        self.flops += f
+        self.steps += 1
+        if loss is not None:
+            self.losses.append(loss)
+
+
+def count_tokens(batches: list) -> tuple[int, list[int], list[int]]:
+    seqs, patches = [], []
+    for b in batches:
+        s, p = batch_shape_stats(b)
+        seqs += s
+        patches += p
+    return sum(seqs), seqs, patches
 
 
 class Metrics:
@@ -79,6 +118,41 @@ class Metrics:
             run_id = secrets.token_hex(6)  # W&B ids: letters/digits, unique per project
             atomic_write_text(path, run_id + "\n")
             return run_id
+
+    def log_window(self, w: Window, state, eng, source, peak: Optional[float]) -> dict:
+        """Reduce the window over ranks (collective: every rank calls it, enabled or not), name
+        the numbers and log them on rank 0; returns them."""
+        t = max(w.time, 1e-9)
+        # Two collectives per log line: sums (per-GPU rates are sums / world) and the memory maximum.
+        tot = dist.all_reduce_dict({
+            "loss": sum(w.losses) / len(w.losses) if w.losses else 0.0, "has_loss": 1.0 if w.losses else 0.0,
+            "sps": w.samples / t, "tps": w.tokens / t, "flops": w.flops / t, "wait": w.data / t, "gc": w.gc / t,
+            "skipped_samples": float(source.skipped_samples)}, "sum")
+        mem = dist.all_reduce_dict({"m": peak_memory_gib()}, "max")["m"]
+        world = dist.get_world_size()
+        mean = {k: v / world for k, v in tot.items()}
+        # mean over the ranks that had a finished step in the window
+        loss_g = tot["loss"] / tot["has_loss"] if tot["has_loss"] > 0 else float("nan")
+        gn = eng.get_global_grad_norm()
+        vals = {
+            "loss/train": loss_g,
+            "optim/lr": w.lr,
+            "optim/grad_norm": float(gn) if gn is not None else None,
+            "throughput/samples_per_s_per_gpu": mean["sps"],
+            "throughput/tokens_per_s_per_gpu": mean["tps"],
+            "throughput/tflops_per_gpu": mean["flops"] / 1e12,
+            "throughput/mfu": (mean["flops"] / peak) if peak else None,
+            "memory/peak_gib": mem,
+            "time/data_wait_share": mean["wait"],
+            "time/gc_share": mean["gc"],  # the scheduled collections of train.gc_every
+            "time/step_s": w.time / max(w.steps, 1),
+            "data/skipped_samples": tot["skipped_samples"],
+            "data/samples_seen": float(state.samples_seen),
+            "train/skipped_steps": float(state.skipped_steps),
+        }
+        vals = {k: v for k, v in vals.items() if v is not None}
+        self.log(state.step, vals)
+        return vals
 
     def log(self, step: int, values: Mapping[str, float], console: bool = True) -> None:
         """Record ``values`` (namespaced keys → floats) for optimizer step ``step``."""

@@ -17,28 +17,24 @@ checkpoints/, export/, train.log}``.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import math
-import os
-import random
-import resource
-import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 from pipeline import dist
 from pipeline.checkpoint import (CheckpointError, CheckpointManager, resolve_resume, rng_state, saved_world_size,
                                  set_rng_state, tag_for)
-from pipeline.config import Config, ConfigError, save_yaml, to_dict, to_yaml
+from pipeline.config import Config, ConfigError, check_model_init, save_yaml, to_dict, to_yaml
 from pipeline.data_plan import expand_sources
 from pipeline.fileio import atomic_write_text, output_problem
-from pipeline.flops import FlopsModel, batch_shape_stats, peak_flops, target_tokens
-from pipeline.metrics import Metrics
+from pipeline.flops import FlopsModel, peak_flops, target_tokens
+from pipeline.metrics import Metrics, Window, count_tokens
+from pipeline.runtime import (STOPPED_FILE, StopSignals, device_label, manual_gc, seed_all, set_cpu_threads,
+                              setup_logging)
 from pipeline.steps import StepRunner, TrainState, num_samples
 
 log = logging.getLogger("coma.train")
@@ -52,191 +48,13 @@ class StoppedOnSignal(RuntimeError):
     """A stop signal arrived; the checkpoint of the step it interrupted is saved (exit 4)."""
 
 
-STOPPED_FILE = "STOPPED"  # runs/NAME/STOPPED: the run stopped on a signal with a checkpoint saved
-
-
-class StopSignals:
-    """Handlers for ``train.stop_signals`` (SIGUSR1, SIGTERM): a signal only records its name;
-    :class:`Loop` checks after every step whether any rank got one (one scalar all-reduce) and
-    then every rank saves and stops together — a rank stopping on its own would leave the
-    others hanging in the next collective.
-
-    Why: SLURM sends SIGTERM on preemption and at the time limit (then SIGKILL after
-    KillWait), and ``--signal=USR1@300`` warns 300 s early; without this the job loses every
-    step since the last periodic checkpoint.  Later signals change nothing: the time limit's
-    SIGTERM after an early USR1 must not cut the save short (SIGKILL still ends a stuck job).
-    DataLoader workers, forked with these handlers, ignore the signals (SLURM signals every
-    process of the step): a worker dying of SIGTERM would make the rank raise mid-save; they
-    exit with the rank (``pipeline.data.die_with_parent``).  Installed in the main thread only
-    (Python's rule for handlers)."""
-
-    def __init__(self, names: list[str]):
-        import signal
-        import threading
-
-        self.received: Optional[str] = None
-        self._pid = os.getpid()
-        self._old: dict = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for name in names:
-            try:
-                sig = signal.Signals[name]
-            except KeyError:
-                raise ConfigError(f"train.stop_signals: {name!r} is not a signal name "
-                                  f"(e.g. SIGUSR1, SIGTERM)") from None
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._old)
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        if os.getpid() == self._pid and self.received is None:  # the rank itself, first signal
-            self.received = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-
-# ------------------------------------------------------------------------------------ set-up
-def setup_logging(run_dir: Optional[Path], rank: int) -> None:
-    """Rank 0 logs INFO to the console and to ``run_dir/train.log``; other ranks warnings only
-    (their lines would repeat rank 0's and drown SLURM logs)."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_coma", False):
-            root.removeHandler(h)
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if run_dir is not None and rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        h._coma = True
-        root.addHandler(h)
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def seed_all(seed: int, deterministic: bool = False) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        # warn_only: a few kernels (e.g. index_add on GPU) have no deterministic variant; the
-        # warning names them rather than stopping the run.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def cpu_threads(cfg: Config, env, environ=os.environ) -> Optional[int]:
-    """Torch intra-op threads per rank for a run on the CPU accelerator: this node's cores shared
-    among its ranks, less one per DataLoader worker (the collator runs there), at least 1.  None
-    (torch's default stays) on GPU runs and when ``OMP_NUM_THREADS`` is set: the user's choice wins.
-
-    Why: torch starts as many threads as cores in every rank, so 2 ranks with 2 workers each on a
-    2-core machine ran 4 compute threads + 4 workers; the threads spin on each other and the
-    workers preempt them.  One rank of the tiny model on 2 cores: 0.36 s per step with 2 threads,
-    0.18 s with 1."""
-    from deepspeed.accelerator import get_accelerator
-
-    if "OMP_NUM_THREADS" in environ or get_accelerator().device_name() != "cpu":
-        return None
-    return max(1, cpu_cores() // max(env.local_world_size, 1) - max(cfg.data.workers, 0))
-
-
-def set_cpu_threads(cfg: Config, env) -> Optional[int]:
-    """Apply :func:`cpu_threads` (and log it); returns the count set, None when left alone."""
-    import torch
-
-    threads = cpu_threads(cfg, env)
-    if threads is not None:
-        torch.set_num_threads(threads)
-        log.info("CPU run: %d torch threads per rank (%d ranks on this node, data.workers=%d; "
-                 "OMP_NUM_THREADS overrides)", threads, env.local_world_size, cfg.data.workers)
-        if loader_workers_compete(env.local_world_size, cfg.data.workers) and env.rank == 0:
-            log.warning("CPU run: %d rank(s) per node already take all %d cores, so data.workers=%d "
-                        "competes with the model for them; --data.workers=0 (loading in each rank) is "
-                        "faster here (README: Throughput on a CPU-only machine)",
-                        env.local_world_size, cpu_cores(), cfg.data.workers)
-    return threads
-
-
-def loader_workers_compete(ranks_per_node: int, workers: int) -> bool:
-    """Whether ``workers`` DataLoader workers per rank would find no core of their own on this
-    CPU node (the ranks' share of the cores is already used up): loading in each rank is faster."""
-    return workers > 0 and cpu_cores() // max(ranks_per_node, 1) <= workers
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a SLURM allocation's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _peak_memory_gib() -> float:
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        return acc.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process RSS peak
-
-
 # ----------------------------------------------------------------------------------- the loop
-def _count_tokens(batches: list) -> tuple[int, list[int], list[int]]:
-    seqs, patches = [], []
-    for b in batches:
-        s, p = batch_shape_stats(b)
-        seqs += s
-        patches += p
-    return sum(seqs), seqs, patches
-
-
-@contextlib.contextmanager
-def manual_gc(every: int):
-    """Python's automatic garbage collection off for the training loop, which collects every
-    ``every`` steps instead (:meth:`Loop.step`); ``every <= 0`` changes nothing.
-
-    Why: a full collection walks every Python object of torch, transformers and DeepSpeed
-    (~200 ms each in a tiny-model CPU run), and allocations trigger it on each rank at its own
-    moment, so the other ranks wait for it at the next collective.  The objects that exist once
-    the model and engine are built are frozen (``gc.freeze``: never scanned again), which makes
-    the scheduled collections cheap.  The same scheme as torchtitan's ``gc_freq`` and
-    Megatron-LM's ``--manual-gc``.  (One rank has no one to wait for: the 1-rank CPU benchmark
-    reads the same within its noise, 1.056-1.076 of the bare loop with, 1.079-1.092 without.)"""
-    if every <= 0:
-        yield
-        return
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
-
-
 class Loop:
     """The per-step machinery of :func:`train` (fetch, step, bookkeeping, logging, checkpoint),
     separate so benchmarks/throughput.py times exactly what training runs."""
 
     def __init__(self, cfg: Config, built, source, metrics: Metrics, ckpt: Optional[CheckpointManager],
-                 total: int, state: Optional[TrainState] = None, signals: Optional["StopSignals"] = None):
+                 total: int, state: Optional[TrainState] = None, signals: Optional[StopSignals] = None):
         from deepspeed.accelerator import get_accelerator
 
         self.cfg, self.built, self.source, self.metrics, self.ckpt = cfg, built, source, metrics, ckpt
@@ -248,9 +66,9 @@ class Loop:
         self.fm = FlopsModel.from_model(getattr(built.model, "backbone", built.model),
                                         train_llm_weights=not cfg.model.lora.enabled,
                                         train_vit=not cfg.model.freeze_vision)
-        self.peak = peak_flops(get_accelerator().device_name() + " " + _device_label(), cfg.train.peak_tflops)
+        self.peak = peak_flops(get_accelerator().device_name() + " " + device_label(), cfg.train.peak_tflops)
         self.config_yaml = to_yaml(cfg)
-        self.window = _Window()
+        self.window = Window()
         self._it: Optional[Iterator] = None
         self.signals = signals or StopSignals(cfg.train.stop_signals)
 
@@ -295,13 +113,13 @@ class Loop:
                     f"data, then resume with --train.resume=PATH")
         else:
             st.bad_in_row = 0
-        tokens, seqs, patches = _count_tokens(parts)
+        tokens, seqs, patches = count_tokens(parts)
         flops = self.fm.step_flops(seqs, patches, head_tokens=sum(target_tokens(p) for p in parts))
         loss = out["loss"] if out["applied"] and math.isfinite(out["loss"]) else None  # skipped steps: no loss
         self.window.add(time.perf_counter() - t0, t_data, n_samples, tokens, flops, loss, t_gc)
         if st.step % cfg.train.log_every == 0 or st.step == self.total:
-            self.last_logged = _log_window(self.metrics, self.window, st, self.eng, self.source, self.peak)
-            self.window = _Window()
+            self.last_logged = self.metrics.log_window(self.window, st, self.eng, self.source, self.peak)
+            self.window = Window()
             self.stop_if_data_lost(self.last_logged["data/skipped_samples"])
         if self.ckpt is not None and st.step % cfg.train.save_every == 0 and st.step < self.total:
             self.save()
@@ -367,9 +185,10 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
             signals.restore()
 
 
-def _run(cfg: Config, signals: "StopSignals", model_loader, loader_factory) -> Path:
+def _run(cfg: Config, signals: StopSignals, model_loader, loader_factory) -> Path:
     """:func:`train` after its config checks, with ``signals`` recording stop signals."""
     from pipeline import engine as engine_mod
+    from pipeline.export import export_engine  # transformers: imported when a run starts, not for --help
 
     world = dist.read_env().world_size
     ds = engine_mod.build_ds_config(cfg, world)  # config errors surface before the process group
@@ -467,100 +286,6 @@ def _plot_losses(run_dir: Path) -> None:
         log.info("loss chart: %s", plot_run(str(run_dir)))
     except Exception as e:  # matplotlib missing or a broken metrics line: the run itself is done
         log.warning("loss chart not written: %s", e)
-
-
-def _device_label() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 - a label only
-        pass
-    return ""
-
-
-@dataclass
-class _Window:
-    """Per-rank sums over the steps since the last log line."""
-    time: float = 0.0
-    data: float = 0.0
-    samples: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    losses: list = field(default_factory=list)
-    steps: int = 0
-    lr: Optional[float] = None
-    gc: float = 0.0
-
-    def add(self, t, d, s, tok, f, loss, g=0.0):
-        self.time += t
-        self.data += d
-        self.gc += g
-        self.samples += s
-        self.tokens += tok
-        self.flops += f
-        self.steps += 1
-        if loss is not None:
-            self.losses.append(loss)
-
-
-def _log_window(metrics: Metrics, w: _Window, state: TrainState, eng, source, peak: Optional[float]) -> dict:
-    """Reduce the window over ranks (collective: every rank calls it) and log on rank 0."""
-    t = max(w.time, 1e-9)
-    # Two collectives per log line: sums (per-GPU rates are sums / world) and the memory maximum.
-    tot = dist.all_reduce_dict({
-        "loss": sum(w.losses) / len(w.losses) if w.losses else 0.0, "has_loss": 1.0 if w.losses else 0.0,
-        "sps": w.samples / t, "tps": w.tokens / t, "flops": w.flops / t, "wait": w.data / t, "gc": w.gc / t,
-        "skipped_samples": float(source.skipped_samples)}, "sum")
-    mem = dist.all_reduce_dict({"m": _peak_memory_gib()}, "max")["m"]
-    world = dist.get_world_size()
-    mean = {k: v / world for k, v in tot.items()}
-    # mean over the ranks that had a finished step in the window
-    loss_g = tot["loss"] / tot["has_loss"] if tot["has_loss"] > 0 else float("nan")
-    gn = eng.get_global_grad_norm()
-    vals = {
-        "loss/train": loss_g,
-        "optim/lr": w.lr,
-        "optim/grad_norm": float(gn) if gn is not None else None,
-        "throughput/samples_per_s_per_gpu": mean["sps"],
-        "throughput/tokens_per_s_per_gpu": mean["tps"],
-        "throughput/tflops_per_gpu": mean["flops"] / 1e12,
-        "throughput/mfu": (mean["flops"] / peak) if peak else None,
-        "memory/peak_gib": mem,
-        "time/data_wait_share": mean["wait"],
-        "time/gc_share": mean["gc"],  # the scheduled collections of train.gc_every
-        "time/step_s": w.time / max(w.steps, 1),
-        "data/skipped_samples": tot["skipped_samples"],
-        "data/samples_seen": float(state.samples_seen),
-        "train/skipped_steps": float(state.skipped_steps),
-    }
-    vals = {k: v for k, v in vals.items() if v is not None}
-    metrics.log(state.step, vals)
-    return vals
-
-
-# ------------------------------------------------------------------------------------- export
-def export_engine(built, out_dir: Path) -> Path:
-    """Gather the (ZeRO-3-partitioned) weights and write the Hugging Face export on rank 0.
-    Collective: every rank must call it."""
-    from pipeline.engine import zero_stage
-    from pipeline.export import export_model
-
-    eng = built.engine
-    if zero_stage(built.ds_config) == 3:
-        sd = eng._zero3_consolidated_16bit_state_dict()  # full weights on rank 0, None elsewhere
-    else:
-        sd = {k: v.detach().cpu() for k, v in built.model.state_dict().items()} if dist.is_main() else None
-    # ZeRO-3's construction hook would partition the CPU skeleton export builds: switch it off
-    # now that training is over (the weights are already gathered).
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    if dist.is_main():
-        export_model(built.model, out_dir, state_dict=dict(sd))
-    dist.barrier()
-    return out_dir
 
 
 # ------------------------------------------------------------------------------------- data
@@ -709,113 +434,3 @@ def make_loader(cfg: Config, plan, env) -> LoaderSource:
     return LoaderSource(cfg, plan, env, collator)
 
 
-# ---------------------------------------------------------------------------------------- CLI
-def parse_cli(stage: int, argv: list[str]) -> Config:
-    """``--config PATH`` plus ``--a.b=value`` overrides; ``--local_rank`` (passed by the deepspeed
-    launcher) is accepted and ignored (the rank comes from the environment)."""
-    from pipeline.config import did_you_mean, load_config
-
-    path, overrides, i = None, [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a path, e.g. --config launch/configs/stage1_tiny.yaml")
-            path, i = argv[i + 1], i + 2
-            continue
-        if a.startswith("--config="):
-            path = a.split("=", 1)[1]
-        elif a.startswith("--local_rank") or a.startswith("--local-rank"):
-            if "=" not in a:
-                i += 1
-        elif a.startswith("--") and "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-            raise ConfigError(f"'{a} {argv[i + 1]}': overrides are written --section.key=value"
-                              f"{did_you_mean(a, argv[i + 1])} (--help lists every key)")
-        else:
-            overrides.append(a)
-        i += 1
-    cfg = load_config(path, overrides)
-    if cfg.train.stage != stage:
-        raise ConfigError(f"train.stage={cfg.train.stage} in {path} but this is the stage-{stage} entry point; "
-                          f"use launch/stage{cfg.train.stage}.py or fix train.stage")
-    return cfg
-
-
-def cli_help(stage: int) -> str:
-    """``launch/stage{1,2}.py --help``: the entry point's usage, the presets shipped beside it, and
-    every config key with its default and meaning (generated from pipeline/config.py's schema)."""
-    from pipeline.config import help_text
-
-    main_doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
-    configs = Path(__file__).resolve().parent.parent / "launch" / "configs"
-    presets = sorted(p for p in configs.glob(f"stage{stage}_*.yaml")) if configs.is_dir() else []
-    head = main_doc.strip() or f"launch/stage{stage}.py --config PRESET.yaml [--section.key=value ...]"
-    shown = "\n".join(f"  {p}" for p in presets) or "  (none found beside this installation)"
-    return (f"{head}\n\npresets (--config):\n{shown}\n\nconfig keys (--section.key=value; "
-            f"YAML values: 8, 1e-4, true, null, [a, b]):\n\n{help_text()}")
-
-
-def check_model_init(init: str) -> None:
-    """``model.init`` must be a model directory (one with ``config.json``) or a Hub id
-    (``org/name``).  A path that does not exist or holds no model is a config error here, on
-    every rank before anything loads, instead of a transformers traceback per rank."""
-    path = Path(init).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.init={init} has no config.json, so it is not a Hugging Face model "
-                              f"directory: use a VLM directory, a Hub id, or a stage's export (runs/NAME/export)")
-        return
-    if init.startswith(("/", ".", "~")) or init.count("/") > 1 or "\\" in init:
-        raise ConfigError(f"model.init={init}: no such directory (a Hub id looks like org/name); "
-                          f"a previous stage's export is runs/NAME/export")
-
-
-def main(stage: int, argv: list[str]) -> int:
-    """Entry point of launch/stage1.py and launch/stage2.py; returns the process exit code:
-    0 done, 2 unusable configuration, 3 the run stopped itself (message says why), 4 stopped on
-    a signal (``train.stop_signals``) after saving a checkpoint: requeue / rerun to continue."""
-    from pipeline.data import DataError, data_error_reason
-
-    if "-h" in argv or "--help" in argv:
-        print(cli_help(stage))
-        return 0
-    try:
-        cfg = parse_cli(stage, argv)
-        train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except (TrainingStopped, CheckpointError) as e:
-        log.error("training stopped: %s", e)
-        return 3
-    except DataError as e:
-        log.error("training stopped: %s", data_error_reason(e))
-        return 3
-    except StoppedOnSignal as e:
-        log.warning("stopped: %s", e)
-        return 4
-    finally:
-        dist.destroy()
-    return 0
-
-
-def export_checkpoint(checkpoint: str, out_dir: str, dtype: Optional[str] = None) -> Path:
-    """Offline export of a saved checkpoint, one CPU process, no DeepSpeed engine:
-    ``checkpoint`` is a ``step-N`` directory or a checkpoints directory (its ``latest``).  The
-    ZeRO partitions are merged into full fp32 weights by DeepSpeed's ``zero_to_fp32``, put
-    into the model rebuilt from the config stored in the checkpoint, LoRA merged, written as
-    a Hugging Face directory (``dtype`` default: the run's ``model.dtype``)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pipeline.config import load_config
-    from pipeline.export import export_model
-    from pipeline.model import load_model
-
-    path = resolve_resume(checkpoint, checkpoint, what="--checkpoint")
-    if path is None:
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint there")
-    cfg = load_config(path / "config.yaml")
-    model = load_model(cfg.model, for_training=False, temperature=cfg.loss.temperature,
-                       learnable_scale=cfg.loss.learnable_scale)
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    return export_model(model, out_dir, state_dict=dict(sd), dtype=dtype or cfg.model.dtype)

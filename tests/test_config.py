@@ -79,7 +79,7 @@ def test_help_lists_every_key_with_default_and_meaning(stage, tmp_path):
     (["--max_steps=3"], "did you mean --train.max_steps=3?"),
 ])
 def test_unknown_override_suggests_the_closest_key(argv, suggestion):
-    from pipeline.train import parse_cli
+    from pipeline.cli import parse_cli
 
     with pytest.raises(ConfigError, match=suggestion.replace(".", r"\.").replace("?", r"\?")):
         parse_cli(1, argv)

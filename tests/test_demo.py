@@ -10,7 +10,7 @@ from conftest import REPO
 def test_demo_stage_args_parse(tmp_path):
     from launch.demo import stage_args
     from pipeline.config import ConfigError
-    from pipeline.train import parse_cli
+    from pipeline.cli import parse_cli
 
     for stage in (1, 2):
         run_dir = tmp_path / "demo-x" / f"stage{stage}"

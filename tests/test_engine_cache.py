@@ -79,7 +79,7 @@ class _Fixed(BatchSource):
 
 def _build(cfg, seed):
     from pipeline.engine import build
-    from pipeline.train import seed_all
+    from pipeline.runtime import seed_all
 
     seed_all(seed)
     return build(cfg, world_size=2, total_steps=10)

@@ -346,7 +346,7 @@ def test_stop_signal_during_setup_exits_4_without_a_checkpoint(assets):
 
 def test_config_errors_in_process(tmp_path):
     from pipeline.config import ConfigError
-    from pipeline.train import main, parse_cli
+    from pipeline.cli import main, parse_cli
 
     with pytest.raises(ConfigError, match=r"train\.stage=1 .*stage-2 entry point"):
         parse_cli(2, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml")])
@@ -354,7 +354,7 @@ def test_config_errors_in_process(tmp_path):
         parse_cli(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), "--train.nope=1"])
     assert main(1, ["--config", str(REPO / "launch/configs/stage1_tiny.yaml"), "--model.init="]) == 2
     # a typo'd path or a folder without a model: one line, before any rank loads anything
-    from pipeline.train import check_model_init
+    from pipeline.config import check_model_init
 
     with pytest.raises(ConfigError, match=r"model.init=/no/such/export: no such directory"):
         check_model_init("/no/such/export")
@@ -373,7 +373,7 @@ def test_missing_shards_are_a_config_error_before_any_process_group(tmp_path, ca
     from data_prep import shard
     from datagen import dataset
     from pipeline import dist
-    from pipeline.train import main
+    from pipeline.cli import main
     from tests.tiny_models import tiny_model_dir
 
     def no_process_group(*a, **k):
@@ -396,7 +396,7 @@ def test_missing_shards_are_a_config_error_before_any_process_group(tmp_path, ca
 
 def test_an_unwritable_run_directory_is_named_before_any_process_group(tmp_path, capsys, monkeypatch):
     from pipeline import dist
-    from pipeline.train import main
+    from pipeline.cli import main
     from tests.tiny_models import tiny_model_dir
 
     monkeypatch.setattr(dist, "init", lambda *a, **k: pytest.fail("a process group was started"))

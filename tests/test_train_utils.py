@@ -84,7 +84,7 @@ def test_cpu_threads_leave_cores_to_the_loader_workers():
     import os
     from types import SimpleNamespace
 
-    from pipeline.train import cpu_threads
+    from pipeline.runtime import cpu_threads
 
     cores = len(os.sched_getaffinity(0))
     cfg = lambda w: SimpleNamespace(data=SimpleNamespace(workers=w))  # noqa: E731
@@ -103,7 +103,7 @@ def test_saturated_cpu_warns_about_loader_workers(caplog, monkeypatch):
 
     import torch
 
-    from pipeline.train import cpu_cores, set_cpu_threads
+    from pipeline.runtime import cpu_cores, set_cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
@@ -134,7 +134,7 @@ def test_manual_gc_freezes_disables_and_restores(tmp_path):
 
     from datagen import png_bytes, write_tar
     from pipeline.data import build_loader
-    from pipeline.train import manual_gc
+    from pipeline.runtime import manual_gc
 
     write_tar(tmp_path / "s-000000.tar", [(f"k{i}", {"png": png_bytes(16, 16), "txt": b"x"}) for i in range(4)])
 
