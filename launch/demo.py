@@ -189,10 +189,10 @@ def export_untrained(model_dir: str, out: Path) -> Path:
     """The baseline: the tiny model with fresh compression tokens, exactly as stage 2 starts from it."""
     from pipeline.config import load_config
     from pipeline.export import export_model
-    from pipeline.model import load_model
+    from pipeline.model import build_model
 
     cfg = load_config(REPO / "launch/configs/stage2_tiny.yaml", [f"--model.init={model_dir}", "--model.lora.enabled=false"])
-    model = load_model(cfg.model, for_training=False, temperature=cfg.loss.temperature)
+    model = build_model(cfg, for_training=False)
     return export_model(model, out)
 
 
@@ -263,7 +263,7 @@ def run_demo(args) -> int:
         if (Path(args.model_dir) / "config.json").exists():
             print("    reusing it (delete the folder to rebuild)")
         else:
-            from pipeline.tiny import make_tiny_model
+            from pipeline.tiny_model import make_tiny_model
 
             make_tiny_model(args.model_dir, family=args.family, layers=args.layers)
     with Step(f"bundled digits dataset in {args.data_dir}, read back as {args.world_size} ranks"):

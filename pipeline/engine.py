@@ -235,9 +235,8 @@ class Built:
 
 def build(cfg: Config, world_size: int, total_steps: int, model_loader=None,
           ds: Optional[dict] = None, plan: Optional[BatchPlan] = None) -> Built:
-    """Build the model under ZeRO and wrap it in a DeepSpeed engine.  ``model_loader`` defaults
-    to ``pipeline.model.load_model`` with the loss's temperature / learnable-scale settings
-    (takes ``cfg.model``, returns the CoMa ``nn.Module``).  ``total_steps`` sizes the schedule.
+    """Build the model under ZeRO and wrap it in a DeepSpeed engine.  ``model_loader`` (takes
+    ``cfg.model``, returns the CoMa ``nn.Module``) replaces ``pipeline.model.build_model(cfg)``.  ``total_steps`` sizes the schedule.
     ``ds`` / ``plan``: what :func:`build_ds_config` / :func:`plan_batches` already returned for
     this config (the trainer validates them before starting the process group)."""
     import deepspeed
@@ -251,12 +250,11 @@ def build(cfg: Config, world_size: int, total_steps: int, model_loader=None,
     if hf_ds is not None:
         _peft_trainable_tokens_off_cuda()
     if model_loader is None:
-        from pipeline.model import load_model
+        from pipeline.model import build_model
 
-        def model_loader(model_cfg):
-            return load_model(model_cfg, for_training=True, temperature=cfg.loss.temperature,
-                              learnable_scale=cfg.loss.learnable_scale)
-    model = model_loader(cfg.model)
+        model = build_model(cfg)
+    else:
+        model = model_loader(cfg.model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("no trainable parameters: check model.lora.* / model.freeze_vision")

@@ -3,6 +3,10 @@ C-pooling and both training objectives.
 
 Stable API (the engine, export and evaluation code against it)
 --------------------------------------------------------------
+``build_model(cfg, *, for_training=True) -> CoMaModel``
+    A run's model from its whole config: :func:`load_model` with ``cfg.model`` and the loss's
+    temperature / learnable-scale settings.
+
 ``load_model(model_cfg, *, for_training=True, temperature=0.03, learnable_scale=False) -> CoMaModel``
     ``from_pretrained(model_cfg.init)`` (a local dir or hub id; under ZeRO-3 the caller creates
     ``HfDeepSpeedConfig`` first so the weights are partitioned at construction), adds the K
@@ -237,6 +241,13 @@ def _gathered(params):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
     return contextlib.nullcontext()
+
+
+def build_model(cfg, *, for_training: bool = True) -> CoMaModel:
+    """The model a run's whole config describes: ``cfg.model`` with the loss's logit-scale
+    settings (``loss.temperature``, ``loss.learnable_scale``), the one place the two sections meet."""
+    return load_model(cfg.model, for_training=for_training, temperature=cfg.loss.temperature,
+                      learnable_scale=cfg.loss.learnable_scale)
 
 
 def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.03,
