@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # lazy: importing pipeline must not import torch/transformers
     if name == "Embedder":
-        from pipeline.export import Embedder
+        from pipeline.embedder import Embedder
 
         return Embedder
     raise AttributeError(name)

@@ -59,7 +59,7 @@ def image_fingerprint(image) -> Optional[str]:
 
 def side_item(side: dict, role: str) -> dict:
     """A sample side ``{"text", "image"}`` → an encoder item with only the present keys, and its
-    role (``query`` | ``candidate``; see :meth:`pipeline.export.Embedder.encode`)."""
+    role (``query`` | ``candidate``; see :meth:`pipeline.embedder.Embedder.encode`)."""
     item = {}
     if side.get("text") is not None:
         item["text"] = side["text"]
@@ -313,7 +313,7 @@ def load_encoder(model_dir: str, device: Optional[str] = None, batch_size: int =
                  pooling: Optional[str] = None) -> Encode:
     """``encode(items) -> float32 [n, D]`` backed by :class:`pipeline.Embedder` on an exported model
     (``pooling``: override the model's, e.g. ``mean`` for the released weights' training pooling)."""
-    from pipeline.export import Embedder
+    from pipeline.embedder import Embedder
 
     emb = Embedder.from_pretrained(model_dir, **({"device": device} if device else {}), pooling=pooling)
 

@@ -1,11 +1,9 @@
-"""Export a trained CoMa model and embed with it.
+"""Export a trained CoMa model (embedding with it: :mod:`pipeline.embedder`).
 
     export_model(model, "runs/stage2/export")                  # LoRA merged, HF dir + processor + coma.json
     export_engine(built, "runs/NAME/export")                   # a training run's engine (collective)
     export_checkpoint("runs/NAME/checkpoints/step-100", out)   # a saved checkpoint, offline
     export_model(model, out, state_dict=gathered)              # ZeRO-3: weights the engine gathered
-    emb = pipeline.Embedder.from_pretrained("runs/stage2/export")
-    vecs = emb.encode([{"text": "a dog"}, {"image": "cat.jpg"}, {"text": "<image> what is it?", "image": pil}])
 
 The export directory is a plain Hugging Face model directory (``from_pretrained`` of the
 backbone class loads it with no peft and no project code) plus:
@@ -24,14 +22,13 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 
-from pipeline.collate import Collator, to_device
-from pipeline.config import LoraConfig, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.fileio import atomic_directory
-from pipeline.model import DTYPES, CoMaModel, load_model
+from pipeline.model import DTYPES, CoMaModel
 
 META_FILE = "coma.json"
 FORMAT_VERSION = 1
@@ -188,75 +185,6 @@ def _meta_of_plain_directory(path) -> dict:
     return {**meta, "untrained": True}
 
 
-class Embedder:
-    """Inference API over an exported model: ``encode(items) -> float32 [N, D]``, L2-normalised."""
-
-    def __init__(self, model: CoMaModel, device: torch.device, dtype: torch.dtype):
-        self.model = model
-        self.device = device
-        self.dtype = dtype
-        self.collator = Collator(model.processor, model.cfg, kind="mmeb")
-        self.logit_scale = float(model.logit_scale())
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, pooling: Optional[str] = None
-                        ) -> "Embedder":
-        """``path``: an export, a released CoMa checkpoint, or a plain VLM directory (the
-        untrained baseline; see :func:`read_meta`).  ``pooling`` overrides the stored one
-        (``mean`` | ``last``; the released weights were trained with mean, evaluated with last)."""
-        meta = read_meta(path)
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        name = {v: k for k, v in DTYPES.items()}[dtype]
-        cfg = ModelConfig(init=str(path), family=meta["family"], num_compression_tokens=meta["num_compression_tokens"],
-                          pooling=pooling or meta["pooling"], instruction=meta["instruction"], dtype=name,
-                          min_pixels=meta.get("min_pixels"), max_pixels=meta.get("max_pixels"),
-                          max_text_tokens=meta.get("max_text_tokens"),  # absent: exported before the key
-                          prompt_format=meta.get("prompt_format", "chat"),
-                          gradient_checkpointing=False, dummy_vision=False, lora=LoraConfig(enabled=False))
-        model = load_model(cfg, for_training=False, temperature=1.0 / meta["logit_scale"])
-        if model.processor.added_tokens and not meta.get("untrained"):
-            raise ValueError(f"{path}: the tokenizer lacks the compression tokens listed in {META_FILE}")
-        return cls(model.to(device), device, dtype)
-
-    @staticmethod
-    def _load_image(img):
-        """A path or PIL image → RGB as training and evaluation see it (pipeline/imaging.py:
-        alpha on white, 16-bit scaled), so an embedding does not depend on which path read the file."""
-        from pipeline.imaging import to_rgb
-
-        if img is None:
-            return None
-        if isinstance(img, (str, os.PathLike)):
-            from PIL import Image
-
-            with Image.open(img) as im:
-                im.load()
-                return to_rgb(im).copy() if im.mode == "RGB" else to_rgb(im)
-        return to_rgb(img)
-
-    @torch.no_grad()
-    def encode(self, items: Sequence[dict] | Iterable[dict], batch_size: int = 32,
-               instruction: Optional[str] = None) -> torch.Tensor:
-        """items: dicts with ``"text"`` (may hold the ``<image>`` marker), ``"image"`` (PIL image or
-        path) or both, and optionally ``"role"`` (``"query"`` | ``"candidate"``: only the
-        ``official_eval`` format, the released weights', tells them apart) → float32 [N, D] on
-        CPU, L2-normalised."""
-        items = list(items)
-        outs = []
-        for i in range(0, len(items), batch_size):
-            chunk = [{"text": it.get("text"), "image": self._load_image(it.get("image")), "role": it.get("role")}
-                     for it in items[i:i + batch_size]]
-            batch = to_device(self.collator.encode(chunk, instruction=instruction), self.device, self.dtype)
-            outs.append(self.model.embed(**batch).float().cpu())
-        if not outs:
-            return torch.zeros(0, self.model.hf.config.get_text_config().hidden_size)
-        return torch.cat(outs)
-
-
 # ------------------------------------------------------------------- exporting a training run
 def export_engine(built, out_dir: Path) -> Path:
     """Gather the (ZeRO-3-partitioned) weights and write the Hugging Face export on rank 0.
@@ -290,12 +218,12 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: Optional[str] = None
 
     from pipeline.checkpoint import resolve_resume
     from pipeline.config import load_config
+    from pipeline.model import build_model
 
     path = resolve_resume(checkpoint, checkpoint, what="--checkpoint")
     if path is None:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint there")
     cfg = load_config(path / "config.yaml")
-    model = load_model(cfg.model, for_training=False, temperature=cfg.loss.temperature,
-                       learnable_scale=cfg.loss.learnable_scale)
+    model = build_model(cfg, for_training=False)
     sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     return export_model(model, out_dir, state_dict=dict(sd), dtype=dtype or cfg.model.dtype)

@@ -9,7 +9,7 @@
 ``pip install -e ".[mteb]"`` (mteb's base install; its ``image`` extra, which brings torchvision,
 is not needed: images reach :meth:`CoMaMTEB.encode` as PIL images).
 
-Every input goes through :class:`pipeline.export.Embedder`, so the prompt format, the image bounds,
+Every input goes through :class:`pipeline.embedder.Embedder`, so the prompt format, the image bounds,
 ``max_text_tokens`` and the pooling are those of training and of ``launch/eval_mmeb.py``.  mteb
 hands over text, images or both per item; they become MMEB-style items, the task's instruction
 where MMEB puts it:
@@ -37,7 +37,8 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from pipeline.export import META_FILE, Embedder, read_meta
+from pipeline.embedder import Embedder
+from pipeline.export import META_FILE, read_meta
 from pipeline.prompts import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:

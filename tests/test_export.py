@@ -7,7 +7,8 @@ import torch
 
 from pipeline.collate import Collator
 from pipeline.config import LoraConfig
-from pipeline.export import Embedder, export_model, read_meta
+from pipeline.embedder import Embedder
+from pipeline.export import export_model, read_meta
 from pipeline.model import load_model
 from tests.tiny_models import digits_qa_samples, image, model_cfg
 
@@ -128,7 +129,7 @@ def test_every_path_converts_images_alike(tmp_path):
 
     from data_prep import shard
     from pipeline.data import build_loader
-    from pipeline.export import Embedder
+    from pipeline.embedder import Embedder
     from pipeline.imaging import to_rgb
 
     glyph = np.zeros((32, 32, 4), np.uint8)

@@ -185,7 +185,8 @@ def test_all_embeddings_train_and_a_tied_head_follows(tied, tmp_path):
 
     from pipeline.collate import Collator
     from pipeline.config import LoraConfig
-    from pipeline.export import Embedder, export_model
+    from pipeline.embedder import Embedder
+    from pipeline.export import export_model
     from tests.tiny_models import tiny_model_dir
 
     init = tiny_model_dir()

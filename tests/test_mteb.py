@@ -16,7 +16,8 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.abstasks.zeroshot_classification import AbsTaskZeroShotClassification
 
-from pipeline.export import Embedder, export_model
+from pipeline.embedder import Embedder
+from pipeline.export import export_model
 from pipeline.model import load_model
 from pipeline.mteb_model import CoMaMTEB, mmeb_item
 from tests.tiny_models import WORDS, model_cfg

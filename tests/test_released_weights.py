@@ -10,7 +10,8 @@ import torch
 
 from pipeline.collate import Collator
 from pipeline.config import LoraConfig
-from pipeline.export import RELEASED_EVAL_PIXELS, Embedder, read_meta
+from pipeline.embedder import Embedder
+from pipeline.export import RELEASED_EVAL_PIXELS, read_meta
 from pipeline.model import load_model
 from pipeline.processing import RELEASED_COMPRESSION_TOKEN
 from tests.tiny_models import image, model_cfg, tiny_model_dir
