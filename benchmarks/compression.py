@@ -158,7 +158,7 @@ def main(argv=None) -> None:
         return memory_child(args)
     tmp = None
     if args.model is None:
-        from pipeline.tiny import make_tiny_model
+        from pipeline.tiny_model import make_tiny_model
 
         tmp = tempfile.mkdtemp(prefix="coma-bench-")
         args.model = str(make_tiny_model(Path(tmp) / "tiny", family="qwen2_vl"))

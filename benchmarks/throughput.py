@@ -197,7 +197,7 @@ def random_init_model(shape: str, out_dir: Path) -> Path:
 
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-    from pipeline.tiny import make_tiny_model
+    from pipeline.tiny_model import make_tiny_model
 
     if (out_dir / "config.json").exists():
         return out_dir
@@ -259,7 +259,7 @@ def main(argv: list) -> int:
     from pipeline.cli import parse_cli
     from pipeline.metrics import count_tokens
     from pipeline.runtime import manual_gc, seed_all, set_cpu_threads, setup_logging
-    from pipeline.steps import StepRunner, TrainState
+    from pipeline.step import StepRunner, TrainState
     from pipeline.train import Loop, make_loader
 
     argv = list(argv)

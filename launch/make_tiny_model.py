@@ -4,7 +4,7 @@
     python launch/make_tiny_model.py --out runs/tiny-qwen25vl --family qwen2_5_vl --seed 1
 
 The result is accepted by every ``--model PATH`` / ``model.init`` in the project and by plain
-``transformers`` ``from_pretrained``.  See pipeline/tiny.py for what it contains.
+``transformers`` ``from_pretrained``.  See pipeline/tiny_model.py for what it contains.
 """
 import argparse
 import sys
@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     ap.add_argument("--min-pixels", type=int, default=56 * 56)
     ap.add_argument("--max-pixels", type=int, default=28 * 28 * 16)
     args = ap.parse_args(argv)
-    from pipeline.tiny import make_tiny_model
+    from pipeline.tiny_model import make_tiny_model
 
     path = make_tiny_model(args.out, family=args.family, seed=args.seed,
                            min_pixels=args.min_pixels, max_pixels=args.max_pixels, layers=args.layers)

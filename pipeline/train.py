@@ -6,7 +6,7 @@
 
 Every rank runs the same loop in lock-step (ZeRO-3 needs every rank to run the same modules
 the same number of times): fetch one step's batches (:class:`LoaderSource`), run the stage's
-step (:mod:`pipeline.steps`: CE with gradient accumulation, gathered InfoNCE, or the embedding
+step (:mod:`pipeline.step`: CE with gradient accumulation, gathered InfoNCE, or the embedding
 cache), count, log, checkpoint; export at the end.
 
 Robustness: a non-finite loss or gradient skips the step on every rank (DeepSpeed discards
@@ -35,7 +35,7 @@ from pipeline.flops import FlopsModel, peak_flops, target_tokens
 from pipeline.metrics import Metrics, Window, count_tokens
 from pipeline.runtime import (STOPPED_FILE, StopSignals, device_label, manual_gc, seed_all, set_cpu_threads,
                               setup_logging)
-from pipeline.steps import StepRunner, TrainState, num_samples
+from pipeline.step import StepRunner, TrainState, num_samples
 
 log = logging.getLogger("coma.train")
 

@@ -109,8 +109,8 @@ def worker(out_dir: Path) -> None:
     from pipeline import dist
     from pipeline.collate import Collator
     from pipeline.config import load_config
-    from pipeline.tiny import make_tiny_model
-    from pipeline.steps import StepRunner, TrainState
+    from pipeline.tiny_model import make_tiny_model
+    from pipeline.step import StepRunner, TrainState
 
     env = dist.init(timeout_s=120)
     tiny = out_dir / "tiny"

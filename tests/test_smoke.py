@@ -40,7 +40,7 @@ def _run(cmd, cwd):
 @pytest.mark.slow
 def test_stage1_step_stage2_step_export_encode(tmp_path):
     from pipeline import Embedder
-    from pipeline.tiny import make_tiny_model
+    from pipeline.tiny_model import make_tiny_model
 
     tiny = make_tiny_model(tmp_path / "tiny", family="qwen2_vl")
     for kind in ("qa", "mmeb"):

@@ -10,7 +10,7 @@ from tests.tiny_models import tiny_model_dir
 def test_tiny_model_is_a_complete_hf_directory(family):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
-    from pipeline.tiny import QWEN_SPECIAL_TOKENS
+    from pipeline.tiny_model import QWEN_SPECIAL_TOKENS
 
     path = tiny_model_dir(family)
     cfg = AutoConfig.from_pretrained(path)

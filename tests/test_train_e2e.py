@@ -49,7 +49,7 @@ def _raw_rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from pipeline.tiny import make_tiny_model
+    from pipeline.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("e2e")
     tiny = make_tiny_model(root / "tiny", family="qwen2_vl")

@@ -16,7 +16,7 @@ atexit.register(shutil.rmtree, _ROOT, True)
 
 @functools.lru_cache(maxsize=None)
 def tiny_model_dir(family: str = "qwen2_vl") -> Path:
-    from pipeline.tiny import make_tiny_model
+    from pipeline.tiny_model import make_tiny_model
 
     return make_tiny_model(_ROOT / family, family=family, seed=0)
 

@@ -1,6 +1,6 @@
 """Tiny Qwen2-VL / Qwen2.5-VL checkpoints built offline, for tests, benchmarks and the demo.
 
-    from pipeline.tiny import make_tiny_model
+    from pipeline.tiny_model import make_tiny_model
     path = make_tiny_model("/tmp/tiny-qwen2vl", family="qwen2_vl")   # ~1 MB, a few seconds
 
 The directory is a complete Hugging Face model directory, loadable by plain ``transformers``
