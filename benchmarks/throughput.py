@@ -13,7 +13,7 @@
 Per invocation, on one DeepSpeed engine:
 
 * **pipeline**: :class:`pipeline.train.Loop` exactly as training runs it — the batch source
-  (``--data real``: pipeline/data.py over the config's shards; ``synthetic``: random images and
+  (``--data real``: pipeline/data/ over the config's shards; ``synthetic``: random images and
   templated text through the same collator in DataLoader workers), FLOPs/token accounting,
   the metrics window reduced over ranks and logged every ``train.log_every`` steps (console,
   metrics.jsonl, TensorBoard into a temporary directory).  Checkpoint saves are not in the
@@ -54,7 +54,6 @@ threads and loader workers); a table is printed.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -75,13 +74,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from pipeline.collate import Packed  # noqa: E402
-from pipeline.data import die_with_parent, widen_result_pipe  # noqa: E402
-from pipeline.train import BatchSource, loader_settings  # noqa: E402
+from pipeline.data import BatchSource, iterate, loader_settings, worker_kwargs  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ synthetic data
 class SyntheticSource(BatchSource):
-    """Random images and templated text in pipeline/data.py's decoded-sample format, collated
+    """Random images and templated text in pipeline/data/'s decoded-sample format, collated
     by the model's collator in DataLoader workers; yields one step's list of parts."""
 
     WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -90,7 +88,7 @@ class SyntheticSource(BatchSource):
         import torch
 
         from pipeline.collate import Collator
-        from pipeline.train import pixel_dtype
+        from pipeline.data import pixel_dtype
 
         kind = "qa" if cfg.train.stage == 1 else "mmeb"
         self.collator = Collator(processor, cfg.model, kind=kind, pixel_dtype=pixel_dtype(cfg))
@@ -101,8 +99,7 @@ class SyntheticSource(BatchSource):
         self._loader = torch.utils.data.DataLoader(
             _SyntheticStream(self), batch_size=None, num_workers=max(cfg.data.workers, 0),
             prefetch_factor=settings["prefetch_factor"], pin_memory=settings["pin_memory"],
-            persistent_workers=cfg.data.workers > 0,
-            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if cfg.data.workers > 0 else None)
+            persistent_workers=cfg.data.workers > 0, **worker_kwargs(cfg.data.workers))
 
     def sample(self, i: int) -> dict:
         import numpy as np
@@ -121,10 +118,7 @@ class SyntheticSource(BatchSource):
                 "positive": {"text": f"a handwritten {w}", "image": None}, "negatives": []}
 
     def __iter__(self):
-        it = iter(self._loader)
-        if self.packed:
-            widen_result_pipe(it)  # as ShardLoader does
-        for parts in it:
+        for parts in iterate(self._loader):  # the workers' hand-over of ShardLoader
             yield parts.unpack() if self.packed else parts
 
 
@@ -154,7 +148,7 @@ def loader_cpu_per_step(cfg, plan, env, data: str, processor, image_size: int, s
     fall below about ``1 + loader_cpu_step_s / bare_step_s`` divided by the spare cores."""
     import copy
 
-    from pipeline.train import make_loader
+    from pipeline.data import make_loader
 
     c = copy.deepcopy(cfg)
     c.data.workers = 0  # in this process: same samples and collator, no hand-over
@@ -260,7 +254,8 @@ def main(argv: list) -> int:
     from pipeline.metrics import count_tokens
     from pipeline.runtime import manual_gc, seed_all, set_cpu_threads, setup_logging
     from pipeline.step import StepRunner, TrainState
-    from pipeline.train import Loop, make_loader
+    from pipeline.data import make_loader
+    from pipeline.train import Loop
 
     argv = list(argv)
     warmup = _pop_flag(argv, "--warmup", 3, int)

@@ -4,7 +4,7 @@ This is the row→sample half of ``data_prep/shard.py``, importable on its own (
 tests call :func:`record_to_sample`).  One manifest record becomes one sample: a dict of
 member extension → bytes plus ``__key__``, written as ``{key}.{ext}`` tar members.
 
-Layout per kind (``pipeline/data.py`` reads exactly this; plain ``webdataset`` can too):
+Layout per kind (``pipeline.data`` reads exactly this; plain ``webdataset`` can too):
 
 =========  ===================================================================================
 ``pair``   ``{key}.jpg|png|…`` the image (real format), ``{key}.txt`` the caption,

@@ -15,7 +15,7 @@ Output in ``--output``:
 
 * ``{prefix}-000000.tar`` … WebDataset shards; ``{prefix}-NNNNNN_stats.json`` per shard
   (samples, skipped rows with reasons, bytes, the fingerprint a rerun compares);
-* ``sizes.json`` shard file name → sample count (open_clip's convention; ``pipeline/data.py``
+* ``sizes.json`` shard file name → sample count (open_clip's convention; ``pipeline.data``
   plans exact epochs from it; entries of other prefixes in the folder are kept);
 * ``manifest.json`` brace pattern, totals, skipped rows by reason, arguments, tool version;
 * ``errors.jsonl`` one line per skipped row: manifest line, key, reason, detail.
@@ -501,7 +501,7 @@ def shard_count_advice(rows: int, n_shards: int) -> Optional[str]:
         return None
     msg = (f"{n_shards} shard(s) is not a multiple of {WORLD_MULTIPLE}: on 2, 4 or 8 GPUs per node "
            f"(x nodes) x DataLoader workers, ranks get unequal numbers of whole shards "
-           f"(pipeline/data.py balances samples by reading partial shards; plain webdataset "
+           f"(pipeline.data balances samples by reading partial shards; plain webdataset "
            f"split_by_node would not)")
     for m in sorted({WORLD_MULTIPLE * max(1, math.ceil(n_shards / WORLD_MULTIPLE)),
                      WORLD_MULTIPLE * max(1, n_shards // WORLD_MULTIPLE)}):

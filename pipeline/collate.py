@@ -1,4 +1,4 @@
-"""Collation: decoded samples (pipeline/data.py's plain dicts) → model batches.
+"""Collation: decoded samples (pipeline.data's plain dicts) → model batches.
 
     proc = Processor.from_pretrained(cfg.model.init, cfg.model.num_compression_tokens)
     collate = Collator(proc, cfg.model, kind="qa")            # stage 1 (mode="stage1")
@@ -133,6 +133,17 @@ class PackedCollate:
         return Packed(self.collate(samples))
 
 
+class ChunkCollate:
+    """Stage-2 collate_fn: a rank's per-step samples → list of contrastive chunk batches of
+    ``chunk`` samples (one element when the batch is one forward).  Runs in the DataLoader
+    workers, so collation overlaps the step."""
+
+    def __init__(self, collator, chunk: int):
+        self.collator, self.chunk = collator, chunk
+
+    def __call__(self, samples: list) -> list:
+        return [self.collator(samples[i:i + self.chunk]) for i in range(0, len(samples), self.chunk)]
+
 
 def _instruction(instruction: Optional[str], text: Optional[str], has_image: bool) -> Optional[str]:
     """The instruction placed before C: the configured one, else the default one when the input
@@ -140,6 +151,7 @@ def _instruction(instruction: Optional[str], text: Optional[str], has_image: boo
     if instruction is None and not (text or "").replace(IMAGE_PLACEHOLDER, "").strip():
         return DEFAULT_IMAGE_INSTRUCTION if has_image else DEFAULT_TEXT_INSTRUCTION
     return instruction
+
 
 class Collator:
     """Callable ``collate_fn``: list of decoded samples → batch (see the module docstring)."""

@@ -102,7 +102,7 @@ class QuerySpec:
 
 
 def build_queries(samples: Iterable[dict]) -> tuple[ItemTable, list[QuerySpec]]:
-    """Decoded ``mmeb`` samples (see pipeline/data.py) → (item table, one QuerySpec per sample).
+    """Decoded ``mmeb`` samples (see pipeline.data) → (item table, one QuerySpec per sample).
 
     Own mode when the sample has at least one negative, pool mode otherwise (see module doc).
     A negative identical to the sample's positive is dropped: it would compete with itself.
@@ -278,10 +278,10 @@ def read_mmeb_shards(spec: str, max_samples: Optional[int] = None, batch_size: i
     in its evaluation setting: one process, no shuffle, no dropped or padded samples).
 
     Corrupt samples are skipped by the loader; their number is logged as a warning, since the
-    scores then cover fewer queries.  Returns decoded samples as pipeline/data.py documents them.
+    scores then cover fewer queries.  Returns decoded samples as pipeline.data documents them.
     """
     from pipeline.data import build_loader
-    from pipeline.data_plan import KindMismatch
+    from pipeline.data.plan import KindMismatch
 
     hint = "evaluation needs shards written by data_prep/shard.py --kind mmeb"
     _check_shards_exist(spec)

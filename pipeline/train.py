@@ -5,7 +5,7 @@
     train(load_config("launch/configs/stage1_tiny.yaml", ["--train.max_steps=20"]))
 
 Every rank runs the same loop in lock-step (ZeRO-3 needs every rank to run the same modules
-the same number of times): fetch one step's batches (:class:`LoaderSource`), run the stage's
+the same number of times): fetch one step's batches (:class:`pipeline.data.LoaderSource`), run the stage's
 step (:mod:`pipeline.step`: CE with gradient accumulation, gathered InfoNCE, or the embedding
 cache), count, log, checkpoint; export at the end.
 
@@ -29,7 +29,6 @@ from pipeline import dist
 from pipeline.checkpoint import (CheckpointError, CheckpointManager, resolve_resume, rng_state, saved_world_size,
                                  set_rng_state, tag_for)
 from pipeline.config import Config, ConfigError, check_model_init, save_yaml, to_dict, to_yaml
-from pipeline.data_plan import expand_sources
 from pipeline.fileio import atomic_write_text, output_problem
 from pipeline.flops import FlopsModel, peak_flops, target_tokens
 from pipeline.metrics import Metrics, Window, count_tokens
@@ -164,7 +163,7 @@ class Loop:
 
 def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
     """Run one stage end to end on every rank; returns the run directory.  ``model_loader`` /
-    ``loader_factory`` replace ``pipeline.model.load_model`` / :func:`make_loader`."""
+    ``loader_factory`` replace ``pipeline.model.load_model`` / :func:`pipeline.data.make_loader`."""
     # Configuration errors first, before any process group exists: every rank reaches the same
     # verdict from the same config and launcher environment, and exits 2 with one line.
     if not cfg.model.init:
@@ -188,7 +187,8 @@ def train(cfg: Config, model_loader=None, loader_factory=None) -> Path:
 def _run(cfg: Config, signals: StopSignals, model_loader, loader_factory) -> Path:
     """:func:`train` after its config checks, with ``signals`` recording stop signals."""
     from pipeline import engine as engine_mod
-    from pipeline.export import export_engine  # transformers: imported when a run starts, not for --help
+    from pipeline.data import expand_sources, make_loader  # torch: imported when a run starts, not for --help
+    from pipeline.export import export_engine  # transformers: likewise
 
     world = dist.read_env().world_size
     ds = engine_mod.build_ds_config(cfg, world)  # config errors surface before the process group
@@ -286,151 +286,3 @@ def _plot_losses(run_dir: Path) -> None:
         log.info("loss chart: %s", plot_run(str(run_dir)))
     except Exception as e:  # matplotlib missing or a broken metrics line: the run itself is done
         log.warning("loss chart not written: %s", e)
-
-
-# ------------------------------------------------------------------------------------- data
-class ChunkCollate:
-    """Stage-2 collate_fn: a rank's per-step samples → list of contrastive chunk batches of
-    ``chunk`` samples (one element when the batch is one forward).  Runs in the DataLoader
-    workers, so collation overlaps the step."""
-
-    def __init__(self, collator, chunk: int):
-        self.collator, self.chunk = collator, chunk
-
-    def __call__(self, samples: list) -> list:
-        return [self.collator(samples[i:i + self.chunk]) for i in range(0, len(samples), self.chunk)]
-
-
-class BatchSource:
-    """What :class:`Loop` reads batches from.  Iterating yields one optimizer step's batch (stage 1:
-    the list of ``accumulation`` micro-batches; stage 2: the per-rank batch or its cache chunks)
-    forever; ``steps_per_epoch`` sizes the run when ``train.max_steps`` is unset;
-    ``skipped_samples`` feeds the ``data/skipped_samples`` metric and, with ``epoch_samples`` and
-    ``lost_by_shard``, the ``train.max_skipped_fraction`` stop; ``state_dict`` goes into every
-    checkpoint and ``load_state_dict`` restores it on resume.  The defaults describe a stateless,
-    endless source with nothing skipped (synthetic and in-memory batches); :class:`LoaderSource`
-    overrides them for real shards."""
-
-    steps_per_epoch: int = 10**9
-    skipped_samples: int = 0
-    epoch_samples: int = 0
-
-    def lost_by_shard(self) -> dict[str, int]:
-        return {}
-
-    def __iter__(self) -> Iterator:
-        raise TypeError(f"{type(self).__name__} must define __iter__")
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Stateless: nothing to restore."""
-
-
-class LoaderSource(BatchSource):
-    """One step's worth of batches at a time from :mod:`pipeline.data`'s ``ShardLoader``,
-    epoch after epoch: stage 1 yields ``accumulation`` micro-batches, stage 2 the per-rank
-    batch as cache chunks.  Every rank yields the same number of steps (the loader equalises
-    batch counts across ranks; corrupt samples are replaced by repeats and counted)."""
-
-    def __init__(self, cfg: Config, plan, env, collator):
-        from pipeline.collate import PackedCollate
-        from pipeline.data import loader_from_config
-        from pipeline.data_plan import KindMismatch
-
-        self.stage = cfg.train.stage
-        self.acc = plan.accumulation  # plan_batches sets 1 for stage 2
-        if self.stage == 1:
-            batch, collate = plan.micro, collator
-        else:
-            batch, collate = plan.per_rank, ChunkCollate(collator, plan.cache_chunk or plan.per_rank)
-        # Workers hand over each batch as one buffer (pipeline/collate.py's Packed: one transfer
-        # instead of one per tensor, which otherwise is most of the data wait on a small model).
-        self.packed = cfg.data.workers > 0
-        if self.packed:
-            collate = PackedCollate(collate)
-        try:
-            self.loader = loader_from_config(cfg.data, batch, rank=env.rank, world_size=env.world_size,
-                                             collate_fn=collate, drop_last=True, **loader_settings(cfg, plan))
-        except KindMismatch as e:
-            raise ConfigError(f"data.sources: {e}: point data.sources at {e.wanted} shards, or set "
-                              f"data.kind={e.found} if this stage trains on {e.found} samples") from None
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"data.sources: {e}") from None
-        self.steps_per_epoch = len(self.loader) // self.acc
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"data.sources: an epoch has {len(self.loader)} batches of {batch} per rank, fewer "
-                              f"than one optimizer step ({self.acc}); add data or lower train.global_batch_size")
-
-    @property
-    def skipped_samples(self) -> int:
-        """This rank's samples of sizes.json not delivered: undecodable, or lost with a shard."""
-        m = self.loader.metrics()
-        return int(m["data/corrupt_samples"] + m["data/lost_samples"])
-
-    @property
-    def epoch_samples(self) -> int:
-        return self.loader.dataset.plan.total
-
-    def lost_by_shard(self) -> dict[str, int]:
-        return self.loader.lost_by_shard()
-
-    def _batches(self) -> Iterator:
-        while True:  # ShardLoader moves to the next epoch by itself at the end of one
-            for b in self.loader:
-                yield b.unpack() if self.packed else b
-
-    def __iter__(self) -> Iterator[list]:
-        it = self._batches()
-        while True:
-            batch = next(it)
-            yield [batch] + [next(it) for _ in range(self.acc - 1)] if self.stage == 1 else batch
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-
-def loader_settings(cfg: Config, plan) -> dict:
-    """DataLoader knobs that follow from the run rather than from ``cfg.data``: enough prefetch
-    for one whole optimizer step plus the next (stage 1 takes ``accumulation`` batches per step,
-    and the DataLoader's default of 2 per worker would leave a step waiting on the rest), and
-    pinned memory when batches go to a CUDA device (the copies in ``to_device`` are non-blocking)."""
-    import torch
-
-    workers = cfg.data.workers
-    per_step = plan.accumulation if cfg.train.stage == 1 else 1
-    return {"prefetch_factor": max(2, -(-2 * per_step // workers)) if workers > 0 else None,
-            "pin_memory": workers > 0 and torch.cuda.is_available()}
-
-
-def pixel_dtype(cfg: Config):
-    """The dtype training batches carry ``pixel_values`` in: the model's (bit-identical, as the
-    vision tower casts to it first; half the bytes of float32 for a bf16/fp16 model)."""
-    from pipeline.model import DTYPES
-
-    return DTYPES[cfg.model.dtype]
-
-
-def make_loader(cfg: Config, plan, env) -> LoaderSource:
-    """The per-rank batch source of a run: shards from ``cfg.data`` through the model's
-    collator (stage 1: ``[X][C][D]`` + labels; stage 2: query/candidate chunks)."""
-    from pipeline.collate import Collator
-    from pipeline.processing import Processor
-
-    m = cfg.model
-    proc = Processor.from_pretrained(m.init, m.num_compression_tokens, m.family, m.min_pixels, m.max_pixels)
-    kind = cfg.data.kind
-    mode = "stage1" if cfg.train.stage == 1 else "contrastive"
-    try:
-        # loss.hard_negatives=false: in-batch negatives only (the samples' hard negatives dropped)
-        collator = Collator(proc, m, kind=kind, mode=mode,
-                            max_negatives=None if cfg.loss.hard_negatives else 0, pixel_dtype=pixel_dtype(cfg))
-    except ValueError as e:
-        raise ConfigError(f"data.kind={kind} with train.stage={cfg.train.stage}: {e}") from None
-    return LoaderSource(cfg, plan, env, collator)
-
-

@@ -1,5 +1,5 @@
 """Converted public formats through the whole data path (issue 7): converter -> manifest ->
-data_prep/shard.py (run by the converter's --shard) -> pipeline/data.py's loader -> the model's
+data_prep/shard.py (run by the converter's --shard) -> pipeline.data's loader -> the model's
 Collator, checking counts, skipped rows, and that each image lands where its placeholder was."""
 import json
 from pathlib import Path
@@ -14,7 +14,7 @@ SHARD_ARGS = "--samples-per-shard 3 --workers 1"
 
 
 def load(shard_dir: Path, kind: str) -> list[dict]:
-    """Every decoded sample of a shard folder, in shard order, through pipeline/data.py."""
+    """Every decoded sample of a shard folder, in shard order, through pipeline.data."""
     from pipeline.data import build_loader
 
     # the evaluation setting: one rank, every sample exactly once, in shard order

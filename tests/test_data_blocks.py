@@ -12,7 +12,7 @@ import pytest
 from data_prep import shard
 from datagen import make_images, records, write_jsonl
 from pipeline.data import build_loader
-from pipeline.data_plan import BlockMixture, Plan, Source
+from pipeline.data.plan import BlockMixture, Plan, Source
 
 TASKS = ["t2i", "i2t", "vqa"]
 

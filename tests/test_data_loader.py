@@ -1,4 +1,4 @@
-"""pipeline/data.py: exact epochs across ranks x workers, equal batch counts, corrupt data,
+"""pipeline/data/: exact epochs across ranks x workers, equal batch counts, corrupt data,
 resume, task-homogeneous runs, resampled mixtures."""
 from __future__ import annotations
 
@@ -310,7 +310,7 @@ def test_worker_result_pipe_holds_whole_batches(pairs, monkeypatch):
     of silently bringing the data wait back."""
     import fcntl
 
-    import pipeline.data as data
+    import pipeline.data.workers as data
 
     seen = []
 
@@ -384,13 +384,13 @@ def test_caps_are_per_source_even_with_equal_names():
 def test_remote_shards_find_sizes_json_through_the_same_command(pairs, caplog):
     """pipe:/http shards: sizes.json is read through the same command with the shard's file
     name swapped (no fallback to counting — which for a pipe: shard used to give 0 samples)."""
-    from pipeline.data_plan import sizes_location
+    from pipeline.data.plan import sizes_location
 
     assert sizes_location("pipe:aws s3 cp s3://b/d/train-000001.tar -") == \
         ("pipe:aws s3 cp s3://b/d/sizes.json -", "train-000001.tar")
     assert sizes_location("https://h/d/val-000002.tar?sig=1") == ("https://h/d/sizes.json?sig=1", "val-000002.tar")
 
-    caplog.set_level(logging.WARNING, logger="pipeline.data_plan")
+    caplog.set_level(logging.WARNING, logger="pipeline.data.plan")
     local = build_loader(str(pairs), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, seed=2)
     remote = build_loader(f"pipe:cat {pairs}/train-{{000000..000002}}.tar", kind="pair", batch_size=3, rank=0,
                           world_size=1, num_workers=0, seed=2)

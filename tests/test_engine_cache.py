@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train import BatchSource
+from pipeline.data import BatchSource
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -51,7 +51,7 @@ def test_loader_source_workers_give_the_same_steps(builtin_dir, stage):
 
     from pipeline.config import load_config
     from pipeline.engine import plan_batches
-    from pipeline.train import loader_settings, make_loader
+    from pipeline.data import loader_settings, make_loader
     from tests.tiny_models import tiny_model_dir
 
     kind = "qa" if stage == 1 else "mmeb"

@@ -1,5 +1,5 @@
 """Shared helpers for the model tests: tiny checkpoints built once per test session (per
-process), small synthetic samples in the decoded-sample format of pipeline/data.py."""
+process), small synthetic samples in the decoded-sample format of pipeline.data."""
 from __future__ import annotations
 
 import atexit
@@ -60,7 +60,7 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 def digits_qa_samples(n: int = 16):
     """Real data: the first ``n`` qa records of the bundled dataset (data_prep/builtin.py:
     scikit-learn's handwritten digits rendered at 56 px, 3-turn dialogues) in
-    pipeline/data.py's decoded-sample format — built in memory, no shards needed."""
+    pipeline.data's decoded-sample format — built in memory, no shards needed."""
     import io
 
     from PIL import Image

@@ -1,83 +1,25 @@
-"""Streaming WebDataset loader: exact epochs, the same number of batches on every rank,
-corrupt data skipped and counted, exact mid-epoch resume.
-
-Public API
-----------
-::
-
-    from pipeline.data import build_loader
-
-    loader = build_loader("data/qa/train-{000000..000007}.tar", kind="qa", batch_size=8,
-                          rank=rank, world_size=world, num_workers=2, seed=0)
-    for epoch in range(loader.epoch, epochs):
-        loader.set_epoch(epoch)
-        for batch in loader:                 # len(loader) batches, identical on every rank
-            ...
-        metrics.update(loader.metrics())     # data/corrupt_samples, …/corrupt_shards, …/lost_samples, …/padded_samples
-    ckpt["data"] = loader.state_dict()       # at any step, mid-epoch included
-    loader.load_state_dict(ckpt["data"])     # the next iter(loader) continues exactly there
-
-``build_loader(shards, kind, batch_size, ...)`` — ``shards`` is a brace pattern, a list of
-patterns or shard paths, a shard folder written by ``data_prep/shard.py`` (its
-``manifest.json`` names the pattern), several sources joined by ``::`` (open_clip style, with
-``weights="1::2"``), or a list of ``pipeline.config.DataSource``.  :func:`loader_from_config`
-builds the same from ``cfg.data``.  ``rank``/``world_size`` come from the caller (the engine
-passes them); by default from the launcher environment (``RANK``/``WORLD_SIZE``, SLURM).
-This module never calls ``torch.distributed``.
-
-Samples (what ``collate_fn`` receives, a list of these per batch; the default collate returns
-that list).  Images are decoded to RGB ``PIL.Image``::
-
-    pair  {"image": PIL, "text": str, "kind": "pair", "meta": dict, "__key__", "__source__", "__pad__"}
-    qa    {"image": PIL, "conversations": [{"question", "answer"}, ...], "meta", ...}
-    mmeb  {"task": str, "query": {"text": str | None, "image": PIL | None}, "positive": {...},
-           "negatives": [{...}, ...], "meta", ...}
-
-``__pad__`` is True for a sample that repeats an earlier one to keep the counts equal (the
-remainder of an epoch that does not divide by the world size, corrupt data); a trainer may
-down-weight it, evaluation must ignore it.
-
-How an epoch is cut, and why every rank yields the same number of batches without any
-collective: see ``pipeline/data_plan.py``.  In short, ranks split the epoch's sample sequence
-(shard order permuted from ``(seed, epoch)``) into equal ranges, workers split their rank's
-range, and missing slots are filled with marked repeats.
-
-Resampled mode (``resampled=True``): each worker draws shards with replacement (probability
-∝ source weight x shard size) from a stream seeded by ``(seed, epoch, rank, worker)``;
-``epoch_samples`` (global, default ``N``) sets the epoch length — ``webdataset``'s
-``with_epoch``, but per rank and already divided among the workers.
-
-Resume: ``state_dict()`` is ``{"epoch", "batches"}`` (batches consumed this epoch, the same
-on every rank) plus the plan's parameters.  Worker ``k`` replays its stream and discards its
-first ``batches_k * b`` samples before decoding, so the continuation is exactly what the
-uninterrupted run would have produced.  With another world size, worker count or batch size
-the plan differs: the loader warns and resumes at the same fraction of the epoch.
+"""The per-rank sample stream: read the epoch plan's pieces of WebDataset tars, decode samples,
+skip and count what cannot be read, pad to equal counts, form task blocks, collate.  Runs inside
+the DataLoader workers (or the rank when ``data.workers=0``); see :mod:`pipeline.data` for the
+sample formats and :mod:`pipeline.data.plan` for how an epoch is cut.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
 import itertools
 import json
 import logging
-import multiprocessing.util
-import os
 import random
 import tarfile
-import weakref
 from collections import Counter, deque
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data_plan import (BlockMixture, Piece, Plan, Source, WorkerPlan, check_kind, expand_sources, open_tar,
-                                shard_sizes, split_name)
+from pipeline.data.plan import (BlockMixture, Piece, Plan, Source, WorkerPlan, check_kind, open_tar, shard_sizes,
+                                split_name)
 from pipeline.imaging import open_image, reuse_image_memory, to_rgb
-
-__all__ = ["build_loader", "loader_from_config", "ShardLoader", "ShardDataset", "decode_sample",
-           "default_collate", "Plan", "Source", "expand_sources", "shard_sizes", "KINDS", "COUNTERS"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +32,6 @@ COUNTERS = ("corrupt_samples", "corrupt_shards", "lost_samples", "padded_samples
 LOST = "lost:"
 
 
-# ------------------------------------------------------------------------------------ reading
 def _info(raw: dict) -> dict:
     """A raw sample's JSON member, parsed once (task grouping and decoding both need it)."""
     if "__info__" not in raw:
@@ -138,10 +79,6 @@ def decode_sample(raw: dict, kind: str) -> dict:
 def default_collate(samples: list[dict]) -> list[dict]:
     """The model-free collation: the list of samples itself."""
     return samples
-
-
-def _identity(x):
-    return x
 
 
 class DataError(RuntimeError):
@@ -485,226 +422,3 @@ class ShardDataset(IterableDataset):
                 good[self._task(rep)] = rep
             fixed.append(dict(rep, __pad__=True))
         return self.collate_fn(fixed)
-
-
-def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn`` (bind ``parent_pid`` with functools.partial in the rank):
-    on Linux the kernel SIGKILLs this worker when the rank that forked it dies.
-
-    Why: when a rank is killed mid-step (OOM killer, a failed node, a crash in a CUDA kernel),
-    PyTorch's workers notice the dead parent but then block forever at interpreter exit,
-    flushing result batches into the queue pipe whose only other readers are the sibling
-    workers, stuck the same way.  Those orphans keep the job's stdout/stderr open, so
-    ``torchrun``, ``srun`` or a CI runner waiting for end-of-output hangs with them.
-
-    The worker also ignores SIGTERM and SIGUSR1: SLURM signals every process of a job step at
-    preemption or with ``--signal``, and a worker dying of it makes its rank raise at once
-    (PyTorch's SIGCHLD check), cutting short the checkpoint the rank saves on that signal
-    (``pipeline.runtime.StopSignals``).  The worker still ends with its rank (this SIGKILL)."""
-    import signal
-
-    from pipeline.procs import exit_with_parent
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    exit_with_parent(parent_pid)
-
-
-RESULT_PIPE_BYTES = 1 << 20
-
-
-def widen_result_pipe(it: Any, nbytes: int = RESULT_PIPE_BYTES) -> Optional[int]:
-    """Give a multi-worker DataLoader iterator's result pipe ``nbytes`` of kernel buffer
-    (Linux ``F_SETPIPE_SZ``; 1 MiB is the default ``/proc/sys/fs/pipe-max-size`` an unprivileged
-    process may ask for).  Returns the pipe's new size, or None where it stays as it was (not
-    Linux, no workers, over the limit: batches then travel as before, only slower).
-
-    Why: a batch of up to ``pipeline.collate.Packed.INLINE_BYTES`` travels inside its pickle
-    through this pipe, and the default 64 KiB buffer holds a fifth of a tiny-model micro-batch
-    (~316 KB).  The rank then reads it in 64 KiB turns, each waiting for the worker's queue
-    feeder thread to wake up and refill the pipe — on a 2-core CPU ~2.5 ms of the rank's time
-    per micro-batch, most of the data wait.  With a buffer that holds whole batches the
-    feeder has written them while the rank computed, and reading one is a copy (~0.8 ms)."""
-    import fcntl
-
-    queue = getattr(it, "_worker_result_queue", None)
-    reader = getattr(queue, "_reader", None)
-    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if reader is None or setpipe is None:
-        return None
-    try:
-        return fcntl.fcntl(reader.fileno(), setpipe, nbytes)
-    except OSError:  # EPERM: above pipe-max-size or the user's pipe-page quota; the pipe keeps working
-        return None
-
-
-def _stop_workers(ref: weakref.ref, workers: list) -> None:
-    """At exit (PyTorch's own shutdown is a no-op by then): ask the workers to finish as the
-    DataLoader does (done event, a None index), then SIGKILL any that did not within a few
-    seconds, after taking them off PyTorch's SIGCHLD watch so their end is no error."""
-    it = ref()
-    if it is not None and not getattr(it, "_shutdown", True):
-        with contextlib.suppress(Exception):  # best effort: the kill below still ends them
-            it._workers_done_event.set()
-            for q in it._index_queues:
-                q.put(None)
-    for w in workers:
-        w.join(timeout=5)
-    if any(w.is_alive() for w in workers):
-        if it is not None and getattr(it, "_worker_pids_set", False):
-            import torch
-
-            torch._C._remove_worker_pids(id(it))
-            it._worker_pids_set = False
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-                w.join()
-
-
-# ------------------------------------------------------------------------------------ loader
-class ShardLoader:
-    """Iterates one rank's batches epoch by epoch (see module docstring); wraps a
-    ``torch.utils.data.DataLoader`` over :class:`ShardDataset`."""
-
-    def __init__(self, dataset: ShardDataset, num_workers: int = 2, pin_memory: bool = False,
-                 prefetch_factor: Optional[int] = None):
-        self.dataset, self.num_workers = dataset, num_workers
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self.epoch, self.batches_done = 0, 0
-        self._done_counters = Counter()          # finished epochs
-        self._worker_counters: dict[int, dict] = {}  # current epoch, latest snapshot per worker
-
-    def __len__(self) -> int:
-        return self.dataset.plan.batches()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate; a different epoch than the current one starts fresh
-        (the same one keeps a restored mid-epoch position)."""
-        if epoch != self.epoch:
-            self._fold()
-            self.epoch, self.batches_done = epoch, 0
-
-    def _fold(self) -> None:
-        for c in self._worker_counters.values():
-            self._done_counters.update(c)
-        self._worker_counters = {}
-
-    def __iter__(self) -> Iterator[Any]:
-        ds = self.dataset
-        ds.epoch, ds.skip_batches = self.epoch, self.batches_done
-        kwargs = {}
-        if self.num_workers > 0 and self.prefetch_factor:
-            kwargs["prefetch_factor"] = self.prefetch_factor
-        if self.num_workers > 0:
-            kwargs["worker_init_fn"] = functools.partial(die_with_parent, os.getpid())
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                        pin_memory=self.pin_memory, **kwargs)
-        it = iter(dl)
-        if self.num_workers > 0:
-            widen_result_pipe(it)
-            # Workers ignore SIGTERM (die_with_parent), and at interpreter exit multiprocessing
-            # SIGTERMs its daemonic children and then joins them: a worker of an iterator still
-            # alive then (one a DataError's traceback holds, a loop left mid-epoch) would block the
-            # exit forever — a rank that should exit 3 hangs.  Its finalizers run before that.
-            workers = list(getattr(it, "_workers", []))
-            multiprocessing.util.Finalize(it, _stop_workers, args=(weakref.ref(it), workers), exitpriority=10)
-        for item in it:
-            self._worker_counters[item.worker] = item.counters
-            self.batches_done += 1
-            yield item.batch
-        if self.batches_done >= len(self):
-            self._fold()
-            self.epoch, self.batches_done = self.epoch + 1, 0
-
-    def _totals(self) -> Counter:
-        total = Counter(self._done_counters)
-        for c in self._worker_counters.values():
-            total.update(c)
-        return total
-
-    def metrics(self) -> dict[str, int]:
-        """Cumulative data-health counters for the trainer's metrics (``data/…`` keys)."""
-        total = self._totals()
-        return {f"data/{k}": int(total.get(k, 0)) for k in COUNTERS}
-
-    def lost_by_shard(self) -> dict[str, int]:
-        """Samples of each shard that this rank's reads could not deliver (``sizes.json`` counts
-        them), cumulative over epochs: ``{url: n}``, only shards that lost some."""
-        return {k[len(LOST):]: int(v) for k, v in self._totals().items() if k.startswith(LOST) and v}
-
-    def _plan_params(self) -> dict:
-        p = self.dataset.plan
-        return {"world_size": p.world_size, "num_workers": p.num_workers, "batch_size": p.batch_size,
-                "seed": p.seed, "shuffle": p.shuffle, "drop_last": p.drop_last, "resampled": p.resampled,
-                "total_samples": p.total, "batches_per_epoch": len(self)}
-
-    def state_dict(self) -> dict:
-        """Where this rank stands; equal on every rank (they consume batches in lockstep), so
-        rank 0's copy in the checkpoint restores all of them."""
-        epoch, batches = self.epoch, self.batches_done
-        if batches >= len(self):  # the last batch was handed out: the next one opens the next epoch
-            epoch, batches = epoch + 1, 0
-        return {"epoch": epoch, "batches": batches,
-                "counters": {k: int(v) for k, v in self._totals().items() if v}, **self._plan_params()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, batches = int(state["epoch"]), int(state["batches"])
-        self._done_counters = Counter(state.get("counters", {}))
-        self._worker_counters = {}
-        mine = self._plan_params()
-        changed = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
-        if changed:
-            old = state.get("batches_per_epoch") or 1
-            batches = min(len(self), round(batches * len(self) / old))
-            log.warning("loader state saved with %s; resuming at batch %d of %d of epoch %d, "
-                        "not the exact sample sequence", ", ".join(f"{k}={a} (now {b})" for k, (a, b)
-                                                                  in changed.items()),
-                        batches, len(self), self.epoch)
-        self.batches_done = batches
-
-
-def build_loader(shards: Any, kind: str, batch_size: int, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, num_workers: int = 2, seed: int = 0,
-                 shuffle: bool = True, shuffle_buffer: int = 1000, drop_last: bool = True,
-                 resampled: bool = False, epoch_samples: Optional[int] = None,
-                 task_batch_size: Optional[int] = None, weights: Any = None,
-                 collate_fn: Optional[Callable[[list[dict]], Any]] = None,
-                 pin_memory: bool = False, prefetch_factor: Optional[int] = None,
-                 task_sampling: str = "proportional", batch_composition: str = "per_rank") -> ShardLoader:
-    """The loader for one rank.  ``batch_size`` is per rank (the micro batch); ``shuffle=False,
-    drop_last=False`` is the evaluation setting (every sample once, in shard order per
-    worker).  See the module docstring for everything else."""
-    if rank is None or world_size is None:
-        from pipeline.dist import read_env
-
-        env = read_env()
-        rank = env.rank if rank is None else rank
-        world_size = env.world_size if world_size is None else world_size
-    ds = ShardDataset(expand_sources(shards, weights), kind, batch_size, rank, world_size, num_workers,
-                      seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
-                      resampled=resampled, epoch_samples=epoch_samples, task_batch_size=task_batch_size,
-                      collate_fn=collate_fn, task_sampling=task_sampling,
-                      shared_blocks=_composition(batch_composition) == "shared")
-    return ShardLoader(ds, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
-
-
-def _composition(value: str) -> str:
-    if value not in ("per_rank", "shared"):
-        raise ValueError(f"data.batch_composition={value!r}: use per_rank or shared")
-    return value
-
-
-def loader_from_config(data_cfg, batch_size: int, rank: Optional[int] = None,
-                       world_size: Optional[int] = None, collate_fn: Optional[Callable] = None,
-                       **overrides) -> ShardLoader:
-    """:func:`build_loader` from a ``pipeline.config.DataConfig`` (``cfg.data``)."""
-    if not data_cfg.sources:
-        raise ValueError("data.sources is empty: set data.sources[0].shards to a shard pattern or folder")
-    kwargs = dict(kind=data_cfg.kind, batch_size=batch_size, rank=rank, world_size=world_size,
-                  num_workers=data_cfg.workers, seed=data_cfg.seed, shuffle_buffer=data_cfg.shuffle_buffer,
-                  resampled=data_cfg.resampled, task_batch_size=data_cfg.task_batch_size,
-                  collate_fn=collate_fn, task_sampling=data_cfg.task_sampling,
-                  batch_composition=data_cfg.batch_composition)
-    kwargs.update(overrides)
-    return build_loader(list(data_cfg.sources), **kwargs)
