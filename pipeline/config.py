@@ -196,12 +196,6 @@ class TrainConfig:
     stop_signals: list[str] = setting(
         factory=lambda: ["SIGUSR1", "SIGTERM"], help=
         "a rank receiving one makes all ranks save the current step and exit 4")
-    # Fault injection, for the robustness tests: NaN loss on rank 0 at these steps; SIGKILL of
-    # rank fault_kill_rank in the middle of step fault_kill_step.
-    fault_nan_steps: list[int] = setting(
-        factory=list, help="testing only: inject a NaN loss on rank 0 at these steps")
-    fault_kill_step: Optional[int] = setting(None, "testing only: kill a rank in the middle of this step")
-    fault_kill_rank: int = setting(1, "testing only: the rank train.fault_kill_step kills")
 
 
 @dataclass

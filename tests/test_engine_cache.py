@@ -188,8 +188,10 @@ def worker(out_dir: Path) -> None:
     res["text_only_ok"] = True
     res["text_only_loss_finite"] = bool(torch.isfinite(torch.tensor(out["loss"])))
 
-    # NaN on rank 0 only (train.fault_nan_steps): both ranks skip, weights unchanged.
-    runner_b.cfg.train.fault_nan_steps = [5]
+    # NaN on rank 0 only (tests/faults.py): both ranks skip, weights unchanged.
+    import faults
+
+    faults.install(nan_steps=[5])
     before = _trainable(b.model)
     out = runner_b.stage2([col(samples[:2]), col(samples[2:])], TrainState(step=5))
     res["nan_skipped"] = not out["applied"]
@@ -199,7 +201,8 @@ def worker(out_dir: Path) -> None:
     from pipeline.metrics import Metrics
     from pipeline.train import Loop, TrainingStopped
 
-    cfg_b.train.fault_nan_steps, cfg_b.train.max_bad_steps, cfg_b.train.log_every = [20, 21], 2, 1
+    faults.install(nan_steps=[20, 21])
+    cfg_b.train.max_bad_steps, cfg_b.train.log_every = 2, 1
     loop = Loop(cfg_b, b, _Fixed([col(samples[:2]), col(samples[2:])]),
                 Metrics(out_dir / "metrics", enabled=env.rank == 0), None, 100, TrainState(step=20))
     loop.step()

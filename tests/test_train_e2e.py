@@ -2,7 +2,7 @@
 Qwen2-VL and the bundled digits shards (data_prep/builtin.py).
 
 Stage 1 (``launch/stage1.py``, LoRA): under ``torchrun`` rank 1 is SIGKILLed in the middle of
-step 6 (``train.fault_kill_step``); the job must exit non-zero well within the distributed
+step 6 (tests/faults.py ``--fault.kill_step``); the job must exit non-zero well within the distributed
 timeout.  The same run under ``deepspeed --num_gpus 2`` resumes (``--train.resume=auto``) from
 step-3, the newest complete checkpoint, and must reproduce the killed run's losses for steps 4
 and 5 exactly
@@ -59,12 +59,12 @@ def assets(tmp_path_factory):
     return {"root": root, "tiny": tiny, "qa": root / "builtin/shards/qa", "mmeb": root / "builtin/shards/mmeb"}
 
 
-def _stage1_cmd(assets, port, launcher, *extra):
+def _stage1_cmd(assets, port, launcher, *extra, script=REPO / "launch/stage1.py"):
     if launcher == "deepspeed":
         head = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)]
     else:
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    return head + [str(REPO / "launch/stage1.py"), "--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
+    return head + [str(script), "--config", str(REPO / "launch/configs/stage1_tiny.yaml"),
             f"--model.init={assets['tiny']}", f"--data.sources=[{{shards: '{assets['qa']}'}}]",
             f"--train.run_root={assets['root'] / 'runs'}", f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json",
             "--train.max_steps=8", "--train.save_every=3", "--train.keep_last=2", "--train.log_every=1",
@@ -76,7 +76,8 @@ def _stage1_cmd(assets, port, launcher, *extra):
 def stage1(assets):
     from conftest import free_port
 
-    killed = subprocess.run(_stage1_cmd(assets, free_port(), "torchrun", "--train.fault_kill_step=5"), cwd=REPO,
+    killed = subprocess.run(_stage1_cmd(assets, free_port(), "torchrun", "--fault.stage=1", "--fault.kill_step=5",
+                                        script=REPO / "tests/faults.py"), cwd=REPO,
                             env=_env(), capture_output=True, text=True, timeout=400)
     t_exit = time.time()
     resumed = subprocess.run(_stage1_cmd(assets, free_port(), "deepspeed"), cwd=REPO, env=_env(), capture_output=True,
@@ -89,7 +90,7 @@ def test_stage1_kill_resume_export(stage1):
     k, r, run = stage1["killed"], stage1["resumed"], stage1["run"]
     out = k.stdout + k.stderr
     assert k.returncode != 0, out[-3000:]
-    m = re.search(r"(\d\d):(\d\d):(\d\d) \[rank1\] WARNING coma.train: train.fault_kill_step=5", out)
+    m = re.search(r"(\d\d):(\d\d):(\d\d) \[rank1\] WARNING coma.train: fault kill_step=5", out)
     assert m, out[-3000:]
     lt = time.localtime(stage1["t_exit"])
     t_kill = time.mktime(lt[:3] + tuple(int(x) for x in m.groups()) + lt[6:])
@@ -144,10 +145,11 @@ def test_stage2_torchrun_cache_nan_skip(assets, stage1):
 
     init = stage1["run"] / "export"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "launch/stage2.py"), "--config", str(REPO / "launch/configs/stage2_tiny.yaml"),
+           str(REPO / "tests/faults.py"), "--fault.stage=2", "--fault.nan_steps=[3]",
+           "--config", str(REPO / "launch/configs/stage2_tiny.yaml"),
            f"--model.init={init}", f"--data.sources=[{{shards: '{assets['mmeb']}'}}]",
            f"--train.run_root={assets['root'] / 'runs'}", f"--train.ds_config={REPO}/ds_configs/zero3_bf16.json",
-           "--train.max_steps=8", "--train.log_every=1", "--train.save_every=100", "--train.fault_nan_steps=[3]",
+           "--train.max_steps=8", "--train.log_every=1", "--train.save_every=100",
            "--model.lora.enabled=false", "--optim.lr=1e-3", "--optim.schedule=constant",
            "--data.task_batch_size=null", f"--train.dist_timeout_s={TIMEOUT_S}"]
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)

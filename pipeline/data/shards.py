@@ -359,7 +359,7 @@ class ShardDataset(IterableDataset):
     def _blocks(self, k: int, skip: int, ctx: Counter) -> Iterator[dict]:
         """data.task_sampling=uniform: raw samples of this worker's batches (k, k + K, … of the
         epoch, from its ``skip``-th on), each batch ``batch_size / task_batch_size`` blocks of one
-        source (data_plan.BlockMixture).  The global block index runs on across epochs: one
+        source (plan.BlockMixture).  The global block index runs on across epochs: one
         stream, as the authors' run is.  A block a damaged shard left short is padded (counted)."""
         per_epoch, K, B = self.plan.batches(), self.plan.num_workers, self.task_batch_size
         nb = self.plan.batch_size // B
