@@ -16,6 +16,10 @@ JSON is the ratio of the two best times, for comparison):
 * ``loader``        ``pipeline.data.build_loader`` (plan, shuffle buffer, decode to RGB PIL,
                     batches of 32), ``num_workers=0``; target >= 90% of ``webdataset``
 * ``loader x2``     the same with 2 DataLoader workers (for information)
+* ``webdataset_tarwriter``  bare baseline: ``webdataset.TarWriter`` writing the shards' samples
+                    (already in memory) to an in-memory file
+* ``tar_writer``    data_prep/tar_writer.py's ``TarOut`` writing the same samples: why shard.py
+                    keeps its own writer (a ratio above 1 is the margin)
 
 Datasets: the bundled digits (``pair`` set: 1,498 56x56 PNGs, per-sample overhead dominates)
 and synthetic 512x512 JPEGs (decode dominates).  Results: a table on stdout,
@@ -136,16 +140,51 @@ def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[d
         return go
 
     read = round_times({"webdataset": plain_wds, "loader": ours(0), "loader x2": ours(2)}, repeats)
+    tar = round_times(tar_writers(urls), repeats)
     rows = []
     for stage, times, base, workers in (("write", write, "decode_loop", {"shard.py x2": 2}),
-                                        ("read", read, "webdataset", {"loader x2": 2})):
+                                        ("read", read, "webdataset", {"loader x2": 2}),
+                                        ("tar", tar, "webdataset_tarwriter", {})):
         for what, t in times.items():
-            w = workers.get(what, 1 if stage == "write" else 0)
+            w = workers.get(what, 1 if stage != "read" else 0)
             per = w if stage == "write" else 1  # shard.py's ratio is per worker
             rows.append({"dataset": name, "stage": stage, "what": what, "workers": w, "samples": n,
                          "samples_per_s": n / min(t), "ratio": paired_ratio(times, what, base) / per,
                          "ratio_of_best": min(times[base]) / min(t) / per, "rounds": len(t)})
     return rows
+
+
+def tar_writers(urls: list[str]) -> dict:
+    """The two tar writers over the same samples, read into memory first (not timed): members
+    grouped by key as ``{"__key__": key, ext: bytes}``, in the shards' order."""
+    import tarfile
+
+    import webdataset as wds
+
+    from data_prep.tar_writer import TarOut
+
+    samples: list[dict] = []
+    for url in urls:
+        with tarfile.open(url) as tf:
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key})
+                samples[-1][ext] = tf.extractfile(m).read()
+
+    def theirs():
+        w = wds.TarWriter(io.BytesIO(), encoder=False, mtime=0)
+        for s in samples:
+            w.write(s)
+        w.close()
+
+    def ours():
+        out = TarOut(io.BytesIO())
+        for s in samples:
+            out.write(s)
+        out.close()
+
+    return {"webdataset_tarwriter": theirs, "tar_writer": ours}
 
 
 def machine() -> dict:
@@ -178,10 +217,11 @@ def main(argv=None) -> int:
     for name, manifest in datasets.items():
         rows += bench_dataset(name, manifest, work, args.repeats)
 
-    print(f"{'dataset':<30} {'stage':<6} {'what':<12} {'samples/s':>10} {'ratio':>7}  target")
+    print(f"{'dataset':<30} {'stage':<6} {'what':<20} {'samples/s':>10} {'ratio':>7}  target")
     for r in rows:
-        target = {"shard.py": ">= 0.80 per worker", "loader": ">= 0.90"}.get(r["what"], "")
-        print(f"{r['dataset']:<30} {r['stage']:<6} {r['what']:<12} {r['samples_per_s']:>10.0f} "
+        target = {"shard.py": ">= 0.80 per worker", "loader": ">= 0.90", "tar_writer": "> 1 to keep it"}.get(
+            r["what"], "")
+        print(f"{r['dataset']:<30} {r['stage']:<6} {r['what']:<20} {r['samples_per_s']:>10.0f} "
               f"{r['ratio']:>7.2f}  {target}")
     info = machine()
     print(f"\n{info['cpus']} CPUs, load average {info['load_avg_1m']:.1f} at the end; "

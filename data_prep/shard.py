@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import functools
 import gc
 import hashlib
 import json
@@ -51,7 +49,6 @@ import random
 import re
 import shutil
 import sys
-import tarfile
 import threading
 import time
 from collections import Counter
@@ -68,7 +65,9 @@ if find_spec("pipeline") is None:  # imported as an installed package, never by 
 
 import pipeline  # noqa: E402
 from data_prep.cli import OneLineParser, RunError, StrictError, UsageError, run_cli  # noqa: E402
-from data_prep.samples import KINDS, BadRow, record_key, record_to_sample  # noqa: E402
+from data_prep.samples import KINDS, BadRow, record_to_sample  # noqa: E402
+from data_prep.manifest import Row, read_manifest  # noqa: E402
+from data_prep.tar_writer import TarOut  # noqa: E402
 from pipeline.fileio import atomic_write_bytes  # noqa: E402
 from pipeline.fileio import output_problem  # noqa: E402
 from pipeline.imaging import reuse_image_memory  # noqa: E402
@@ -78,145 +77,6 @@ FORMAT_VERSION = 1
 # Common world sizes are powers of two up to 8 GPUs per node (times the node count); a shard
 # count that is a multiple of 8 splits evenly over all of them.
 WORLD_MULTIPLE = 8
-TAR_MTIME = 0  # fixed member metadata: byte-identical tars on every machine and rerun
-
-
-@dataclass(slots=True)
-class Row:
-    line: int                 # 1-based manifest line (CSV: line where the row ends; Parquet: row)
-    record: Any               # the parsed record, or a BadRow found while reading (JSON, duplicate)
-    raw: str                  # the row as read: what a shard's fingerprint covers
-    key: str
-
-
-# ---------------------------------------------------------------------------------- manifest
-def read_manifest(path: Path, kind: str, image_column: str = "image", text_column: str = "text") -> list[Row]:
-    """Parse every row of a JSON Lines / CSV / Parquet manifest (see module docstring)."""
-    if not path.exists():
-        raise UsageError(f"--input {path}: no such manifest")
-    if path.is_dir():
-        raise UsageError(f"--input {path} is a folder; pass the manifest file (.jsonl/.csv/.parquet)")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".parquet", ".pq"):
-        if kind != "pair":
-            raise UsageError(f"--input {path}: CSV/Parquet manifests hold --kind pair only; "
-                             f"write {kind} records as JSON Lines")
-        rows = _read_table(path, image_column, text_column)
-    else:
-        rows = _read_jsonl(path)
-    if not rows:
-        raise UsageError(f"--input {path}: the manifest has no records")
-    seen: dict[str, int] = {}
-    for r in rows:  # keys must be unique: WebDataset groups tar members by key
-        if isinstance(r.record, BadRow):
-            continue
-        if r.key in seen:
-            r.record = BadRow("duplicate_key", f"key {r.key!r} already used on line {seen[r.key]}")
-        else:
-            seen[r.key] = r.line
-    return rows
-
-
-def _read_jsonl(path: Path) -> list[Row]:
-    """Rows of a JSON Lines file.  A line that is not UTF-8 (a Latin-1 byte from an old export)
-    is one bad row, not the end of the run (surrogateescape keeps its bytes, the regex finds
-    them); a byte-order mark (Windows editors, Excel) does not make line 1 invalid; any newline
-    convention reads (text mode)."""
-    rows, stem = [], path.stem
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        for line, text in enumerate(f, 1):
-            text = text.strip()
-            if not text:
-                continue
-            bad = None if text.isascii() else _UNDECODABLE.search(text)  # isascii: a flag, O(1)
-            if bad:
-                record = BadRow("invalid_unicode", f"byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
-                                                   f"{bad.start() + 1} is not UTF-8; re-save the manifest as UTF-8")
-            else:
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    record = BadRow("invalid_json", f"{e.msg} (column {e.colno})")
-            rows.append(Row(line, record, text, record_key(record, line, stem)))
-    return rows
-
-
-def _read_table(path: Path, image_column: str, text_column: str) -> list[Row]:
-    if path.suffix.lower() == ".csv":
-        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark; surrogateescape: a cell that
-        # is not UTF-8 becomes one bad row (below) instead of stopping the run
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            try:
-                columns = list(reader.fieldnames or [])
-                _check_columns(path, columns, image_column, text_column)
-                table = [(reader.line_num, row) for row in reader]
-            except csv.Error as e:
-                raise UsageError(f"--input {path}:{reader.line_num + 1}: not readable as CSV ({e}); "
-                                 f"check the quoting around that line") from None
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            t = pq.read_table(path)
-        except Exception as e:
-            raise UsageError(f"--input {path}: not a readable Parquet file ({e})") from None
-        columns = list(t.column_names)
-        _check_columns(path, columns, image_column, text_column)
-        _check_parquet_meta(path, t.schema, (image_column, text_column, "key"))
-        table = list(enumerate(t.to_pylist(), 1))
-    rows = []
-    for line, row in table:
-        bad = [c for c, v in row.items() if isinstance(v, str) and _UNDECODABLE.search(v)]
-        if bad:
-            record = BadRow("invalid_unicode", f"column(s) {bad} are not UTF-8; re-save the manifest as UTF-8")
-            raw = json.dumps(row, sort_keys=True, default=str)  # ASCII: the fingerprint still covers it
-            rows.append(Row(line, record, raw, record_key(None, line, path.stem)))
-            continue
-        record = {"image": row[image_column], "text": row[text_column]}
-        if row.get("key") not in (None, ""):
-            record["key"] = str(row["key"])
-        meta = {c: row[c] for c in columns if c not in (image_column, text_column, "key")}
-        if meta:
-            # Parquet columns arrive as Python objects (datetime, Decimal, timedelta): the sample
-            # JSON holds them as text, timestamps as ISO 8601.
-            record["meta"] = json.loads(json.dumps(meta, default=_json_scalar, ensure_ascii=False))
-        raw = json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
-        rows.append(Row(line, record, raw, record_key(record, line, path.stem)))
-    return rows
-
-
-_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under surrogateescape
-
-
-def _json_scalar(value: Any) -> str:
-    """A Parquet value JSON has no type for: dates and times as ISO 8601, the rest as ``str``."""
-    return value.isoformat() if hasattr(value, "isoformat") else str(value)
-
-
-def _check_parquet_meta(path: Path, schema, used: tuple) -> None:
-    """Every extra column becomes sample metadata (JSON): a binary column (embedded image or
-    feature bytes, often megabytes per row) would bloat every sample, so it is refused up front."""
-    import pyarrow as pa
-
-    def is_binary(t) -> bool:
-        if pa.types.is_dictionary(t):  # dictionary-encoded: the values' type is what lands in meta
-            t = t.value_type
-        return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
-                or getattr(pa.types, "is_binary_view", lambda _: False)(t))
-
-    binary = [f.name for f in schema if f.name not in used and is_binary(f.type)]
-    if binary:
-        raise UsageError(f"--input {path}: column(s) {binary} hold binary data, which cannot go into a "
-                         f"sample's JSON metadata; write the manifest without them (images are read "
-                         f"from the paths in the image column)")
-
-
-def _check_columns(path: Path, columns: list[str], image_column: str, text_column: str) -> None:
-    missing = [c for c in (image_column, text_column) if c not in columns]
-    if missing:
-        raise UsageError(f"--input {path}: unknown column(s) {missing}; the file has {columns} "
-                         f"(name the right ones with --image-column/--text-column)")
 
 
 # -------------------------------------------------------------------------------- shard work
@@ -263,105 +123,6 @@ def is_complete(task: ShardTask, out_dir: str) -> bool:
                 and os.path.getsize(os.path.join(out_dir, task.name)) == stats.get("bytes"))
     except (OSError, ValueError):
         return False
-
-
-class TarOut:
-    """A minimal deterministic tar writer: standard ustar members (a GNU long-name record for a
-    name over 100 bytes), mtime 0, uid/gid 0, owner coma, mode 0444, in the order written,
-    closed with two zero blocks and padded to tar's 10 KiB record like ``tarfile`` does.
-
-    Why not ``webdataset.TarWriter``: it goes through ``tarfile``'s generic header code, which
-    costs as much per sample as decoding a small PNG (measured with benchmarks/data.py), i.e.
-    half of shard.py's throughput on small images.  The headers here are byte-identical to
-    ``tarfile``'s ustar headers for the same fields (tests/test_shard.py checks that).
-    """
-
-    def __init__(self, f):
-        self.f, self.size = f, 0
-
-    def _put(self, b: bytes) -> None:
-        self.f.write(b)
-        self.size += len(b)
-
-    def write(self, sample: dict) -> None:
-        """A sample as ``{"__key__": key, ext: bytes, ...}`` → members ``key.ext``, sorted.
-
-        The whole sample goes out as one joined buffer in one ``write``, and the key's part of
-        the header checksum is summed once: on 56 px images this method was a fifth of
-        shard.py's time."""
-        key = sample["__key__"].encode("utf-8")
-        key_sum = _USTAR_SUM + sum(key)
-        parts: list = []
-        put = parts.extend
-        for ext in sorted(sample):
-            if ext[0] == "_":
-                continue
-            dot_ext, ext_sum = _dot_ext(ext)
-            data = sample[ext]
-            name, n = key + dot_ext, len(data)
-            if len(name) <= 100:
-                # header pieces, data and padding all go into the one join below (no copy of
-                # the data per member); the checksum is the template's plus the variable bytes'
-                field, field_sum = _size_field(n)
-                put((name.ljust(100, b"\0"), _USTAR_MODE_IDS, field, _USTAR_MTIME,
-                     b"%06o\0 " % (key_sum + ext_sum + field_sum), _USTAR_TAIL, data, _PADS[-n % 512]))
-            else:
-                put((_gnu_header(name, n), data, _PADS[-n % 512]))
-        self._put(b"".join(parts))
-
-    def close(self) -> None:
-        self._put(b"\0" * 1024)
-        if self.size % 10240:
-            self._put(b"\0" * (10240 - self.size % 10240))
-
-
-def _ustar_template() -> bytes:
-    h = bytearray(512)
-    h[100:108] = b"0000444\0"                 # mode
-    h[108:116] = h[116:124] = b"0000000\0"    # uid, gid
-    h[136:148] = b"%011o\0" % TAR_MTIME
-    h[148:156] = b"        "                  # checksum placeholder (spaces, as the checksum counts them)
-    h[156:157] = b"0"                         # regular file
-    h[257:265] = b"ustar\x0000"
-    h[265:269] = h[297:301] = b"coma"         # uname, gname
-    # devmajor/devminor (329:345) stay NUL for a regular file, as tarfile writes them
-    return bytes(h)
-
-
-_USTAR = _ustar_template()
-_USTAR_SUM = sum(_USTAR)
-_PADS = [bytes(n) for n in range(512)]  # zero padding to the next 512-byte block, prebuilt
-
-
-# A ustar header of a name of at most 100 bytes is: name (NUL-padded to 100), _USTAR_MODE_IDS,
-# the size field (12), _USTAR_MTIME, the checksum field (8), _USTAR_TAIL.
-_USTAR_MODE_IDS, _USTAR_MTIME, _USTAR_TAIL = _USTAR[100:124], _USTAR[136:148], _USTAR[156:]
-
-
-def _size_field(size: int, _cache: dict = {}) -> tuple[bytes, int]:
-    """The octal size field and its byte sum; cached below 64 KiB, where sizes repeat across
-    samples (captions, JSON, small images)."""
-    hit = _cache.get(size)
-    if hit is None:
-        field = b"%011o\0" % size
-        hit = (field, sum(field))
-        if size < 1 << 16:
-            _cache[size] = hit
-    return hit
-
-
-def _gnu_header(name: bytes, size: int) -> bytes:
-    """A GNU long-name record + header, for a name over ustar's 100 bytes (rare: long keys)."""
-    ti = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
-    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, TAR_MTIME, 0o444, "coma", "coma"
-    return ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-
-
-@functools.lru_cache(maxsize=None)
-def _dot_ext(ext: str) -> tuple[bytes, int]:
-    """``".ext"`` as bytes and the sum of those bytes (its share of a header checksum)."""
-    b = f".{ext}".encode("utf-8")
-    return b, sum(b)
 
 
 _SETTINGS: Optional[Settings] = None

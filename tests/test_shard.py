@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from data_prep import shard
+from data_prep import shard, tar_writer
 from datagen import dataset, make_images, records, write_jsonl
 from pipeline.data import build_loader
 
@@ -354,7 +354,7 @@ def test_tar_bytes_match_tarfile(key, members):
     rng = random.Random(len(key))
     sample = {"__key__": key, **{ext: rng.randbytes(n) for ext, n in members.items()}}
     ours = io.BytesIO()
-    out = shard.TarOut(ours)
+    out = tar_writer.TarOut(ours)
     out.write(sample)
     out.close()
     ref = io.BytesIO()
@@ -372,7 +372,7 @@ def test_tar_bytes_match_tarfile(key, members):
 def test_long_member_names_round_trip(tmp_path):
     key = "k" * 150
     with open(tmp_path / "t.tar", "wb") as f:
-        out = shard.TarOut(f)
+        out = tar_writer.TarOut(f)
         out.write({"__key__": key, "txt": b"hello", "json": b"{}"})
         out.write({"__key__": "short", "txt": b"x" * 700, "json": b"{}"})
         out.close()
