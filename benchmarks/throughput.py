@@ -37,7 +37,7 @@ What keeps the comparison fair:
   the other does not get;
 * the synthetic source hands batches over exactly as ``LoaderSource`` does (packed buffers
   through a widened result pipe, the same prefetch and pinning from
-  ``pipeline.train.loader_settings``);
+  ``pipeline.data.loader_settings``);
 * the iterator that pre-collates the bare batches is closed before timing, so no extra
   DataLoader worker lives through the timed blocks.
 

@@ -56,10 +56,9 @@ class Packed:
     structure back, every tensor a view of that buffer (same dtypes, shapes and values).
 
     Why: the DataLoader sends each tensor through its own shared-memory segment, and the
-    trainer receives each segment's file descriptor over a fresh authenticated socket, which
-    cost ~1 ms of the trainer's time per tensor on a 2-core CPU — 24 tensors (~25 ms) per
-    step for 4 micro-batches of 6 tensors, ~12 % of a tiny-model step, all of it counted as
-    data wait.  One buffer per batch means one segment, and a buffer of at most
+    trainer receives each segment's file descriptor over a fresh authenticated socket: a cost
+    per tensor, paid in the trainer and counted as data wait, that added up to a noticeable
+    share of a tiny-model step (benchmarks/README.md).  One buffer per batch means one segment, and a buffer of at most
     ``INLINE_BYTES`` travels inside the pickle with no segment at all (through the worker
     result pipe, which ``pipeline.data.widen_result_pipe`` sizes for whole batches).  Tensor offsets are
     ``ALIGN``-byte aligned, so every view is aligned for its dtype."""

@@ -113,8 +113,7 @@ def cpu_threads(cfg: Config, env, environ=os.environ) -> Optional[int]:
 
     Why: torch starts as many threads as cores in every rank, so 2 ranks with 2 workers each on a
     2-core machine ran 4 compute threads + 4 workers; the threads spin on each other and the
-    workers preempt them.  One rank of the tiny model on 2 cores: 0.36 s per step with 2 threads,
-    0.18 s with 1."""
+    workers preempt them (the measured step times: benchmarks/README.md)."""
     from deepspeed.accelerator import get_accelerator
 
     if "OMP_NUM_THREADS" in environ or get_accelerator().device_name() != "cpu":
@@ -164,13 +163,13 @@ def manual_gc(every: int):
     """Python's automatic garbage collection off for the training loop, which collects every
     ``every`` steps instead (:meth:`pipeline.train.Loop.step`); ``every <= 0`` changes nothing.
 
-    Why: a full collection walks every Python object of torch, transformers and DeepSpeed
-    (~200 ms each in a tiny-model CPU run), and allocations trigger it on each rank at its own
-    moment, so the other ranks wait for it at the next collective.  The objects that exist once
+    Why: a full collection walks every Python object of torch, transformers and DeepSpeed, and
+    allocations trigger it on each rank at its own moment, so the other ranks wait for it at the
+    next collective.  The objects that exist once
     the model and engine are built are frozen (``gc.freeze``: never scanned again), which makes
     the scheduled collections cheap.  The same scheme as torchtitan's ``gc_freq`` and
-    Megatron-LM's ``--manual-gc``.  (One rank has no one to wait for: the 1-rank CPU benchmark
-    reads the same within its noise, 1.056-1.076 of the bare loop with, 1.079-1.092 without.)"""
+    Megatron-LM's ``--manual-gc``.  (One rank has no one to wait for, and gains nothing
+    measurable: benchmarks/README.md.)"""
     if every <= 0:
         yield
         return

@@ -69,11 +69,11 @@ def widen_result_pipe(it: Any, nbytes: int = RESULT_PIPE_BYTES) -> Optional[int]
     Linux, no workers, over the limit: batches then travel as before, only slower).
 
     Why: a batch of up to ``pipeline.collate.Packed.INLINE_BYTES`` travels inside its pickle
-    through this pipe, and the default 64 KiB buffer holds a fifth of a tiny-model micro-batch
-    (~316 KB).  The rank then reads it in 64 KiB turns, each waiting for the worker's queue
-    feeder thread to wake up and refill the pipe — on a 2-core CPU ~2.5 ms of the rank's time
-    per micro-batch, most of the data wait.  With a buffer that holds whole batches the
-    feeder has written them while the rank computed, and reading one is a copy (~0.8 ms)."""
+    through this pipe, and the default 64 KiB buffer holds only part of a tiny-model
+    micro-batch.  The rank then reads it in 64 KiB turns, each waiting for the worker's queue
+    feeder thread to wake up and refill the pipe, which was most of the data wait on a small
+    model.  With a buffer that holds whole batches the feeder has written them while the rank
+    computed, and reading one is a copy (the measured times: benchmarks/README.md)."""
     import fcntl
 
     queue = getattr(it, "_worker_result_queue", None)
