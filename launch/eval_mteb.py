@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from importlib.util import find_spec
+from pathlib import Path
 
 if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
     sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         print(f"error: --name {args.name!r}: mteb wants organization/model_name", file=sys.stderr)
         return 2
     try:
-        prompts = json.loads(open(args.prompts, encoding="utf-8").read()) if args.prompts else None
+        prompts = json.loads(Path(args.prompts).read_text(encoding="utf-8")) if args.prompts else None
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: --prompts {args.prompts}: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
+import torch
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
@@ -109,17 +110,15 @@ class CoMaMTEB(AbsEncoder):
         self.prompts_dict = dict(prompts) if prompts else None
         self.mteb_model_meta = model_meta(model_name, self.embedder, name=name, revision=revision)
 
-    def items(self, inputs: DataLoader[BatchedInput], instruction: str = "") -> list[dict]:
-        """mteb's batches (``text`` and/or ``image`` columns, ``None`` where an item lacks one) →
-        Embedder items."""
-        out = []
-        for batch in inputs:
-            texts, images = batch.get("text"), batch.get("image")
-            n = len(texts if texts is not None else images)
-            texts = texts if texts is not None else [None] * n
-            images = images if images is not None else [None] * n
-            out += [mmeb_item(t, im, instruction) for t, im in zip(texts, images, strict=True)]
-        return out
+    @staticmethod
+    def items(batch: BatchedInput, instruction: str = "") -> list[dict]:
+        """One of mteb's batches (``text`` and/or ``image`` columns, ``None`` where an item lacks
+        one) → Embedder items."""
+        texts, images = batch.get("text"), batch.get("image")
+        n = len(texts if texts is not None else images)
+        texts = texts if texts is not None else [None] * n
+        images = images if images is not None else [None] * n
+        return [mmeb_item(t, im, instruction) for t, im in zip(texts, images, strict=True)]
 
     def instruction(self, task_metadata: TaskMetadata, prompt_type: Optional[PromptType]) -> str:
         """The instruction for one side of a task (see the module docstring)."""
@@ -132,6 +131,7 @@ class CoMaMTEB(AbsEncoder):
     def encode(self, inputs: DataLoader[BatchedInput], *, task_metadata: TaskMetadata, hf_split: str,
                hf_subset: str, prompt_type: Optional[PromptType] = None, **kwargs: Any) -> np.ndarray:
         instruction = self.instruction(task_metadata, prompt_type)
-        items = self.items(inputs, instruction)
-        vecs = self.embedder.encode(items, batch_size=kwargs.get("batch_size") or self.batch_size)
-        return vecs.numpy()
+        size = kwargs.get("batch_size") or self.batch_size
+        # batch by batch as mteb's loader decodes them: a corpus's images are never all in memory
+        vecs = [self.embedder.encode(self.items(batch, instruction), batch_size=size) for batch in inputs]
+        return (torch.cat(vecs) if vecs else self.embedder.encode([])).numpy()

@@ -57,35 +57,32 @@ def _meta(name, type_, category, modalities, main_score, prompt=None, splits=("t
     return m
 
 
-def _retrieval(queries: list[dict], corpus: list[dict], relevant: dict) -> dict:
-    return {"default": {"test": RetrievalSplitData(queries=Dataset.from_list(queries),
-                                                  corpus=Dataset.from_list(corpus),
-                                                  relevant_docs=relevant, top_ranked=None)}}
+class _DigitsToName(AbsTaskRetrieval):
+    """12 digit images (from ``offset``) as queries, ``query_text`` beside each when set → the
+    ten digit names; one relevant name per query."""
+    offset, query_text = 0, None
+
+    def load_data(self, num_proc=None, **kwargs):
+        imgs, ys = _digits(12, offset=self.offset)
+        queries = [{"id": f"q{i}", "image": im, **({"text": self.query_text} if self.query_text else {})}
+                   for i, im in enumerate(imgs)]
+        self.dataset = {"default": {"test": RetrievalSplitData(
+            queries=Dataset.from_list(queries), corpus=Dataset.from_list([{"id": f"d{d}", "text": _label(d)}
+                                                                          for d in range(10)]),
+            relevant_docs={f"q{i}": {f"d{y}": 1} for i, y in enumerate(ys)}, top_ranked=None)}}
+        self.data_loaded = True
 
 
-class DigitsI2T(AbsTaskRetrieval):
+class DigitsI2T(_DigitsToName):
     """Image → the digit's name; the query side carries the task prompt."""
     metadata = _meta("DigitsI2T", "Any2AnyRetrieval", "i2t", ["image", "text"], "ndcg_at_10",
                      prompt={"query": QUERY_PROMPT})
 
-    def load_data(self, num_proc=None, **kwargs):
-        imgs, ys = _digits(12)
-        self.dataset = _retrieval([{"id": f"q{i}", "image": im} for i, im in enumerate(imgs)],
-                                  [{"id": f"d{d}", "text": _label(d)} for d in range(10)],
-                                  {f"q{i}": {f"d{y}": 1} for i, y in enumerate(ys)})
-        self.data_loaded = True
 
-
-class DigitsIT2T(AbsTaskRetrieval):
+class DigitsIT2T(_DigitsToName):
     """Interleaved query (image + question) → name; no prompt."""
     metadata = _meta("DigitsIT2T", "Any2AnyRetrieval", "it2t", ["image", "text"], "ndcg_at_10")
-
-    def load_data(self, num_proc=None, **kwargs):
-        imgs, ys = _digits(12, offset=20)
-        self.dataset = _retrieval([{"id": f"q{i}", "image": im, "text": QUESTION} for i, im in enumerate(imgs)],
-                                  [{"id": f"d{d}", "text": _label(d)} for d in range(10)],
-                                  {f"q{i}": {f"d{y}": 1} for i, y in enumerate(ys)})
-        self.data_loaded = True
+    offset, query_text = 20, QUESTION
 
 
 class DigitsZeroShot(AbsTaskZeroShotClassification):
