@@ -16,8 +16,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from pipeline.collate import Collator, to_device
-from pipeline.config import LoraConfig, ModelConfig
-from pipeline.export import META_FILE, read_meta
+from pipeline.export import META_FILE, inference_config, read_meta
 from pipeline.model import DTYPES, CoMaModel, load_model
 
 
@@ -44,12 +43,7 @@ class Embedder:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         name = {v: k for k, v in DTYPES.items()}[dtype]
-        cfg = ModelConfig(init=str(path), family=meta["family"], num_compression_tokens=meta["num_compression_tokens"],
-                          pooling=pooling or meta["pooling"], instruction=meta["instruction"], dtype=name,
-                          min_pixels=meta.get("min_pixels"), max_pixels=meta.get("max_pixels"),
-                          max_text_tokens=meta.get("max_text_tokens"),  # absent: exported before the key
-                          prompt_format=meta.get("prompt_format", "chat"),
-                          gradient_checkpointing=False, dummy_vision=False, lora=LoraConfig(enabled=False))
+        cfg = inference_config(path, meta, dtype=name, pooling=pooling or meta["pooling"])
         model = load_model(cfg, for_training=False, temperature=1.0 / meta["logit_scale"])
         if model.processor.added_tokens and not meta.get("untrained"):
             raise ValueError(f"{path}: the tokenizer lacks the compression tokens listed in {META_FILE}")

@@ -342,8 +342,7 @@ def compression_probe(model_dir: str, samples: Sequence[dict], task: Optional[st
     so ``true`` above ``swapped`` means the image travels through C; both at chance means it does
     not (yet).  Returns {"task", "n", "candidates", "chance", "true", "swapped"} (accuracies 0..1)."""
     from pipeline.collate import Collator, to_device
-    from pipeline.config import LoraConfig, ModelConfig
-    from pipeline.export import read_meta
+    from pipeline.export import inference_config, read_meta
     from pipeline.model import load_model
     from pipeline.prompts import strip_placeholders
 
@@ -357,11 +356,8 @@ def compression_probe(model_dir: str, samples: Sequence[dict], task: Optional[st
         raise ValueError(f"the compression probe needs >= 2 samples of a task whose queries have an image and whose "
                          f"positives are text (task={task!r}, found {len(usable)})")
     answers = sorted({s["positive"]["text"] for s in usable})
-    meta = read_meta(model_dir)
-    cfg = ModelConfig(init=str(model_dir), num_compression_tokens=meta["num_compression_tokens"], dtype="float32",
-                      prompt_format=meta.get("prompt_format", "chat"), gradient_checkpointing=False,
-                      dummy_vision=False, mask_impl="efficient", stage1_loss="answer",
-                      lora=LoraConfig(enabled=False))
+    cfg = inference_config(model_dir, read_meta(model_dir), dtype="float32", mask_impl="efficient",
+                           stage1_loss="answer")
     model = load_model(cfg, for_training=False).to(device)
     collate = Collator(model.processor, cfg, kind="qa")
     n = len(usable)

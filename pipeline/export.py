@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import LoraConfig, ModelConfig
 from pipeline.fileio import atomic_directory
 from pipeline.model import DTYPES, CoMaModel
 
@@ -158,6 +158,19 @@ def read_meta(path: str | os.PathLike) -> dict:
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{f}: format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
     return meta
+
+
+def inference_config(path: str | os.PathLike, meta: dict, **overrides) -> ModelConfig:
+    """The ``ModelConfig`` that rebuilds the inputs ``meta`` (:func:`read_meta` of ``path``)
+    describes, for inference: no LoRA, no gradient checkpointing, no dummy vision pass.
+    ``overrides`` set any other field (dtype, pooling, the stage-1 settings of the probe)."""
+    fields = dict(init=str(path), family=meta["family"], num_compression_tokens=meta["num_compression_tokens"],
+                  pooling=meta["pooling"], instruction=meta["instruction"],
+                  min_pixels=meta.get("min_pixels"), max_pixels=meta.get("max_pixels"),
+                  max_text_tokens=meta.get("max_text_tokens"),  # absent: exported before the key
+                  prompt_format=meta.get("prompt_format", "chat"),
+                  gradient_checkpointing=False, dummy_vision=False, lora=LoraConfig(enabled=False))
+    return ModelConfig(**{**fields, **overrides})
 
 
 def _meta_of_plain_directory(path) -> dict:
