@@ -114,7 +114,7 @@ def default_image_root(root: str) -> str:
 
 def _side(text: Optional[str], img: Optional[str], image_root: str, where: str, role: str) -> dict:
     """One query/candidate → encoder item (image as a resolved path; the encoder opens it)."""
-    item = {"role": role}
+    item = {}
     if img:
         path = img if os.path.isabs(img) else os.path.join(image_root, img)
         if not os.path.isfile(path):
@@ -126,9 +126,9 @@ def _side(text: Optional[str], img: Optional[str], image_root: str, where: str, 
         text = strip_placeholders(text) if text else text
     if text:
         item["text"] = text
-    if len(item) == 1:
+    if not item:
         raise MMEBDataError(f"{where}: neither text nor image")
-    return item
+    return {**item, "role": role}
 
 
 def parse_row(file: str, lineno: int, row: dict, image_root: str) -> tuple[dict, list[dict]]:

@@ -186,11 +186,11 @@ def manual_gc(every: int):
 
 
 def device_label() -> str:
-    try:
-        import torch
+    """The CUDA device's name ('' without one), for the peak-FLOPs lookup: a label only, so a
+    CUDA error here never stops a run."""
+    import torch
 
+    with contextlib.suppress(Exception):
         if torch.cuda.is_available():
             return torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 - a label only
-        pass
     return ""
