@@ -8,7 +8,7 @@ model on every rank first.  :func:`build` therefore owns the whole sequence:
 
     ds_cfg = build_ds_config(cfg, world_size)          # batch fields from the run config
     hf_ds = HfDeepSpeedConfig(ds_cfg)                  # before the model exists
-    model = pipeline.model.load_model(cfg.model)       # partitioned at construction
+    model = pipeline.model.build_model(cfg, gather=gathered)  # partitioned at construction
     engine, ... = deepspeed.initialize(model, optimizer, lr_scheduler, config=ds_cfg)
 """
 from __future__ import annotations
@@ -224,6 +224,36 @@ def _peft_trainable_tokens_off_cuda() -> None:
     TrainableTokensLayer._coma_cpu_patch = True
 
 
+# ------------------------------------------------------------------------- ZeRO-3 parameters
+def gathered(params: list):
+    """A context in which ``params`` are whole on every rank and rank 0's changes are kept:
+    ZeRO-3's ``GatheredParameters`` when any of them is partitioned, nothing otherwise.  The
+    model's ``gather`` hook (``pipeline.model.load_model``)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def full_numel(p) -> int:
+    """Elements of a parameter, whole: a ZeRO-3-partitioned one holds an empty local tensor
+    and its full size in ``ds_numel``."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts of a model, partitioned or not."""
+    tr = tot = 0
+    for p in model.parameters():
+        n = full_numel(p)
+        tot += n
+        tr += n if p.requires_grad else 0
+    return tr, tot
+
+
 @dataclass
 class Built:
     engine: Any             # deepspeed.DeepSpeedEngine; engine.module is the CoMa model
@@ -252,7 +282,7 @@ def build(cfg: Config, world_size: int, total_steps: int, model_loader=None,
     if model_loader is None:
         from pipeline.model import build_model
 
-        model = build_model(cfg)
+        model = build_model(cfg, gather=gathered)
     else:
         model = model_loader(cfg.model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -269,6 +299,8 @@ def build(cfg: Config, world_size: int, total_steps: int, model_loader=None,
         config=ds,
         dist_init_required=False,
     )
+    tr, tot = count_parameters(model)
+    log.info("%.2fM of %.2fM parameters trainable", tr / 1e6, tot / 1e6)
     if hasattr(engine.module, "place_buffers"):  # ZeRO-3 does not move a zero.Init model's buffers
         engine.module.place_buffers(engine.device)
     log.info("DeepSpeed ZeRO-%d engine: global batch %d = %d per rank (micro %d × accumulation %d)%s",

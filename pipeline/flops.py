@@ -103,10 +103,12 @@ class FlopsModel:
     @classmethod
     def from_model(cls, model: Any, *, train_llm_weights: bool, train_vit: bool = False) -> "FlopsModel":
         """Read sizes off a Hugging Face Qwen2-VL / Qwen2.5-VL model (plain, PEFT-wrapped or
-        ZeRO-3-partitioned: ``ds_numel`` is the full size of a partitioned parameter)."""
+        ZeRO-3-partitioned: :func:`pipeline.engine.full_numel`)."""
+        from pipeline.engine import full_numel
+
         llm = vit = 0
         for name, p in model.named_parameters():
-            n = int(getattr(p, "ds_numel", p.numel()))
+            n = full_numel(p)
             if "lora_" in name:
                 continue
             if ".visual." in f".{name}":

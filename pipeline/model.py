@@ -3,13 +3,15 @@ C-pooling and both training objectives.
 
 Stable API (the engine, export and evaluation code against it)
 --------------------------------------------------------------
-``build_model(cfg, *, for_training=True) -> CoMaModel``
+``build_model(cfg, *, for_training=True, gather=whole) -> CoMaModel``
     A run's model from its whole config: :func:`load_model` with ``cfg.model`` and the loss's
     temperature / learnable-scale settings.
 
-``load_model(model_cfg, *, for_training=True, temperature=0.03, learnable_scale=False) -> CoMaModel``
-    ``from_pretrained(model_cfg.init)`` (a local dir or hub id; under ZeRO-3 the caller creates
-    ``HfDeepSpeedConfig`` first so the weights are partitioned at construction), adds the K
+``load_model(model_cfg, *, for_training=True, temperature=0.03, learnable_scale=False, gather=whole) -> CoMaModel``
+    ``from_pretrained(model_cfg.init)`` (a local dir or hub id; how the weights are stored is the
+    caller's business: ``pipeline/engine.py`` creates ``HfDeepSpeedConfig`` first so they are
+    partitioned at construction, and passes ``gather`` to make a partitioned matrix whole
+    while its new rows are set), adds the K
     compression tokens ``<|cmp_0|>..`` to the tokenizer and resizes the embeddings, sets the
     attention implementation (``flash_attention_2`` when importable, else ``sdpa``; wrapped by
     pipeline/masks.py), LoRA/DoRA through ``peft`` with the new tokens' embedding rows trainable
@@ -37,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,8 @@ from pipeline.processing import Processor
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# gather(params): a context in which ``params`` are whole, modifiable tensors (see load_model)
+Gather = Callable[[list], contextlib.AbstractContextManager]
 LM_TARGET_REGEX = r".*language_model.*\.({})$"
 
 
@@ -220,39 +224,38 @@ def choose_attn(requested: str, mask_impl: str) -> str:
     return requested
 
 
-def _init_new_rows(hf, new_ids: list[int], old_rows: int) -> None:
+def _init_new_rows(hf, new_ids: list[int], old_rows: int, gather: Gather) -> None:
     """New token rows (input and output embeddings) = mean of the pre-existing rows, so C starts
-    as an 'average token' instead of noise.  Under ZeRO-3 the rows are gathered to modify them."""
+    as an 'average token' instead of noise.  ``gather`` makes the matrices whole while they are
+    modified (the engine's ZeRO-3 gather; whole already otherwise)."""
     mats = [hf.get_input_embeddings().weight]
     out = hf.get_output_embeddings()
     if out is not None and out.weight is not mats[0]:
         mats.append(out.weight)
-    ctx = _gathered(mats)
-    with ctx, torch.no_grad():
+    with gather(mats), torch.no_grad():
         for w in mats:
-            if w.numel() == 0:  # not the modifier rank's full copy
+            if w.numel() == 0:  # the gather left this rank without a copy to modify
                 continue
             w[new_ids] = w[:old_rows].float().mean(0).to(w.dtype)
 
 
-def _gathered(params):
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+def whole(params: list) -> contextlib.AbstractContextManager:
+    """The default :data:`Gather`: parameters that are not partitioned are whole already."""
     return contextlib.nullcontext()
 
 
-def build_model(cfg, *, for_training: bool = True) -> CoMaModel:
+def build_model(cfg, *, for_training: bool = True, gather: Gather = whole) -> CoMaModel:
     """The model a run's whole config describes: ``cfg.model`` with the loss's logit-scale
     settings (``loss.temperature``, ``loss.learnable_scale``), the one place the two sections meet."""
     return load_model(cfg.model, for_training=for_training, temperature=cfg.loss.temperature,
-                      learnable_scale=cfg.loss.learnable_scale)
+                      learnable_scale=cfg.loss.learnable_scale, gather=gather)
 
 
 def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.03,
-               learnable_scale: bool = False) -> CoMaModel:
-    """Build the CoMa model from ``model_cfg`` (see the module docstring)."""
+               learnable_scale: bool = False, gather: Gather = whole) -> CoMaModel:
+    """Build the CoMa model from ``model_cfg`` (see the module docstring).  ``gather(params)``
+    is a context in which ``params`` are whole tensors that may be modified; the model never
+    knows how they are stored (``pipeline.engine`` passes ZeRO-3's gather)."""
     from transformers import AutoModelForImageTextToText
 
     if not model_cfg.init:
@@ -263,14 +266,13 @@ def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.0
     base_attn = choose_attn(model_cfg.attn_implementation, model_cfg.mask_impl)
     hf = AutoModelForImageTextToText.from_pretrained(model_cfg.init, dtype=DTYPES[model_cfg.dtype],
                                                      attn_implementation=base_attn)
-    w = hf.get_input_embeddings().weight
-    old_rows = getattr(w, "ds_shape", w.shape)[0]  # ZeRO-3 partitions hold an empty local shard
+    old_rows = hf.get_input_embeddings().num_embeddings  # the table's size, however it is stored
     vocab_needed = len(proc.tokenizer)
     if vocab_needed > old_rows:
         hf.resize_token_embeddings(vocab_needed, pad_to_multiple_of=64, mean_resizing=False)
     if proc.added_tokens:
         new_ids = proc.compression_ids[-proc.added_tokens:]
-        _init_new_rows(hf, new_ids, min(old_rows, min(new_ids)))  # mean over the rows that existed
+        _init_new_rows(hf, new_ids, min(old_rows, min(new_ids)), gather)  # mean over the rows that existed
 
     # Our attention wrapper on the language model only (the vision tower keeps the base one).
     lm = proc.adapter.language_model(hf)
@@ -321,18 +323,7 @@ def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.0
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-    tr, tot = count_parameters(model)
-    log.info("CoMa model from %s (%s, attention %s, mask %s, K=%d, %s): %.2fM of %.2fM parameters trainable",
-             model_cfg.init, proc.adapter.name, base_attn, model_cfg.mask_impl, len(proc.compression_ids),
-             "LoRA" if lc.enabled else "full fine-tuning", tr / 1e6, tot / 1e6)
+    log.info("CoMa model from %s (%s, attention %s, mask %s, K=%d, %s)", model_cfg.init, proc.adapter.name,
+             base_attn, model_cfg.mask_impl, len(proc.compression_ids),
+             "LoRA" if lc.enabled else "full fine-tuning")
     return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts (ZeRO-3 aware: uses ``ds_numel`` when partitioned)."""
-    tr = tot = 0
-    for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
-        tot += n
-        tr += n if p.requires_grad else 0
-    return tr, tot

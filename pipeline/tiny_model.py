@@ -127,9 +127,11 @@ def _configs(family: str, vocab_size: int, ids: dict, layers: int = 2):
 
 def make_tiny_model(out_dir: str | os.PathLike, family: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl",
                     seed: int = 0, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 16,
-                    layers: int = 2) -> Path:
+                    layers: int = 2, spare_rows: int = 0) -> Path:
     """Write a complete tiny HF model directory to ``out_dir`` and return its path (``layers``:
-    language-model layers; the demo uses 4, where stage 1 can learn to compress a digit).
+    language-model layers; the demo uses 4, where stage 1 can learn to compress a digit;
+    ``spare_rows``: embedding rows beyond the tokenizer, as the released Qwen checkpoints have
+    (151936 rows for 151657 tokens), so that K compression tokens fit without a resize).
 
     Written to a temporary sibling and renamed at the end, so an interrupted build never
     leaves a half-written directory that later loads fail on in confusing ways.
@@ -140,7 +142,7 @@ def make_tiny_model(out_dir: str | os.PathLike, family: Literal["qwen2_vl", "qwe
     out = Path(out_dir).resolve()
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab = ((len(tok) + 63) // 64) * 64  # padded like Qwen's (151936 > len(tokenizer))
+    vocab = ((len(tok) + spare_rows + 63) // 64) * 64  # padded to 64 rows like Qwen's
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
     config, cls = _configs(family, vocab, ids, layers)

@@ -36,6 +36,7 @@ def test_embedding_cache_equivalence_and_guards(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["partitioned"] and res["buffers_placed"], res
+    assert res["new_rows_mean_err"] <= 1e-6 and res["new_rows_scale"] > 1e-4, res
     assert res["init_equal"] and res["scale_trained"]
     assert res["grad_max_err"] <= 1e-5 + 1e-4 * res["grad_max_ref"], res
     assert res["grad_max_ref"] > 1e-4  # the step did produce gradients
@@ -115,7 +116,7 @@ def worker(out_dir: Path) -> None:
     env = dist.init(timeout_s=120)
     tiny = out_dir / "tiny"
     if env.rank == 0:
-        make_tiny_model(tiny, family="qwen2_vl")
+        make_tiny_model(tiny, family="qwen2_vl", spare_rows=4)  # as Qwen's: no resize, rows set while partitioned
     dist.barrier()
     common = [f"--model.init={tiny}", "--model.dtype=float32", "--model.num_compression_tokens=4",
               "--model.gradient_checkpointing=false", "--model.lora.r=4", "--model.lora.alpha=8",
@@ -144,6 +145,16 @@ def worker(out_dir: Path) -> None:
     del placed
     big = [p for n, p in a.model.named_parameters() if "embed_tokens" in n and not p.requires_grad]
     res["partitioned"] = bool(big) and all(p.numel() == 0 and p.ds_numel > 0 for p in big)
+    # The compression rows were set while partitioned (the engine's gather hook): each is the mean
+    # of the rows that existed before, on the whole table, not only on rank 0's shard.
+    import deepspeed
+
+    w = next(p for n, p in a.model.named_parameters() if n.endswith("embed_tokens.token_adapter.base_layer.weight"))
+    ids = list(a.model.processor.compression_ids)
+    with deepspeed.zero.GatheredParameters([w]):
+        table = w.detach().float().clone()
+    res["new_rows_mean_err"] = float((table[ids] - table[:min(ids)].mean(0)).abs().max())
+    res["new_rows_scale"] = float(table[:min(ids)].mean(0).abs().max())
     assert a.plan.cache_chunk is None
     col = Collator(a.model.processor, cfg_a.model, kind="mmeb")
     init_a = _trainable(a.model)

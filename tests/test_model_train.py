@@ -6,7 +6,8 @@ import torch
 
 from pipeline.collate import Collator
 from pipeline.config import LoraConfig
-from pipeline.model import Stage1Output, count_parameters, load_model
+from pipeline.engine import count_parameters
+from pipeline.model import Stage1Output, load_model
 from tests.tiny_models import digits_qa_samples, image, model_cfg
 
 
