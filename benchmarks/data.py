@@ -13,7 +13,7 @@ JSON is the ratio of the two best times, for comparison):
                     tar write, stats); target >= 80% of ``decode_loop`` per worker
 * ``shard.py x2``   ``--workers 2`` (ratio per worker, for information)
 * ``webdataset``    bare baseline: ``webdataset.WebDataset(shards).decode("pil")`` iteration
-* ``loader``        ``pipeline.data.build_loader`` (plan, shuffle buffer, decode to RGB PIL,
+* ``loader``        ``pipeline.data.open_shards`` (plan, shuffle buffer, decode to RGB PIL,
                     batches of 32), ``num_workers=0``; target >= 90% of ``webdataset``
 * ``loader x2``     the same with 2 DataLoader workers (for information)
 * ``webdataset_tarwriter``  bare baseline: ``webdataset.TarWriter`` writing the shards' samples
@@ -100,7 +100,7 @@ def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[d
     import webdataset as wds
 
     from data_prep import shard
-    from pipeline.data import build_loader
+    from pipeline.data import open_shards
 
     paths = image_paths(manifest)
     n = len(paths)
@@ -134,7 +134,7 @@ def bench_dataset(name: str, manifest: Path, work: Path, repeats: int) -> list[d
 
     def ours(workers):
         def go():
-            for _ in build_loader(urls, kind="pair", batch_size=32, rank=0, world_size=1,
+            for _ in open_shards(urls, kind="pair", batch_size=32, rank=0, world_size=1,
                                   num_workers=workers, drop_last=False):
                 pass
         return go

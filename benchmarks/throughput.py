@@ -12,9 +12,13 @@
 
 Per invocation, on one DeepSpeed engine:
 
-* **pipeline**: :class:`pipeline.train.Loop` exactly as training runs it — the batch source
-  (``--data real``: pipeline/data/ over the config's shards; ``synthetic``: random images and
-  templated text through the same collator in DataLoader workers), FLOPs/token accounting,
+* **pipeline**: :class:`pipeline.train.Loop` exactly as training runs it — the trainer's batch
+  source (``pipeline.data.make_loader`` over ``pipeline.data.build_loader``: shard reading,
+  decoding, collation in DataLoader workers, the hand-over) over the config's shards
+  (``--data real``) or over synthetic shards (``synthetic``, the default: smooth random JPEGs of
+  ``--image-size`` px and templated text, written once per node with ``data_prep/shard.py`` under
+  ``--synthetic-dir``, default ``$TMPDIR/coma-synthetic``, and drawn with replacement so that no
+  epoch ends inside the timed blocks), FLOPs/token accounting,
   the metrics window reduced over ranks and logged every ``train.log_every`` steps (console,
   metrics.jsonl, TensorBoard into a temporary directory).  Checkpoint saves are not in the
   timed steps (they are periodic I/O, measured separately by their own log lines).
@@ -35,9 +39,8 @@ What keeps the comparison fair:
   (``pipeline.runtime.set_cpu_threads``: on a CPU run, the node's cores per rank less one per
   loader worker, unless ``OMP_NUM_THREADS`` is set), so neither side gains from a thread count
   the other does not get;
-* the synthetic source hands batches over exactly as ``LoaderSource`` does (packed buffers
-  through a widened result pipe, the same prefetch and pinning from
-  ``pipeline.data.loader_settings``);
+* both data modes go through the trainer's own loader (``pipeline.data.build_loader``: the same
+  workers, packed hand-over, prefetch and pinning); only the shards differ;
 * the iterator that pre-collates the bare batches is closed before timing, so no extra
   DataLoader worker lives through the timed blocks.
 
@@ -73,73 +76,73 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from pipeline.collate import Packed  # noqa: E402
-from pipeline.data import BatchSource, iterate, loader_settings, worker_kwargs  # noqa: E402
+from pipeline.data import BatchSource  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ synthetic data
-class SyntheticSource(BatchSource):
-    """Random images and templated text in pipeline/data/'s decoded-sample format, collated
-    by the model's collator in DataLoader workers; yields one step's list of parts."""
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-    WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-    def __init__(self, cfg, plan, env, processor, image_size: int = 56):
-        import torch
+def synthetic_record(i: int, stage: int, image: str) -> dict:
+    """One manifest row of the synthetic set: a qa sample (stage 1) or an mmeb pair (stage 2)."""
+    w = WORDS[i % 10]
+    if stage == 1:
+        return {"key": f"syn{i:06d}", "image": image,
+                "conversations": [{"question": "What digit is shown?", "answer": w},
+                                  {"question": "Is it even or odd?", "answer": "even" if i % 2 == 0 else "odd"}]}
+    return {"key": f"syn{i:06d}", "task": "synthetic",
+            "query": {"text": "<image> Represent the given image.", "image": image},
+            "positive": {"text": f"a handwritten {w}", "image": None}, "negatives": []}
 
-        from pipeline.collate import Collator
-        from pipeline.data import pixel_dtype
 
-        kind = "qa" if cfg.train.stage == 1 else "mmeb"
-        self.collator = Collator(processor, cfg.model, kind=kind, pixel_dtype=pixel_dtype(cfg))
-        self.cfg, self.plan, self.env, self.image_size = cfg, plan, env, image_size
-        self.part = plan.micro if cfg.train.stage == 1 else (plan.cache_chunk or plan.per_rank)
-        self.packed = cfg.data.workers > 0  # the same transport and loader knobs as LoaderSource
-        settings = loader_settings(cfg, plan)
-        self._loader = torch.utils.data.DataLoader(
-            _SyntheticStream(self), batch_size=None, num_workers=max(cfg.data.workers, 0),
-            prefetch_factor=settings["prefetch_factor"], pin_memory=settings["pin_memory"],
-            persistent_workers=cfg.data.workers > 0, **worker_kwargs(cfg.data.workers))
+def synthetic_shards(stage: int, image_size: int, samples: int, out_dir: Path) -> Path:
+    """Write ``samples`` synthetic samples as shards with ``data_prep/shard.py`` (smooth random
+    ``image_size`` px JPEGs, as photos decode, and templated text) and return the shard folder.
+    A rerun finds them written and does nothing."""
+    import numpy as np
+    from PIL import Image
 
-    def sample(self, i: int) -> dict:
-        import numpy as np
-        from PIL import Image
+    from data_prep import shard
 
+    folder = out_dir / f"stage{stage}-{image_size}px-{samples}"
+    if (folder / "shards" / "manifest.json").exists():
+        return folder / "shards"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(samples):
         rng = np.random.default_rng(i)
-        s = self.image_size
-        img = Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8))
-        w = self.WORDS[i % 10]
-        if self.cfg.train.stage == 1:
-            return {"__key__": f"syn{i}", "kind": "qa", "image": img, "meta": {},
-                    "conversations": [{"question": "What digit is shown?", "answer": w},
-                                      {"question": "Is it even or odd?", "answer": "even" if i % 2 == 0 else "odd"}]}
-        return {"__key__": f"syn{i}", "kind": "mmeb", "task": "synthetic", "meta": {},
-                "query": {"text": "<image> Represent the given image.", "image": img},
-                "positive": {"text": f"a handwritten {w}", "image": None}, "negatives": []}
-
-    def __iter__(self):
-        for parts in iterate(self._loader):  # the workers' hand-over of ShardLoader
-            yield parts.unpack() if self.packed else parts
+        img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+            (image_size, image_size), Image.Resampling.BICUBIC)
+        path = folder / "images" / f"{i:06d}.jpg"
+        img.save(path, quality=90)
+        rows.append(json.dumps(synthetic_record(i, stage, f"images/{i:06d}.jpg")) + "\n")
+    shard.write_atomic(folder / "manifest.jsonl", "".join(rows).encode())
+    argv = ["--input", str(folder / "manifest.jsonl"), "--output", str(folder / "shards"),
+            "--kind", "qa" if stage == 1 else "mmeb", "--samples-per-shard", str(max(8, samples // 16))]
+    if shard.main(argv) != 0:
+        raise RuntimeError(f"data_prep/shard.py {' '.join(argv)} failed")
+    return folder / "shards"
 
 
-class _SyntheticStream(torch.utils.data.IterableDataset):
-    def __init__(self, src: SyntheticSource):
-        super().__init__()
-        self.src = src
+def use_synthetic_data(cfg, plan, env, image_size: int, steps: int, where: Path) -> None:
+    """Point ``cfg.data`` at synthetic shards (written once per node by its first rank): two
+    global batches of distinct samples, drawn with replacement for an epoch of ``steps``
+    optimizer steps, so no epoch boundary (a new DataLoader) falls inside the timed blocks."""
+    from pipeline import dist
+    from pipeline.config import DataSource
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        src, step = self.src, wid
-        while True:
-            base = (step * src.env.world_size + src.env.rank) * src.plan.per_rank
-            samples = [src.sample(base + j) for j in range(src.plan.per_rank)]
-            parts = [src.collator(samples[j:j + src.part]) for j in range(0, len(samples), src.part)]
-            yield Packed(parts) if src.packed else parts
-            step += nw
+    samples = max(64, 2 * plan.global_batch)
+    if env.local_rank == 0:
+        synthetic_shards(cfg.train.stage, image_size, samples, where)
+    dist.barrier()
+    d = cfg.data
+    d.sources = [DataSource(shards=str(where / f"stage{cfg.train.stage}-{image_size}px-{samples}" / "shards"))]
+    d.kind = "qa" if cfg.train.stage == 1 else "mmeb"
+    d.resampled, d.epoch_samples, d.task_sampling, d.batch_composition = True, steps * plan.global_batch, \
+        "proportional", "per_rank"
 
 
-def loader_cpu_per_step(cfg, plan, env, data: str, processor, image_size: int, steps: int) -> float:
+def loader_cpu_per_step(cfg, plan, env, steps: int) -> float:
     """CPU seconds one rank's loader spends per optimizer step (read, decode, collate: what the
     DataLoader workers do, less packing and the hand-over), measured in this process on the same
     data with ``data.workers=0``.  Not in the
@@ -152,8 +155,7 @@ def loader_cpu_per_step(cfg, plan, env, data: str, processor, image_size: int, s
 
     c = copy.deepcopy(cfg)
     c.data.workers = 0  # in this process: same samples and collator, no hand-over
-    source = SyntheticSource(c, plan, env, processor, image_size) if data == "synthetic" else make_loader(c, plan, env)
-    stream = iter(source)
+    stream = iter(make_loader(c, plan, env))
     next(stream)  # first step: shuffle buffer fill, shard open
     t0 = time.process_time()
     for _ in range(steps):
@@ -266,6 +268,7 @@ def main(argv: list) -> int:
     out_path = Path(_pop_flag(argv, "--out", str(REPO / "benchmarks/results/throughput.jsonl")))
     shape = _pop_flag(argv, "--random-init", None)
     shape_dir = _pop_flag(argv, "--random-init-dir", None)
+    synth_dir = _pop_flag(argv, "--synthetic-dir", None)
     if shape is not None and shape not in SHAPES:
         print(f"--random-init must be one of {sorted(SHAPES)}", file=sys.stderr)
         return 2
@@ -293,9 +296,9 @@ def main(argv: list) -> int:
     built = build(cfg, env.world_size, total)
     seed_all(cfg.train.seed + 1000 * env.rank)
     if data == "synthetic":
-        source = SyntheticSource(cfg, plan, env, built.model.processor, image_size)
-    else:
-        source = make_loader(cfg, plan, env)
+        use_synthetic_data(cfg, plan, env, image_size, 2 * (total + steps + 8),
+                           Path(synth_dir or Path(tempfile.gettempdir()) / "coma-synthetic"))
+    source = make_loader(cfg, plan, env)  # the trainer's batch source, over pipeline.data.build_loader
     tmp = tempfile.mkdtemp(prefix="coma-bench-")
     metrics = Metrics(tmp, enabled=env.rank == 0, tensorboard=cfg.train.tensorboard)
     loop = Loop(cfg, built, source, metrics, None, total, TrainState())
@@ -369,7 +372,7 @@ def main(argv: list) -> int:
                     times["mem"].append(timed(mem_block, steps))
                 else:
                     times["bare"].append(timed(bare_block, steps))
-    loader_cpu = loader_cpu_per_step(cfg, plan, env, data, built.model.processor, image_size, steps)
+    loader_cpu = loader_cpu_per_step(cfg, plan, env, steps)
     red = dist.all_reduce_dict({**{f"{k}{i}": t for k, ts in times.items() for i, t in enumerate(ts)},
                                 "loader_cpu": loader_cpu}, "max")
     blk = {k: [red[f"{k}{i}"] for i in range(rounds)] for k in times}  # block means, slowest rank

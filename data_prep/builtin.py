@@ -188,7 +188,7 @@ def build(output: str | os.PathLike, workers: int = 2, seed: int = 0) -> dict:
 
 def sources(output: str | os.PathLike) -> dict[str, dict]:
     """``{set name: {"kind", "shards" (absolute brace pattern), "samples", …}}`` of a built
-    folder, for ``pipeline.data.build_loader``."""
+    folder, for ``pipeline.data.open_shards``."""
     out = Path(output)
     with open(out / "builtin.json", encoding="utf-8") as f:
         summary = json.load(f)

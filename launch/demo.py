@@ -65,7 +65,7 @@ def data_demo(data_dir: str = "data/builtin", world_size: int = 2, batch_size: i
     loader as ranks ``0..world_size-1``.  Returns ``{set: {"kind", "samples", "per_task",
     "batches_per_rank", "padded", "shards"}}`` (``shards`` = the absolute brace pattern)."""
     from data_prep.builtin import build, sources
-    from pipeline.data import build_loader
+    from pipeline.data import open_shards
 
     t0 = time.perf_counter()
     build(data_dir, workers=workers)
@@ -77,7 +77,7 @@ def data_demo(data_dir: str = "data/builtin", world_size: int = 2, batch_size: i
         is_eval = name == "eval"
         per_task, keys, batches, padded, example = Counter(), Counter(), [], 0, None
         for rank in range(world_size):
-            loader = build_loader(src["shards"], kind=src["kind"], batch_size=batch_size, rank=rank,
+            loader = open_shards(src["shards"], kind=src["kind"], batch_size=batch_size, rank=rank,
                                   world_size=world_size, num_workers=num_workers, drop_last=False,
                                   shuffle=not is_eval)
             n = 0

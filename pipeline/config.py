@@ -114,6 +114,8 @@ class DataConfig:
     workers: int = setting(2, "DataLoader workers per rank (shards are split over ranks × workers)")
     shuffle_buffer: int = setting(1000, "sample shuffle buffer per worker")
     resampled: bool = setting(False, "infinite resampled stream (with train.max_steps) instead of exact epochs")
+    epoch_samples: Optional[int] = setting(
+        None, "resampled or uniform sampling: samples in an epoch over all ranks (default: the sources' total)")
     task_sampling: Literal["proportional", "uniform"] = setting(
         "proportional", "stage 2: tasks in proportion to their samples (one stream), or uniform: each block of "
         "task_batch_size from one source drawn by weight, whatever its size (the authors'; one source per task)")
@@ -133,7 +135,7 @@ class LossConfig:
     learnable_scale: bool = setting(False, "learn the logit scale (inside the model's forward, ZeRO-3 safe)")
     symmetric: bool = setting(False, "add the target→query direction to the loss")
     backend: Literal["auto", "triton", "cuda", "torch", "reference"] = setting(
-        "auto", "InfoNCE implementation: auto = cuda → triton → torch; reference = plain PyTorch")
+        "auto", "InfoNCE implementation: auto = triton on a GPU, torch on the CPU; reference = plain PyTorch")
     hard_negatives: bool = setting(
         True, "use the samples' own hard negatives as extra candidates (false: in-batch negatives only)")
 

@@ -275,19 +275,20 @@ def _check_shards_exist(spec: str) -> None:
 def read_mmeb_shards(spec: str, max_samples: Optional[int] = None, batch_size: int = 64) -> list[dict]:
     """Every ``mmeb`` sample of the shards (a brace pattern, a .tar, a ``::`` list or a shard
     folder), read once in shard order by the project's loader (:func:`pipeline.data.build_loader`
-    in its evaluation setting: one process, no shuffle, no dropped or padded samples).
+    in its evaluation setting, in this process: no shuffle, no dropped or padded samples).
 
     Corrupt samples are skipped by the loader; their number is logged as a warning, since the
     scores then cover fewer queries.  Returns decoded samples as pipeline.data documents them.
     """
+    from pipeline.config import Config, DataConfig, DataSource
     from pipeline.data import build_loader
     from pipeline.data.plan import KindMismatch
 
     hint = "evaluation needs shards written by data_prep/shard.py --kind mmeb"
     _check_shards_exist(spec)
+    data = DataConfig(kind="mmeb", sources=[DataSource(shards=p.strip()) for p in spec.split("::")], workers=0)
     try:
-        loader = build_loader(spec, kind="mmeb", batch_size=batch_size, rank=0, world_size=1, num_workers=0,
-                              shuffle=False, drop_last=False)
+        loader = build_loader(Config(data=data), 0, 1, batch_size=batch_size, evaluation=True)
     except KindMismatch as e:
         raise ValueError(f"{e}: {hint}") from None
     out: list[dict] = []

@@ -8,7 +8,7 @@ import sys
 
 from conftest import REPO, load_script
 from data_prep.builtin import NAMES, sources
-from pipeline.data import build_loader
+from pipeline.data import open_shards
 
 
 def manifest_images(path) -> set[str]:
@@ -35,7 +35,7 @@ def test_split_is_disjoint_and_complete(builtin_dir):
 
 def test_sets_read_back_through_the_loader(builtin_dir):
     src = sources(builtin_dir)
-    ev = build_loader(src["eval"]["shards"], kind="mmeb", batch_size=64, rank=0, world_size=1, num_workers=0,
+    ev = open_shards(src["eval"]["shards"], kind="mmeb", batch_size=64, rank=0, world_size=1, num_workers=0,
                       shuffle=False, drop_last=False)
     samples = [s for b in ev for s in b]
     assert len(samples) == 897 and not any(s["__pad__"] for s in samples)
@@ -47,7 +47,7 @@ def test_sets_read_back_through_the_loader(builtin_dir):
             assert sorted([n["text"] for n in s["negatives"]] + [label]) == sorted(NAMES)
         if s["task"] == "digits_t2i":
             assert label in s["query"]["text"] and s["positive"]["image"].mode == "RGB"
-    qa = build_loader(src["qa"]["shards"], kind="qa", batch_size=4, rank=1, world_size=2, num_workers=0)
+    qa = open_shards(src["qa"]["shards"], kind="qa", batch_size=4, rank=1, world_size=2, num_workers=0)
     s = next(iter(qa))[0]
     assert s["conversations"][0] == {"question": "Which digit is written here?", "answer": NAMES[s["meta"]["label"]]}
     assert s["conversations"][1]["answer"] == ("odd" if s["meta"]["label"] % 2 else "even")

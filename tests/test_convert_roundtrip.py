@@ -15,10 +15,10 @@ SHARD_ARGS = "--samples-per-shard 3 --workers 1"
 
 def load(shard_dir: Path, kind: str) -> list[dict]:
     """Every decoded sample of a shard folder, in shard order, through pipeline.data."""
-    from pipeline.data import build_loader
+    from pipeline.data import open_shards
 
     # the evaluation setting: one rank, every sample exactly once, in shard order
-    loader = build_loader(str(shard_dir), kind, batch_size=2, rank=0, world_size=1, num_workers=0,
+    loader = open_shards(str(shard_dir), kind, batch_size=2, rank=0, world_size=1, num_workers=0,
                           shuffle=False, drop_last=False)
     samples = [s for batch in loader for s in batch]
     assert loader.metrics().get("data/corrupt_samples", 0) == 0

@@ -11,7 +11,7 @@ import pytest
 
 from data_prep import shard
 from datagen import make_images, records, write_jsonl
-from pipeline.data import build_loader
+from pipeline.data import open_shards
 from pipeline.data.plan import BlockMixture, Plan, Source
 
 TASKS = ["t2i", "i2t", "vqa"]
@@ -72,9 +72,9 @@ def task_shards(tmp_path_factory):
 
 RANK = r"""
 import json, sys
-from pipeline.data import build_loader
+from pipeline.data import open_shards
 folders, rank, world, out = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-loader = build_loader([{"shards": f, "name": f.rsplit("/", 1)[-1]} for f in folders], kind="mmeb", batch_size=8,
+loader = open_shards([{"shards": f, "name": f.rsplit("/", 1)[-1]} for f in folders], kind="mmeb", batch_size=8,
                       rank=rank, world_size=world, num_workers=2, seed=1, task_batch_size=4,
                       task_sampling="uniform", batch_composition="shared")
 batches = []
@@ -104,7 +104,7 @@ def test_shared_blocks_hold_one_task_across_real_ranks(task_shards, tmp_path, wo
 
 def test_uniform_blocks_resume_exactly(task_shards):
     def make():
-        return build_loader(task_shards, kind="mmeb", batch_size=8, rank=1, world_size=2, num_workers=0,
+        return open_shards(task_shards, kind="mmeb", batch_size=8, rank=1, world_size=2, num_workers=0,
                             seed=4, task_batch_size=4, task_sampling="uniform", batch_composition="shared")
 
     def take(loader, n):  # n batches, across epoch ends
@@ -128,6 +128,6 @@ def test_uniform_blocks_resume_exactly(task_shards):
 
 def test_uniform_needs_blocks(task_shards):
     with pytest.raises(ValueError, match="task_batch_size"):
-        build_loader(task_shards, kind="mmeb", batch_size=8, rank=0, world_size=1, task_sampling="uniform")
+        open_shards(task_shards, kind="mmeb", batch_size=8, rank=0, world_size=1, task_sampling="uniform")
     with pytest.raises(ValueError, match="needs data.task_sampling=uniform"):
-        build_loader(task_shards, kind="mmeb", batch_size=8, rank=0, world_size=1, batch_composition="shared")
+        open_shards(task_shards, kind="mmeb", batch_size=8, rank=0, world_size=1, batch_composition="shared")

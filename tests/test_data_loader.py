@@ -2,6 +2,7 @@
 resume, task-homogeneous runs, resampled mixtures."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -17,8 +18,8 @@ import pytest
 from conftest import REPO
 from data_prep import shard
 from datagen import dataset, png_bytes, write_tar
-from pipeline.config import DataConfig, DataSource
-from pipeline.data import Plan, Source, build_loader, loader_from_config
+from pipeline.config import Config, DataConfig, DataSource
+from pipeline.data import Plan, Source, build_loader, open_shards
 
 
 def make_shards(root, kind, n, spp, name="shards"):
@@ -48,11 +49,11 @@ ALL_PAIRS = {f"pair-{i:09d}" for i in range(1, 18)}
 
 RANK_SCRIPT = r"""
 import json, sys
-from pipeline.data import build_loader
+from pipeline.data import open_shards
 shards, rank, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 res = {}
 for drop_last in (False, True):
-    loader = build_loader(shards, kind="pair", batch_size=3, rank=rank, world_size=2, num_workers=2,
+    loader = open_shards(shards, kind="pair", batch_size=3, rank=rank, world_size=2, num_workers=2,
                           seed=5, shuffle_buffer=4, drop_last=drop_last)
     for epoch in (0, 1):
         loader.set_epoch(epoch)
@@ -121,7 +122,7 @@ def test_equal_batch_counts_uneven_shards_real_workers(pairs):
     for world in (2, 3):
         counts = []
         for rank in range(world):
-            loader = build_loader(str(pairs), kind="pair", batch_size=2, rank=rank, world_size=world,
+            loader = open_shards(str(pairs), kind="pair", batch_size=2, rank=rank, world_size=world,
                                   num_workers=2, drop_last=False)
             got = keys(loader)
             counts.append((len(loader), len(got), [len(b) for b in got]))
@@ -130,7 +131,7 @@ def test_equal_batch_counts_uneven_shards_real_workers(pairs):
 
 def test_resume_reproduces_the_uninterrupted_run(mmeb):
     def make():
-        return build_loader(str(mmeb), kind="mmeb", batch_size=4, rank=1, world_size=2, num_workers=2,
+        return open_shards(str(mmeb), kind="mmeb", batch_size=4, rank=1, world_size=2, num_workers=2,
                             seed=3, shuffle_buffer=6, task_batch_size=2)
 
     full = make()
@@ -176,7 +177,7 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(pairs, tmp_
 
     results = []
     for rank in (0, 1):
-        loader = build_loader(str(bad), kind="pair", batch_size=3, rank=rank, world_size=2, num_workers=2,
+        loader = open_shards(str(bad), kind="pair", batch_size=3, rank=rank, world_size=2, num_workers=2,
                               drop_last=False)
         got = keys(loader)
         assert len(got) == len(loader) == 3 and [len(b) for b in got] == [3, 3, 3]
@@ -190,7 +191,7 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(pairs, tmp_
 
     # the warning names the shard (single process, so the log record reaches caplog)
     caplog.set_level(logging.WARNING, logger="pipeline.data")
-    loader = build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, drop_last=False)
+    loader = open_shards(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, drop_last=False)
     assert len(keys(loader)) == len(loader) == 6
     text = caplog.text
     assert "train-000000.tar" in text and "pair-000000010" in text
@@ -198,7 +199,7 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(pairs, tmp_
 
     os.unlink(bad / "train-000002.tar")  # a shard gone before the run: a configuration error, named
     with pytest.raises(ValueError, match=r"names 3 shards, 1 of which do not exist: \S+/train-000002\.tar"):
-        build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, drop_last=False)
+        open_shards(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, drop_last=False)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -213,7 +214,7 @@ def test_every_sample_in_sizes_json_is_delivered_or_counted(pairs, tmp_path, wor
     with open(bad / "train-000001.tar", "r+b") as f:
         f.seek(512)
         f.write(os.urandom(64 << 10))
-    loader = build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=workers,
+    loader = open_shards(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=workers,
                           drop_last=False)
     real = [k for b in keys(loader) for k, pad in b if not pad]
     m = loader.metrics()
@@ -222,7 +223,7 @@ def test_every_sample_in_sizes_json_is_delivered_or_counted(pairs, tmp_path, wor
     lost = loader.lost_by_shard()
     assert {os.path.basename(u) for u in lost} == {"train-000000.tar", "train-000001.tar"}
     assert sum(lost.values()) == m["data/lost_samples"] and lost[str(bad / "train-000001.tar")] >= 6
-    resumed = build_loader(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=workers,
+    resumed = open_shards(str(bad), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=workers,
                            drop_last=False)
     resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
     assert resumed.lost_by_shard() == lost  # a checkpoint keeps the per-shard counts
@@ -238,7 +239,7 @@ def test_resume_counts_corrupt_data_once(pairs, tmp_path, workers):
         f.truncate(os.path.getsize(bad / "train-000000.tar") // 2)
 
     def make():
-        return build_loader(str(bad), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=workers,
+        return open_shards(str(bad), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=workers,
                             seed=1, shuffle_buffer=3, drop_last=False)
 
     full = make()
@@ -267,10 +268,10 @@ def test_unusable_sources_fail_early_or_with_a_clean_reason(pairs, mmeb, tmp_pat
     from pipeline.data import DataError, data_error_reason
 
     with pytest.raises(ValueError, match=r"holds 'pair' shards \(its manifest.json\), not 'qa' shards"):
-        build_loader(str(pairs), kind="qa", batch_size=2, rank=0, world_size=1, num_workers=0)
+        open_shards(str(pairs), kind="qa", batch_size=2, rank=0, world_size=1, num_workers=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty is a folder but its manifest.json is missing"):
-        build_loader(str(tmp_path / "empty"), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=0)
+        open_shards(str(tmp_path / "empty"), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=0)
 
     # mmeb shards named explicitly (no folder manifest to compare with) read as pair: nothing decodes
     (tmp_path / "copy").mkdir()
@@ -279,7 +280,7 @@ def test_unusable_sources_fail_early_or_with_a_clean_reason(pairs, mmeb, tmp_pat
     shutil.copy(mmeb / "sizes.json", tmp_path / "copy")
     pattern = str(tmp_path / "copy" / "train-{000000..000004}.tar")
     for workers in (0, 1):
-        loader = build_loader(pattern, kind="pair", batch_size=2, rank=0, world_size=1, num_workers=workers)
+        loader = open_shards(pattern, kind="pair", batch_size=2, rank=0, world_size=1, num_workers=workers)
         with pytest.raises(DataError) as info:
             next(iter(loader))
         reason = data_error_reason(info.value)
@@ -289,7 +290,7 @@ def test_unusable_sources_fail_early_or_with_a_clean_reason(pairs, mmeb, tmp_pat
 
 
 def test_task_homogeneous_sub_batches(mmeb):
-    loader = build_loader(str(mmeb), kind="mmeb", batch_size=6, rank=0, world_size=1, num_workers=2,
+    loader = open_shards(str(mmeb), kind="mmeb", batch_size=6, rank=0, world_size=1, num_workers=2,
                           task_batch_size=3, drop_last=True)
     batches = list(loader)
     assert len(batches) == len(loader) == 6
@@ -299,7 +300,7 @@ def test_task_homogeneous_sub_batches(mmeb):
     sample = batches[0][0]
     assert sample["kind"] == "mmeb" and set(sample["query"]) == {"text", "image"}
     with pytest.raises(ValueError, match="divide"):
-        build_loader(str(mmeb), kind="mmeb", batch_size=4, rank=0, world_size=1, task_batch_size=3)
+        open_shards(str(mmeb), kind="mmeb", batch_size=4, rank=0, world_size=1, task_batch_size=3)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux-only")
@@ -321,12 +322,12 @@ def test_worker_result_pipe_holds_whole_batches(pairs, monkeypatch):
 
     widen = data.widen_result_pipe
     monkeypatch.setattr(data, "widen_result_pipe", spy)
-    loader = build_loader(str(pairs), kind="pair", batch_size=4, rank=0, world_size=1, num_workers=2)
+    loader = open_shards(str(pairs), kind="pair", batch_size=4, rank=0, world_size=1, num_workers=2)
     batches = list(loader)
     assert len(batches) == len(loader) and {s["__key__"] for b in batches for s in b} <= ALL_PAIRS
     assert seen == [(data.RESULT_PIPE_BYTES, data.RESULT_PIPE_BYTES)]
     assert widen(iter([])) is None  # not a multi-worker iterator: nothing to widen, no error
-    list(build_loader(str(pairs), kind="pair", batch_size=4, rank=0, world_size=1, num_workers=0))
+    list(open_shards(str(pairs), kind="pair", batch_size=4, rank=0, world_size=1, num_workers=0))
     assert len(seen) == 1  # no workers, no pipe
 
 
@@ -334,7 +335,7 @@ def test_resampled_epochs_and_weights(tmp_path, pairs):
     other = make_shards(tmp_path, "pair", 17, 7, name="others")
     spec = f"{pairs}::{other}"
     for rank in (0, 1):
-        loader = build_loader(spec, kind="pair", batch_size=4, rank=rank, world_size=2, num_workers=2,
+        loader = open_shards(spec, kind="pair", batch_size=4, rank=rank, world_size=2, num_workers=2,
                               resampled=True, epoch_samples=30)
         a = keys(loader)
         assert len(loader) == len(a) == 4  # ceil(ceil(30 / 2) / 4) batches, on both ranks
@@ -344,7 +345,7 @@ def test_resampled_epochs_and_weights(tmp_path, pairs):
         loader.set_epoch(1)
         assert keys(loader) != a
 
-    loader = build_loader(spec, kind="pair", batch_size=50, rank=0, world_size=1, num_workers=0,
+    loader = open_shards(spec, kind="pair", batch_size=50, rank=0, world_size=1, num_workers=0,
                           resampled=True, epoch_samples=800, weights="1::3")
     by_source = Counter(s["__source__"] for b in loader for s in b)
     assert sum(by_source.values()) == 800
@@ -353,7 +354,7 @@ def test_resampled_epochs_and_weights(tmp_path, pairs):
 
 def test_sources_weights_caps_and_config(tmp_path, pairs):
     other = make_shards(tmp_path, "pair", 17, 7, name="others")
-    two = build_loader(f"{pairs}::{other}", kind="pair", batch_size=5, rank=0, world_size=1, num_workers=0,
+    two = open_shards(f"{pairs}::{other}", kind="pair", batch_size=5, rank=0, world_size=1, num_workers=0,
                        weights="1::2", drop_last=False)
     samples = [s for b in two for s in b]
     assert len(samples) == 51 and not any(s["__pad__"] for s in samples)
@@ -362,13 +363,17 @@ def test_sources_weights_caps_and_config(tmp_path, pairs):
 
     cfg = DataConfig(kind="pair", sources=[DataSource(shards=str(pairs), name="a", max_samples=10),
                                            DataSource(shards=str(other), name="b")], workers=0, seed=1)
-    loader = loader_from_config(cfg, batch_size=4, rank=0, world_size=1, drop_last=False)
+    run = Config(data=dataclasses.replace(cfg, resampled=True))  # evaluation reads each sample once all the same
+    loader = build_loader(run, 0, 1, batch_size=4, evaluation=True)
     samples = [s for b in loader for s in b]
     assert Counter(s["__source__"] for s in samples) == {"a": 10, "b": 17}
+    assert len({(s["__source__"], s["__key__"]) for s in samples}) == 27 and not any(s["__pad__"] for s in samples)
+    with pytest.raises(TypeError, match="batch plan"):
+        build_loader(run, 0, 1)
     with pytest.raises(ValueError, match="resampled"):
-        build_loader(f"{pairs}::{other}", kind="pair", batch_size=4, rank=0, world_size=1, weights="1::0.5")
+        open_shards(f"{pairs}::{other}", kind="pair", batch_size=4, rank=0, world_size=1, weights="1::0.5")
     with pytest.raises(ValueError, match="matches no shard"):
-        build_loader(str(tmp_path / "nothing-{0..3}.tar"), kind="pair", batch_size=4, rank=0, world_size=1)
+        open_shards(str(tmp_path / "nothing-{0..3}.tar"), kind="pair", batch_size=4, rank=0, world_size=1)
 
 
 def test_caps_are_per_source_even_with_equal_names():
@@ -376,8 +381,8 @@ def test_caps_are_per_source_even_with_equal_names():
     plan = Plan(["a0.tar", "a1.tar", "b0.tar"], [0, 0, 1], [4, 4, 6], sources, 1, 1, 1, drop_last=False)
     for epoch in range(4):
         taken = Counter()
-        for shard, take in plan.sequence(epoch):
-            taken[plan.shard_source[shard]] += take
+        for idx, take in plan.sequence(epoch):
+            taken[plan.shard_source[idx]] += take
         assert taken == {0: 5, 1: 6} and plan.total == 11
 
 
@@ -391,8 +396,8 @@ def test_remote_shards_find_sizes_json_through_the_same_command(pairs, caplog):
     assert sizes_location("https://h/d/val-000002.tar?sig=1") == ("https://h/d/sizes.json?sig=1", "val-000002.tar")
 
     caplog.set_level(logging.WARNING, logger="pipeline.data.plan")
-    local = build_loader(str(pairs), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, seed=2)
-    remote = build_loader(f"pipe:cat {pairs}/train-{{000000..000002}}.tar", kind="pair", batch_size=3, rank=0,
+    local = open_shards(str(pairs), kind="pair", batch_size=3, rank=0, world_size=1, num_workers=0, seed=2)
+    remote = open_shards(f"pipe:cat {pairs}/train-{{000000..000002}}.tar", kind="pair", batch_size=3, rank=0,
                           world_size=1, num_workers=0, seed=2)
     assert remote.dataset.plan.sizes == [7, 7, 3]
     assert keys(remote) == keys(local)
@@ -401,8 +406,8 @@ def test_remote_shards_find_sizes_json_through_the_same_command(pairs, caplog):
 
 KILLED_RANK = r"""
 import os, signal, sys, time
-from pipeline.data import build_loader
-loader = build_loader(sys.argv[1], kind="pair", batch_size=4, rank=0, world_size=1, num_workers=2,
+from pipeline.data import open_shards
+loader = open_shards(sys.argv[1], kind="pair", batch_size=4, rank=0, world_size=1, num_workers=2,
                       prefetch_factor=8, shuffle_buffer=1)
 it = iter(loader)
 next(it)
@@ -444,8 +449,8 @@ def test_workers_die_with_their_rank(tmp_path):
 
 EXITING_RANK = r"""
 import sys
-from pipeline.data import DataError, build_loader
-loader = build_loader(sys.argv[1], kind=sys.argv[2], batch_size=1, rank=0, world_size=1, num_workers=2)
+from pipeline.data import DataError, open_shards
+loader = open_shards(sys.argv[1], kind=sys.argv[2], batch_size=1, rank=0, world_size=1, num_workers=2)
 try:
     it = iter(loader)
     next(it)                 # pair: the loop is left mid-epoch, its generator still alive
@@ -495,7 +500,7 @@ def test_samples_the_collator_rejects_are_skipped_and_counted(tmp_path, caplog, 
     write_tar(tmp_path / "s-000000.tar", samples)
     (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": len(samples)}))
     caplog.set_level(logging.WARNING, logger="pipeline.data")
-    loader = build_loader(str(tmp_path / "s-000000.tar"), kind="qa", batch_size=batch_size, rank=0,
+    loader = open_shards(str(tmp_path / "s-000000.tar"), kind="qa", batch_size=batch_size, rank=0,
                           world_size=1, num_workers=0, shuffle=False, drop_last=False,
                           collate_fn=lambda b: (collate(b), [(s["__key__"], s["__pad__"]) for s in b]))
     got = list(loader)
@@ -511,7 +516,7 @@ def test_samples_the_collator_rejects_are_skipped_and_counted(tmp_path, caplog, 
 
     # nothing collates (model.max_length below the image + C tokens): a DataError with the reason
     tight = Collator(proc, model_cfg(max_length=8), kind="qa")
-    loader = build_loader(str(tmp_path / "s-000000.tar"), kind="qa", batch_size=batch_size, rank=0,
+    loader = open_shards(str(tmp_path / "s-000000.tar"), kind="qa", batch_size=batch_size, rank=0,
                           world_size=1, num_workers=0, shuffle=False, drop_last=False, collate_fn=tight)
     with pytest.raises(DataError) as info:
         next(iter(loader))
@@ -541,7 +546,7 @@ def test_transparent_and_16_bit_images_decode_as_the_processor_would(tmp_path):
     members = {"rgba": png(glyph), "la": png(glyph.convert("LA")), "p": png(palette, transparency=0),
                "i16": png(ramp), "rgb": png(Image.new("RGB", (16, 16), (10, 20, 30)))}
     write_tar(tmp_path / "s-000000.tar", [(k, {"png": v, "txt": k.encode()}) for k, v in members.items()])
-    loader = build_loader(str(tmp_path / "s-000000.tar"), kind="pair", batch_size=5, rank=0, world_size=1,
+    loader = open_shards(str(tmp_path / "s-000000.tar"), kind="pair", batch_size=5, rank=0, world_size=1,
                           num_workers=0, shuffle=False, drop_last=False)
     [batch] = list(loader)
     got = {s["text"]: np.asarray(s["image"]) for s in batch}
@@ -590,8 +595,8 @@ def test_loader_keeps_pillow_blocks_unless_the_user_tuned_them(tmp_path):
     """Loader workers (and the shard writer) let Pillow keep 64 MiB of freed image blocks, so a
     batch of decoded images reuses memory instead of faulting in fresh pages (~13 % of a 512 px
     JPEG pass); Pillow's own PILLOW_BLOCKS_MAX / PILLOW_BLOCK_SIZE, when set, win."""
-    probe = ("from PIL import Image; from pipeline.data import build_loader; import sys;"
-             "[_ for _ in build_loader(sys.argv[1], kind='pair', batch_size=2, rank=0, world_size=1, num_workers=0,"
+    probe = ("from PIL import Image; from pipeline.data import open_shards; import sys;"
+             "[_ for _ in open_shards(sys.argv[1], kind='pair', batch_size=2, rank=0, world_size=1, num_workers=0,"
              " drop_last=False)]; print(Image.core.get_blocks_max(), Image.core.get_block_size())")
     write_tar(tmp_path / "s-000000.tar", [(f"k{i}", {"png": png_bytes(16, 16), "txt": b"x"}) for i in range(4)])
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILLOW_")}

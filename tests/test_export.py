@@ -128,7 +128,7 @@ def test_every_path_converts_images_alike(tmp_path):
     from PIL import Image
 
     from data_prep import shard
-    from pipeline.data import build_loader
+    from pipeline.data import open_shards
     from pipeline.embedder import Embedder
     from pipeline.imaging import to_rgb
 
@@ -148,7 +148,7 @@ def test_every_path_converts_images_alike(tmp_path):
                                       '{"image": "glyph.png", "text": "a square"}\n')
     assert shard.main(["--input", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "out"), "--workers", "1",
                        "--max-image-side", "16"]) == 0
-    (batch,) = build_loader(str(tmp_path / "out"), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=0,
+    (batch,) = open_shards(str(tmp_path / "out"), kind="pair", batch_size=2, rank=0, world_size=1, num_workers=0,
                             shuffle=False, drop_last=False)
     ramp, square = (np.asarray(s["image"], dtype=float) for s in batch)
     assert 100 < ramp.mean() < 160 and square[0, 0].min() > 240 and square[8, 8].max() < 40

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO
 from data_prep import shard, tar_writer
 from datagen import dataset, make_images, records, write_jsonl
-from pipeline.data import build_loader
+from pipeline.data import open_shards
 
 
 def run_shard(manifest, out, *extra) -> int:
@@ -26,7 +26,7 @@ def run_shard(manifest, out, *extra) -> int:
 
 def read_all(out, kind):
     """Every sample of a shard folder, in shard order (loader, no shuffle, one process)."""
-    loader = build_loader(str(out), kind=kind, batch_size=1000, rank=0, world_size=1, num_workers=0,
+    loader = open_shards(str(out), kind=kind, batch_size=1000, rank=0, world_size=1, num_workers=0,
                           shuffle=False, drop_last=False)
     return [s for batch in loader for s in batch]
 

@@ -51,7 +51,7 @@ def test_loader_source_workers_give_the_same_steps(builtin_dir, stage):
 
     from pipeline.config import load_config
     from pipeline.engine import plan_batches
-    from pipeline.data import loader_settings, make_loader
+    from pipeline.data import make_loader
     from tests.tiny_models import tiny_model_dir
 
     kind = "qa" if stage == 1 else "mmeb"
@@ -62,10 +62,11 @@ def test_loader_source_workers_give_the_same_steps(builtin_dir, stage):
     for workers in (0, 1):
         cfg = load_config(f"launch/configs/stage{stage}_tiny.yaml", over + [f"--data.workers={workers}"])
         plan = plan_batches(cfg, 1)
-        if workers and stage == 1:
-            assert plan.accumulation == 3 and loader_settings(cfg, plan)["prefetch_factor"] == 6
         src = make_loader(cfg, plan, SimpleNamespace(rank=0, world_size=1))
-        assert src.packed == (workers > 0)
+        if workers and stage == 1:  # prefetch: this step's 3 micro-batches and the next step's
+            assert plan.accumulation == 3 and src.loader.prefetch_factor == 6
+        packed = src.loader.dataset.collate_fn
+        assert (type(packed).__name__ == "PackedCollate") == (workers > 0)
         it = iter(src)
         steps[workers] = [next(it) for _ in range(3)]
         it.close()
@@ -133,7 +134,7 @@ def test_manual_gc_freezes_disables_and_restores(tmp_path):
     import gc
 
     from datagen import png_bytes, write_tar
-    from pipeline.data import build_loader
+    from pipeline.data import open_shards
     from pipeline.runtime import manual_gc
 
     write_tar(tmp_path / "s-000000.tar", [(f"k{i}", {"png": png_bytes(16, 16), "txt": b"x"}) for i in range(4)])
@@ -143,7 +144,7 @@ def test_manual_gc_freezes_disables_and_restores(tmp_path):
         assert gc.isenabled() and gc.get_freeze_count() == 0
     with manual_gc(50):
         assert not gc.isenabled() and gc.get_freeze_count() > 0
-        flags = list(build_loader(str(tmp_path / "s-000000.tar"), kind="pair", batch_size=2, rank=0, world_size=1,
+        flags = list(open_shards(str(tmp_path / "s-000000.tar"), kind="pair", batch_size=2, rank=0, world_size=1,
                                   num_workers=1, drop_last=False, collate_fn=_flag_collate))
         assert flags == [True, True] and not gc.isenabled()
     assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -5,10 +5,11 @@ Public API
 ----------
 ::
 
-    from pipeline.data import build_loader
+    from pipeline.data import build_loader, open_shards
 
-    loader = build_loader("data/qa/train-{000000..000007}.tar", kind="qa", batch_size=8,
-                          rank=rank, world_size=world, num_workers=2, seed=0)
+    loader = build_loader(cfg, rank, world, plan=plan, collate_fn=collate)   # a run's: cfg.data
+    loader = open_shards("data/qa/train-{000000..000007}.tar", kind="qa", batch_size=8,
+                         rank=rank, world_size=world, num_workers=2, seed=0)  # the same, by hand
     for epoch in range(loader.epoch, epochs):
         loader.set_epoch(epoch)
         for batch in loader:                 # len(loader) batches, identical on every rank
@@ -17,13 +18,15 @@ Public API
     ckpt["data"] = loader.state_dict()       # at any step, mid-epoch included
     loader.load_state_dict(ckpt["data"])     # the next iter(loader) continues exactly there
 
-``build_loader(shards, kind, batch_size, ...)`` — ``shards`` is a brace pattern, a list of
-patterns or shard paths, a shard folder written by ``data_prep/shard.py`` (its
-``manifest.json`` names the pattern), several sources joined by ``::`` (open_clip style, with
-``weights="1::2"``), or a list of ``pipeline.config.DataSource``.  :func:`loader_from_config`
-builds the same from ``cfg.data``.  ``rank``/``world_size`` come from the caller (the engine
-passes them); by default from the launcher environment (``RANK``/``WORLD_SIZE``, SLURM).
-This module never calls ``torch.distributed``.
+``build_loader(cfg, rank, world, ...)`` is the one way the trainer, the evaluation and the
+throughput benchmark get a loader: from ``cfg.data`` and the run's batch plan (or a batch size
+and ``evaluation=True``), it sets the batch size, prefetch, pinning and hand-over
+(:mod:`pipeline.data.loader`).  ``open_shards(shards, kind, batch_size, ...)`` takes the settings
+one by one: ``shards`` is a brace pattern, a list of patterns or shard paths, a shard folder
+written by ``data_prep/shard.py`` (its ``manifest.json`` names the pattern), several sources
+joined by ``::`` (open_clip style, with ``weights="1::2"``), or a list of
+``pipeline.config.DataSource``; ``rank``/``world_size`` default to the launcher environment
+(``RANK``/``WORLD_SIZE``, SLURM).  This package never calls ``torch.distributed``.
 
 Samples (what ``collate_fn`` receives, a list of these per batch; the default collate returns
 that list).  Images are decoded to RGB ``PIL.Image``::
@@ -58,14 +61,14 @@ Modules: :mod:`~pipeline.data.plan` (the epoch plan: shards, sizes, ranges, task
 (the DataLoader worker plumbing), :mod:`~pipeline.data.loader` (the loader and the trainer's
 batch source).
 """
-from pipeline.data.loader import (BatchSource, LoaderSource, ShardLoader, build_loader, loader_from_config,
-                                  loader_settings, make_loader, pixel_dtype)
+from pipeline.data.loader import (BatchSource, LoaderSource, ShardLoader, build_loader, make_loader, open_shards,
+                                  pixel_dtype)
 from pipeline.data.plan import Plan, Source, expand_sources, shard_sizes
 from pipeline.data.shards import (COUNTERS, KINDS, DataError, ShardDataset, data_error_reason, decode_sample,
                                   default_collate)
 from pipeline.data.workers import die_with_parent, iterate, widen_result_pipe, worker_kwargs
 
-__all__ = ["build_loader", "loader_from_config", "ShardLoader", "ShardDataset", "decode_sample",
+__all__ = ["build_loader", "open_shards", "ShardLoader", "ShardDataset", "decode_sample",
            "default_collate", "Plan", "Source", "expand_sources", "shard_sizes", "KINDS", "COUNTERS",
-           "DataError", "data_error_reason", "BatchSource", "LoaderSource", "make_loader", "loader_settings",
+           "DataError", "data_error_reason", "BatchSource", "LoaderSource", "make_loader",
            "pixel_dtype", "die_with_parent", "widen_result_pipe", "worker_kwargs", "iterate"]

@@ -1,8 +1,15 @@
-"""One rank's loader: :class:`ShardLoader` (epochs, equal batch counts on every rank, exact
-resume) over :class:`pipeline.data.shards.ShardDataset`, built by :func:`build_loader` (shard
-patterns) or :func:`loader_from_config` (``cfg.data``); and the trainer's batch source,
-:func:`make_loader` → :class:`LoaderSource`, which decides the hand-over from the workers (packed
-batches when ``data.workers > 0``), the prefetch and the pinning (:func:`loader_settings`).
+"""One rank's loader and the trainer's batch source.
+
+* :func:`build_loader` ``(cfg, rank, world)`` — the loader a run's config describes, the one entry
+  the trainer, the evaluation and the throughput benchmark share: it decides everything that
+  follows from the run rather than from ``cfg.data`` (the batch size from the batch plan, the
+  prefetch, pinned memory) and the evaluation setting (every sample once, in shard order).
+* :func:`open_shards` — the same over explicit shard patterns and keyword settings (tools, tests).
+* :class:`ShardLoader` — epochs, equal batch counts on every rank, exact resume, over
+  :class:`pipeline.data.shards.ShardDataset`; with workers and a collate function, each batch
+  travels from its worker as one packed buffer (:class:`pipeline.collate.Packed`).
+* :func:`make_loader` → :class:`LoaderSource` — the trainer's batch source: one optimizer step's
+  batches at a time.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch.utils.data import DataLoader
 
+from pipeline.collate import Packed, PackedCollate
 from pipeline.config import Config, ConfigError
 from pipeline.data.plan import KindMismatch, expand_sources
 from pipeline.data.shards import COUNTERS, LOST, ShardDataset
@@ -26,7 +34,8 @@ def _identity(x):
 
 class ShardLoader:
     """Iterates one rank's batches epoch by epoch (see module docstring); wraps a
-    ``torch.utils.data.DataLoader`` over :class:`ShardDataset`."""
+    ``torch.utils.data.DataLoader`` over :class:`ShardDataset`.  A batch a worker packed
+    (:class:`pipeline.collate.PackedCollate`) is unpacked here: callers see the collated batch."""
 
     def __init__(self, dataset: ShardDataset, num_workers: int = 2, pin_memory: bool = False,
                  prefetch_factor: Optional[int] = None):
@@ -62,7 +71,7 @@ class ShardLoader:
         for item in iterate(dl):
             self._worker_counters[item.worker] = item.counters
             self.batches_done += 1
-            yield item.batch
+            yield item.batch.unpack() if isinstance(item.batch, Packed) else item.batch
         if self.batches_done >= len(self):
             self._fold()
             self.epoch, self.batches_done = self.epoch + 1, 0
@@ -114,7 +123,7 @@ class ShardLoader:
         self.batches_done = batches
 
 
-def build_loader(shards: Any, kind: str, batch_size: int, rank: Optional[int] = None,
+def open_shards(shards: Any, kind: str, batch_size: int, rank: Optional[int] = None,
                  world_size: Optional[int] = None, num_workers: int = 2, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, drop_last: bool = True,
                  resampled: bool = False, epoch_samples: Optional[int] = None,
@@ -122,15 +131,21 @@ def build_loader(shards: Any, kind: str, batch_size: int, rank: Optional[int] = 
                  collate_fn: Optional[Callable[[list[dict]], Any]] = None,
                  pin_memory: bool = False, prefetch_factor: Optional[int] = None,
                  task_sampling: str = "proportional", batch_composition: str = "per_rank") -> ShardLoader:
-    """The loader for one rank.  ``batch_size`` is per rank (the micro batch); ``shuffle=False,
-    drop_last=False`` is the evaluation setting (every sample once, in shard order per
-    worker).  See the module docstring for everything else."""
+    """The loader for one rank over explicit shards.  ``batch_size`` is per rank (the micro
+    batch); ``shuffle=False, drop_last=False`` is the evaluation setting (every sample once, in
+    shard order per worker).  With workers and a ``collate_fn``, batches are packed in the
+    workers and unpacked by the loader: the DataLoader sends every tensor through its own
+    shared-memory segment and file descriptor, a cost per tensor paid in the trainer and counted
+    as data wait; one buffer per batch is one transfer (benchmarks/README.md).  See
+    :mod:`pipeline.data` for everything else."""
     if rank is None or world_size is None:
         from pipeline.dist import read_env
 
         env = read_env()
         rank = env.rank if rank is None else rank
         world_size = env.world_size if world_size is None else world_size
+    if num_workers > 0 and collate_fn is not None:
+        collate_fn = PackedCollate(collate_fn)
     ds = ShardDataset(expand_sources(shards, weights), kind, batch_size, rank, world_size, num_workers,
                       seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
                       resampled=resampled, epoch_samples=epoch_samples, task_batch_size=task_batch_size,
@@ -145,19 +160,39 @@ def _composition(value: str) -> str:
     return value
 
 
-def loader_from_config(data_cfg, batch_size: int, rank: Optional[int] = None,
-                       world_size: Optional[int] = None, collate_fn: Optional[Callable] = None,
-                       **overrides) -> ShardLoader:
-    """:func:`build_loader` from a ``pipeline.config.DataConfig`` (``cfg.data``)."""
-    if not data_cfg.sources:
+def build_loader(cfg: Config, rank: int, world: int, *, collate_fn: Optional[Callable] = None,
+                 plan=None, batch_size: Optional[int] = None, evaluation: bool = False) -> ShardLoader:
+    """The loader of ``cfg.data`` for ``rank`` of ``world`` ranks.
+
+    ``plan`` (a :class:`pipeline.engine.BatchPlan`): a training loader; its batch is one forward
+    of stage 1 (``plan.micro``) or one rank's whole step of stage 2 (``plan.per_rank``, split
+    into cache chunks by the collate), with prefetch for a whole optimizer step and the next
+    (stage 1 takes ``accumulation`` batches per step, and the DataLoader's default of 2 per
+    worker would leave a step waiting on the rest) and pinned memory when batches go to a CUDA
+    device (``to_device`` copies without blocking).  ``evaluation=True``: every sample once in
+    shard order (no shuffle, resampling or dropped remainder; repeats that even out the ranks
+    are marked ``__pad__``), batches of ``batch_size``.  ``collate_fn``: samples → batch (default:
+    the list of decoded samples).  Raises ``ValueError`` (``KindMismatch`` among them) or
+    ``FileNotFoundError`` for sources that cannot be read; callers name their own setting."""
+    import torch
+
+    d = cfg.data
+    if not d.sources:
         raise ValueError("data.sources is empty: set data.sources[0].shards to a shard pattern or folder")
-    kwargs = dict(kind=data_cfg.kind, batch_size=batch_size, rank=rank, world_size=world_size,
-                  num_workers=data_cfg.workers, seed=data_cfg.seed, shuffle_buffer=data_cfg.shuffle_buffer,
-                  resampled=data_cfg.resampled, task_batch_size=data_cfg.task_batch_size,
-                  collate_fn=collate_fn, task_sampling=data_cfg.task_sampling,
-                  batch_composition=data_cfg.batch_composition)
-    kwargs.update(overrides)
-    return build_loader(list(data_cfg.sources), **kwargs)
+    if (plan is None) == (batch_size is None):
+        raise TypeError("build_loader takes the run's batch plan (training) or a batch_size, not both")
+    stage1 = cfg.train.stage == 1
+    batch = batch_size if plan is None else plan.micro if stage1 else plan.per_rank
+    per_step = plan.accumulation if plan is not None and stage1 else 1
+    workers = d.workers
+    return open_shards(list(d.sources), kind=d.kind, batch_size=batch, rank=rank, world_size=world,
+                       num_workers=workers, seed=d.seed, shuffle=not evaluation, shuffle_buffer=d.shuffle_buffer,
+                       drop_last=not evaluation, resampled=d.resampled and not evaluation,
+                       epoch_samples=d.epoch_samples, task_batch_size=d.task_batch_size, collate_fn=collate_fn,
+                       task_sampling="proportional" if evaluation else d.task_sampling,
+                       batch_composition="per_rank" if evaluation else d.batch_composition,
+                       prefetch_factor=max(2, -(-2 * per_step // workers)) if workers > 0 else None,
+                       pin_memory=workers > 0 and torch.cuda.is_available())
 
 
 # ------------------------------------------------------------------ the trainer's batch source
@@ -195,22 +230,14 @@ class LoaderSource(BatchSource):
     batch counts across ranks; corrupt samples are replaced by repeats and counted)."""
 
     def __init__(self, cfg: Config, plan, env, collator):
-        from pipeline.collate import ChunkCollate, PackedCollate
+        from pipeline.collate import ChunkCollate
 
         self.stage = cfg.train.stage
         self.acc = plan.accumulation  # plan_batches sets 1 for stage 2
-        if self.stage == 1:
-            batch, collate = plan.micro, collator
-        else:
-            batch, collate = plan.per_rank, ChunkCollate(collator, plan.cache_chunk or plan.per_rank)
-        # Workers hand over each batch as one buffer (pipeline/collate.py's Packed: one transfer
-        # instead of one per tensor, which otherwise is most of the data wait on a small model).
-        self.packed = cfg.data.workers > 0
-        if self.packed:
-            collate = PackedCollate(collate)
+        batch = plan.micro if self.stage == 1 else plan.per_rank
+        collate = collator if self.stage == 1 else ChunkCollate(collator, plan.cache_chunk or plan.per_rank)
         try:
-            self.loader = loader_from_config(cfg.data, batch, rank=env.rank, world_size=env.world_size,
-                                             collate_fn=collate, drop_last=True, **loader_settings(cfg, plan))
+            self.loader = build_loader(cfg, env.rank, env.world_size, collate_fn=collate, plan=plan)
         except KindMismatch as e:
             raise ConfigError(f"data.sources: {e}: point data.sources at {e.wanted} shards, or set "
                               f"data.kind={e.found} if this stage trains on {e.found} samples") from None
@@ -236,8 +263,7 @@ class LoaderSource(BatchSource):
 
     def _batches(self) -> Iterator:
         while True:  # ShardLoader moves to the next epoch by itself at the end of one
-            for b in self.loader:
-                yield b.unpack() if self.packed else b
+            yield from self.loader
 
     def __iter__(self) -> Iterator[list]:
         it = self._batches()
@@ -250,19 +276,6 @@ class LoaderSource(BatchSource):
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
-
-
-def loader_settings(cfg: Config, plan) -> dict:
-    """DataLoader knobs that follow from the run rather than from ``cfg.data``: enough prefetch
-    for one whole optimizer step plus the next (stage 1 takes ``accumulation`` batches per step,
-    and the DataLoader's default of 2 per worker would leave a step waiting on the rest), and
-    pinned memory when batches go to a CUDA device (the copies in ``to_device`` are non-blocking)."""
-    import torch
-
-    workers = cfg.data.workers
-    per_step = plan.accumulation if cfg.train.stage == 1 else 1
-    return {"prefetch_factor": max(2, -(-2 * per_step // workers)) if workers > 0 else None,
-            "pin_memory": workers > 0 and torch.cuda.is_available()}
 
 
 def pixel_dtype(cfg: Config):

@@ -105,7 +105,7 @@ class _Item(NamedTuple):
 
 class ShardDataset(IterableDataset):
     """The per-rank stream (an IterableDataset yielding collated batches).  Use
-    :func:`build_loader`; :class:`ShardLoader` sets ``epoch``/``skip_batches`` before each
+    :func:`open_shards`; :class:`ShardLoader` sets ``epoch``/``skip_batches`` before each
     iteration."""
 
     def __init__(self, sources: list[Source], kind: str, batch_size: int, rank: int, world_size: int,
