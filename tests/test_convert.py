@@ -160,7 +160,7 @@ def test_llava_jsonl_bad_line_and_strict(llava_dir, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------- MMEB
 def _mmeb_rows_imagenet(n):
-    return {"qry": [f"<|image_1|> Represent the given image for classification" for _ in range(n)],
+    return {"qry": ["<|image_1|> Represent the given image for classification" for _ in range(n)],
             "qry_image_path": [f"images/ImageNet_1K/i{i}.jpg" for i in range(n)],
             "pos_text": [f"class {i}" for i in range(n)],
             "pos_image_path": ["" for _ in range(n)],

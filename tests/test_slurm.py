@@ -132,7 +132,6 @@ def test_coma_deepspeed_hostfile(tmp_path):
 
 
 def test_bad_launcher(tmp_path):
-    bin_dir = tmp_path / "bin"
     with pytest.raises(AssertionError, match="not one of srun, torchrun, deepspeed"):
         _render(tmp_path, "stage1.sbatch", "mpirun")
 
