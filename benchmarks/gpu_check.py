@@ -95,6 +95,44 @@ def check_backend(backend, dtype, case, torch, coma_kernels):
     return ok, " ".join(f"{nm}={e:.1e}" for nm, e, _ in errs)
 
 
+def check_cuda_epilogues(torch):
+    """The CUDA backend's three epilogue kernels against their torch contracts (TorchEpilogue) on
+    one random logits chunk with a partial row group and a partial column block: a fault shows
+    here by kernel name before the backend-level checks above say which loss went wrong."""
+    from coma_kernels.infonce_cuda import CudaEpilogue, TorchEpilogue, load_extension
+
+    cu, ref = CudaEpilogue(load_extension()), TorchEpilogue()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, m = 300, 1100
+    S = torch.randn(rows, m, device="cuda", generator=g) * 0.3
+    f32 = dict(device="cuda", dtype=torch.float32)
+    errs = {}
+    a, b = torch.empty(rows, **f32), torch.empty(rows, **f32)
+    cu.row_lse(S, 33.3, a)
+    ref.row_lse(S, 33.3, b)
+    errs["row_lse"] = (a - b).abs().max().item()
+    groups = -(-rows // cu.rows_per_group) + 1
+    pa, sa, pb, sb = (torch.zeros(groups, m, **f32) for _ in range(4))
+    cu.col_partials(S, 33.3, pa, sa, 1)
+    ref.col_partials(S, 33.3, pb, sb, 1)
+    errs["col_partials"] = max((pa - pb).abs().max().item(), ((sa - sb).abs() / sb.clamp_min(1e-30)).max().item())
+    rl, rc = b, torch.rand(rows, generator=g, **f32)
+    cl, cc = torch.logsumexp(S * 33.3, dim=0), torch.rand(m, generator=g, **f32)
+    pidx = torch.randperm(m, device="cuda", generator=g)[:rows]
+    pc = torch.rand(rows, generator=g, **f32)
+    for dt in (torch.float32, torch.bfloat16):
+        blocks = -(-m // cu.cols_per_block)
+        ga, gb = torch.empty(rows, m, device="cuda", dtype=dt), torch.empty(rows, m, device="cuda", dtype=dt)
+        da, db = torch.empty(rows * blocks, **f32), torch.empty(rows * blocks, **f32)
+        cu.grad_weights(S, 33.3, ga, da, rl, rc, cl, cc, pidx, pc)
+        ref.grad_weights(S, 33.3, gb, db, rl, rc, cl, cc, pidx, pc)
+        errs[f"grad_weights {dt}"] = (ga.float() - gb.float()).abs().max().item() / max(gb.float().abs().max().item(), 1e-30)
+        errs[f"dsp {dt}"] = (da - db).abs().max().item() / max(db.abs().max().item(), 1e-30)
+    tol = {"row_lse": 1e-4, "col_partials": 1e-4}
+    ok = all(e <= tol.get(k, 1e-2 if "bfloat16" in k else 1e-5) for k, e in errs.items())
+    return ok, " ".join(f"{k}={e:.1e}" for k, e in errs.items())
+
+
 def check_gathered_nccl(torch, coma_kernels):
     """gathered_infonce through real NCCL collectives (world of 1) == fused_infonce, symmetric."""
     import torch.distributed as dist
@@ -151,6 +189,13 @@ def main():
     print(json.dumps(env), flush=True)
 
     results, failed = [], 0
+    try:
+        ok, msg = check_cuda_epilogues(torch)
+    except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+        ok, msg = False, f"{type(exc).__name__}: {exc}"
+    failed += not ok
+    results.append(f"{'PASS' if ok else 'FAIL'} cuda epilogues vs their torch contracts: {msg}")
+    print(results[-1], flush=True)
     for backend in ("triton", "cuda"):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for case in CASES:

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # The prepared GPU session: run it first whenever a GPU is lent (the device tool's command):
 #
-#   make wheelhouse                                  # here, once: .whl/ (git-ignored) for phases 4-7
-#   device run:  command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 450
-#   device run:  command "PHASES=train bash benchmarks/gpu_session.sh", carry [".whl"]   # the 3B run alone
+#   make wheelhouse                                  # here, once: .whl/ (git-ignored) for phases 5-8
+#   device run:  command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 400
+#   device run:  command "PHASES='wheels train' bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 200
+#                (right after the first, while the machine is warm: the 3B run is its own call)
 #
 # Phases, cheapest and most informative first, each under its own time limit; each appends one
 # JSON line to $OUT/phases.jsonl the moment it ends ({"phase", "status": ok|fail|timeout|skipped,
 # "rc", "seconds", "result", "tail"}) and leaves its log in $OUT, so a call cut short keeps every
-# phase that finished.  The limits add up to 415 s, so a rerun still fits a 15-minute budget.
+# phase that finished.  The first call's limits add up to 335 s and the second's to 170 s, so
+# both, or a rerun of the first, fit a 15-minute budget.
 #
 #   1 env          (10 s)  card, driver, torch/CUDA/triton versions
 #   2 correctness  (75 s)  benchmarks/gpu_check.py --skip-bench: triton and cuda InfoNCE vs float64
 #                          (fp32/bf16/fp16, odd shapes, the trained regime), gathered_infonce on NCCL
 #   3 breakdown    (45 s)  benchmarks/loss_breakdown.py: per-kernel times of the triton loss at
 #                          N=32768, D=2048, bf16, symmetric, and the cuBLAS ceiling of its four GEMMs
-#   4 wheels       (30 s)  install .whl/ (deepspeed, transformers, ... and inf_cl); phases 1-3 need none
-#   5 loss         (70 s)  benchmarks/loss.py at the target point: reference, triton, cuda, Inf-CL
-#   6 compression  (45 s)  benchmarks/compression.py: the stage-1 mask paths on the GPU's attention
-#   7 train       (140 s)  benchmarks/throughput.py: ZeRO-3 stage 1 of a random-init Qwen2.5-VL-3B
-#                          (LoRA, bf16, 448 px images): step time, tokens/s, MFU, peak memory
+#   4 variants     (60 s)  the same loss per Triton kernel variant (tiles, TMA, persistent grid)
+#   5 wheels       (30 s)  install .whl/ (deepspeed, transformers, ... and inf_cl); phases 1-4 need none
+#   6 loss         (70 s)  benchmarks/loss.py at the target point: reference, triton, cuda, Inf-CL
+#   7 compression  (45 s)  benchmarks/compression.py: the stage-1 mask paths on the GPU's attention
+#   8 train       (140 s)  benchmarks/throughput.py: ZeRO-3 stage 1 of a random-init Qwen2.5-VL-3B
+#                          (LoRA, bf16, 448 px images): step time, tokens/s, MFU, peak memory;
+#                          not in the default list (the second call above)
 #
 # PHASES="env correctness ..." picks phases; OUT defaults to benchmarks/results/gpu_session.
 # On a CPU-only machine the script runs as a dry run: env and the phase bookkeeping run, the GPU
@@ -27,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_session}
-PHASES=${PHASES:-"env correctness breakdown wheels loss compression train"}
+PHASES=${PHASES:-"env correctness breakdown variants wheels loss compression"}
 mkdir -p "$OUT"
 # The device machine gets a copy of the working tree, not an installed package: put it on the path.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -107,6 +111,8 @@ json.dump(info, open('$OUT/env.json', 'w'))
 print(json.dumps(info))"
 phase correctness 75 "" gpu_only python3 benchmarks/gpu_check.py --skip-bench --out "$OUT/correctness"
 phase breakdown 45 "$OUT/loss_breakdown.json" gpu_only python3 benchmarks/loss_breakdown.py --out "$OUT/loss_breakdown.json"
+phase variants 60 "$OUT/loss_variants.jsonl" gpu_only python3 benchmarks/loss_breakdown.py --variants --repeats 3 \
+  --out "$OUT/loss_variants.jsonl"
 phase wheels 30 "" install_wheels
 if [ -d /tmp/site ]; then export PYTHONPATH="/tmp/site:$PYTHONPATH" PATH="/tmp/site/bin:$PATH"; fi
 phase loss 70 "$OUT/loss_target.csv" gpu_only python3 benchmarks/loss.py --device cuda --n 32768 --d 2048 \

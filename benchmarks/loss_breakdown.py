@@ -12,6 +12,13 @@ torch.profiler (CUDA activity), summed by kernel name over ``--repeats`` calls a
 
 Prints a table and writes benchmarks/results/loss_breakdown.json (one object: environment,
 per-kernel rows, the ceiling rows, and the ratios).  Needs a CUDA device.
+
+    python benchmarks/loss_breakdown.py --variants --out variants.jsonl
+
+times the same loss once per Triton kernel variant (:data:`VARIANTS`: tile shape, TMA
+descriptors, persistent grid; benchmarks/triton_resources.py shows their registers and spills)
+and appends one JSON line per variant the moment it is measured, so a cut-short call keeps what
+it measured.  The fastest variant that passes gpu_check.py becomes the default on evidence.
 """
 from __future__ import annotations
 
@@ -27,6 +34,16 @@ if find_spec("pipeline") is None:  # imported as an installed package, never by 
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# Triton kernel variants (coma_kernels/infonce_triton.py reads these when a loss is built)
+VARIANTS = {
+    "default": {},
+    "tiles 128x64": {"COMA_INFONCE_TRITON_TILES": "128,64,64"},
+    "tma": {"COMA_INFONCE_TRITON_TMA": "1"},
+    "tma, tiles 128x64": {"COMA_INFONCE_TRITON_TMA": "1", "COMA_INFONCE_TRITON_TILES": "128,64,64"},
+    "persistent, tma, tiles 128x64": {"COMA_INFONCE_TRITON_PERSISTENT": "1", "COMA_INFONCE_TRITON_TMA": "1",
+                                      "COMA_INFONCE_TRITON_TILES": "128,64,64"},
+}
 
 
 def cuda_ms(fn, repeats: int) -> float:
@@ -54,15 +71,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--backend", default="triton", choices=["triton", "cuda"])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(RESULTS / "loss_breakdown.json"))
+    ap.add_argument("--variants", action="store_true", help="time each Triton kernel variant instead (JSON lines)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/loss_breakdown.json (.jsonl with --variants)")
     args = ap.parse_args(argv)
+    args.out = args.out or str(RESULTS / ("loss_breakdown_variants.jsonl" if args.variants else "loss_breakdown.json"))
     import torch
 
     if not torch.cuda.is_available():
         print(json.dumps({"status": "skipped", "reason": "no CUDA device"}))
         return 2
     import coma_kernels
-    from coma_kernels.tiled import DEFAULT_CHUNK_ELEMS, mm_f32
+    from coma_kernels.tiled import chunk_rows, free_bytes, mm_f32
     from pipeline.flops import peak_flops
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -77,6 +96,8 @@ def main(argv=None) -> int:
         loss.backward()
         q.grad = k.grad = s.grad = None
 
+    if args.variants:
+        return time_variants(step, args, flops=4 * 2.0 * n * n * d, peak=peak_flops(torch.cuda.get_device_name()))
     total_ms = cuda_ms(step, args.repeats)
     from torch.profiler import ProfilerActivity, profile
 
@@ -93,7 +114,7 @@ def main(argv=None) -> int:
     kernels.sort(key=lambda r: -r["ms"])
 
     # The ceiling: the same four products with torch.mm at the chunk the host loop uses.
-    chunk = min(n, max(64, int(os.environ.get("COMA_INFONCE_CHUNK_ELEMS_GPU", DEFAULT_CHUNK_ELEMS)) // n))
+    chunk = min(n, chunk_rows(n, n, 128, q.element_size(), free_bytes(q.device)))
     qd, kd = q.detach(), k.detach()
     gch = torch.randn(chunk, n, device="cuda", dtype=dt)
     per = 2.0 * n * n * d
@@ -122,6 +143,35 @@ def main(argv=None) -> int:
         print(f"  ceiling {r['gemm']:<26} {r['ms']:8.3f} ms  {r['tflops']:7.1f} TFLOP/s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def time_variants(step, args, flops: float, peak) -> int:
+    """One JSON line per variant in ``args.out``, appended as soon as it is timed (a failing
+    variant is recorded with its error and the next one runs)."""
+    import torch
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for name, env in VARIANTS.items():
+        row = {"variant": name, "env": env, "gpu": torch.cuda.get_device_name(), "n": args.n, "d": args.d,
+               "dtype": args.dtype}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            ms = cuda_ms(step, args.repeats)
+            row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1),
+                       pct_peak=round(100 * flops / (ms / 1e3) / peak, 1) if peak else None)
+        except Exception as e:  # a variant that does not compile or launch on this card
+            row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
     return 0
 
 

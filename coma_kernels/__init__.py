@@ -5,7 +5,7 @@
     loss = coma_kernels.gathered_infonce(q_local, k_local, logit_scale)             # negatives from every rank
 
 Backends: ``triton`` (fused kernels, :mod:`coma_kernels.infonce_triton`; CPU only under
-TRITON_INTERPRET=1), ``cuda`` (CUDA C++ extension, :mod:`coma_kernels.infonce_cuda`), ``torch``
+TRITON_INTERPRET=1), ``cuda`` (cuBLAS logits chunks + fused CUDA epilogues, :mod:`coma_kernels.infonce_cuda`), ``torch``
 (chunked torch, the CPU default, :mod:`coma_kernels.infonce_torch`) and ``reference``
 (materialised logits, :mod:`coma_kernels.infonce_reference`).  ``auto`` = triton for CUDA tensors,
 torch otherwise (:mod:`coma_kernels.backends`).  Importing this package is cheap: triton and the CUDA

@@ -10,7 +10,15 @@ symmetric it also writes each tile's per-column (max, sum-exp) over its rows.
 
 ``_grad_tile_kernel``: a program owns one (row block, key tile) of a chunk, recomputes that
 logits tile and writes G (the positive's weight subtracted in fp32 before rounding) plus its
-share of Σ G ⊙ (Q Kᵀ) for d logit_scale.
+share of Σ G ⊙ (Q Kᵀ) for d logit_scale.  Its 1-D grid is walked in groups of ``GROUP_M`` row
+blocks (the Triton matmul tutorial's order): programs running together share key tiles, which
+stay in L2 instead of being read once per row block.
+
+Why ``exp`` and not ``exp2`` with log2(e) folded into the scale (flash-attention's trick): base 2
+rounds the large logit and its LSE once more each before they cancel, and in the trained regime
+(p(positive) ≈ 0.999, where the gradient is 1 − p) that made fp32 d logit_scale miss its
+tolerance by 1.3× (tests/test_kernels_infonce.py); the multiply it would save runs on the FMA
+pipe beside the special-function unit's ``ex2`` anyway.
 
 Under TRITON_INTERPRET=1 (CPU) bf16 ``tl.dot`` is broken upstream, so bf16 tiles are converted
 to fp32 before the dot when interpreting (the ``UPCAST`` constexpr) and G is kept in fp32.
@@ -36,18 +44,25 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _dot_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
+def _dot_tile(A, B, rows, cols, rmask, cmask, r_start, c_start, D, stride_a, stride_b,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] tile of A[rows] · B[cols]ᵀ, summed over D in BLOCK_K slices."""
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of A[rows] · B[cols]ᵀ, summed over D in BLOCK_K slices.  With
+    ``TMA``, A and B are tensor descriptors (rows and cols contiguous ranges; the hardware pads
+    what lies outside the matrix with zeros, and the callers mask rows and columns they do not
+    own); otherwise pointers, loaded under the masks."""
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        dmask = (k0 + kk) < D
-        a = tl.load(A + rows[:, None] * stride_a + (k0 + kk)[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        bt = tl.load(B + cols[None, :] * stride_b + (k0 + kk)[:, None],          # [BLOCK_K, BLOCK_N]
-                     mask=cmask[None, :] & dmask[:, None], other=0.0)
+        if TMA:
+            a = A.load([tl.cast(r_start, tl.int32), k0])
+            bt = tl.trans(B.load([tl.cast(c_start, tl.int32), k0]))
+        else:
+            dmask = (k0 + kk) < D
+            a = tl.load(A + rows[:, None] * stride_a + (k0 + kk)[None, :],
+                        mask=rmask[:, None] & dmask[None, :], other=0.0)
+            bt = tl.load(B + cols[None, :] * stride_b + (k0 + kk)[:, None],          # [BLOCK_K, BLOCK_N]
+                         mask=cmask[None, :] & dmask[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             bt = bt.to(tl.float32)
@@ -56,11 +71,12 @@ def _dot_tile(A, B, rows, cols, rmask, cmask, D, stride_a, stride_b,
 
 
 @triton.jit
-def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, cols_per_split, scale,
-                  COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
+def _stats_item(Q, K, RMAX, RSUM, PMAX, PSUM, item, n, m, D, stride_q, stride_k, cols_per_split, splits, scale,
+                COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Work item ``item`` = (row block, split), splits fastest: neighbouring items share Q's rows."""
+    pid_m = item // splits
+    split = item % splits
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # int64: row · stride may pass 2³¹
     rmask = rows < n
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -70,8 +86,8 @@ def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, col
     for c0 in range(c_start, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < c_end
-        acc = _dot_tile(Q, K, rows, cols, rmask, cmask, D, stride_q, stride_k,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        acc = _dot_tile(Q, K, rows, cols, rmask, cmask, pid_m * BLOCK_M, c0, D, stride_q, stride_k,
+                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, TMA)
         s = acc * scale
         s_r = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_r, axis=1))           # finite: every tile has a valid column
@@ -88,19 +104,39 @@ def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, col
 
 
 @triton.jit
-def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0, row1, m, D,
-                      stride_q, stride_k, stride_g, scale,
-                      HAS_COL: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, cols_per_split, splits, scale,
+                  COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr):
+    if PERSISTENT:  # a fixed grid of programs walks the work items
+        for item in range(tl.program_id(0), tl.cdiv(n, BLOCK_M) * splits, tl.num_programs(0)):
+            _stats_item(Q, K, RMAX, RSUM, PMAX, PSUM, item, n, m, D, stride_q, stride_k, cols_per_split, splits,
+                        scale, COL, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, TMA)
+    else:           # one program per work item
+        _stats_item(Q, K, RMAX, RSUM, PMAX, PSUM, tl.program_id(0), n, m, D, stride_q, stride_k, cols_per_split,
+                    splits, scale, COL, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, TMA)
+
+
+@triton.jit
+def _grad_tile(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tile, row0, row1, m, D,
+               stride_q, stride_k, stride_g, scale,
+               HAS_COL: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               TMA: tl.constexpr):
+    """Tile ``tile`` of the chunk's (row block, key tile) grid, in GROUP_M-row-block raster order."""
+    blocks_m = tl.cdiv(row1 - row0, BLOCK_M)
+    blocks_n = tl.cdiv(m, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (tile // per_group) * GROUP_M
+    group_m = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_m
+    pid_n = (tile % per_group) // group_m
     local = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = row0 + local
     rmask = rows < row1
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < m
-    acc = _dot_tile(Q, K, rows, cols, rmask, cmask, D, stride_q, stride_k,
-                    BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+    acc = _dot_tile(Q, K, rows, cols, rmask, cmask, row0 + pid_m * BLOCK_M, pid_n * BLOCK_N, D, stride_q,
+                    stride_k, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, TMA)
     valid = rmask[:, None] & cmask[None, :]
     s = tl.where(valid, acc * scale, float("-inf"))            # exp(-inf) = 0 on padding: no inf·0
     rlse = tl.load(RLSE + rows, mask=rmask, other=0.0)
@@ -114,8 +150,28 @@ def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0,
         pidx = tl.load(PIDX + rows, mask=rmask, other=-1)
         pcoef = tl.load(PCOEF + rows, mask=rmask, other=0.0)
         g -= tl.where(cols[None, :] == pidx[:, None], pcoef[:, None], 0.0)
-    tl.store(DSP + pid_m.to(tl.int64) * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
+    tl.store(DSP + pid_m.to(tl.int64) * blocks_n + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
     tl.store(G + local[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0, row1, m, D,
+                      stride_q, stride_k, stride_g, scale,
+                      HAS_COL: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                      TMA: tl.constexpr, PERSISTENT: tl.constexpr):
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), tl.cdiv(row1 - row0, BLOCK_M) * tl.cdiv(m, BLOCK_N), tl.num_programs(0)):
+            _grad_tile(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tile, row0, row1, m, D, stride_q,
+                       stride_k, stride_g, scale, HAS_COL, HAS_POS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST,
+                       PRECISION, TMA)
+    else:
+        _grad_tile(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tl.program_id(0), row0, row1, m, D,
+                   stride_q, stride_k, stride_g, scale, HAS_COL, HAS_POS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                   UPCAST, PRECISION, TMA)
+
+
+GROUP_M = 8  # row blocks per raster group of the gradient grid (see the module docstring)
 
 
 def _pow2(x: int) -> int:
@@ -127,8 +183,10 @@ class TritonOps(TiledOps):
 
     name = "triton"
 
-    def __init__(self, interpret: bool, dtype: torch.dtype):
+    def __init__(self, interpret: bool, dtype: torch.dtype, programs: int = 0, tma: bool = False,
+                 tiles: str | None = None):
         self.interpret = interpret
+        self.programs, self.tma, self.forced_tiles = programs, tma, tiles  # see for_inputs
         self.upcast = interpret and dtype == torch.bfloat16
         tf32 = dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32
         self.precision = "tf32" if tf32 else "ieee"
@@ -152,12 +210,22 @@ class TritonOps(TiledOps):
                                    "backend='torch' (the CPU default)")
         else:
             raise RuntimeError(f"backend='triton' cannot run on device {device}; use backend='torch'")
-        return cls(interpret, dtype)
+        # Kernel variants, read once here (a loss's forward and backward use the same ones), off by
+        # default until a GPU profile shows they pay (benchmarks/README.md, benchmarks/triton_resources.py):
+        # COMA_INFONCE_TRITON_TILES="BM,BN,BK": the tile shape (tests, tuning);
+        # COMA_INFONCE_TRITON_PERSISTENT=1: a persistent grid, two programs per SM (three programs
+        # in the interpreter, so that the tests walk the work loop), each looping over work items;
+        # COMA_INFONCE_TRITON_TMA=1: Q and K tiles through TMA tensor descriptors (Hopper and later).
+        programs = 0
+        if os.environ.get("COMA_INFONCE_TRITON_PERSISTENT", "0") == "1":
+            programs = 3 if interpret else 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        tma = os.environ.get("COMA_INFONCE_TRITON_TMA", "0") == "1" and (
+            interpret or torch.cuda.get_device_capability(device)[0] >= 9)
+        return cls(interpret, dtype, programs, tma, os.environ.get("COMA_INFONCE_TRITON_TILES"))
 
     def _config(self, n, m, d, elem):
-        forced = os.environ.get("COMA_INFONCE_TRITON_TILES")   # "BM,BN,BK": tests, tuning
-        if forced:
-            bm, bn, bk = (int(x) for x in forced.split(","))
+        if self.forced_tiles:
+            bm, bn, bk = (int(x) for x in self.forced_tiles.split(","))
             return bm, bn, bk, ({} if self.interpret else {"num_warps": 8 if bm * bn >= 128 * 64 else 4,
                                                              "num_stages": 3})
         if self.interpret:
@@ -173,12 +241,28 @@ class TritonOps(TiledOps):
             return 1
         return cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, row_blocks)
 
+    def _grid(self, items: int) -> tuple[int]:
+        """One program per work item, or the persistent grid's programs looping over them."""
+        return (min(items, self.programs) if self.programs else items,)
+
+    def _operands(self, q, k, bm, bn, bk):
+        """(Q, K, TMA): tensor descriptors when TMA is on and both have 16-byte aligned rows."""
+        aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (q, k))
+        if not (self.tma and aligned):
+            return q, k, False
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        return TensorDescriptor.from_tensor(q, [bm, bk]), TensorDescriptor.from_tensor(k, [bn, bk]), True
+
     def launch_stats(self, q, k, scale, col, cols_per_split, rmax, rsum, pmax, psum):
         (n, d), m = q.shape, k.shape[0]
         bm, bn, bk, kw = self._config(n, m, d, q.element_size())
-        _stats_kernel[(cdiv(n, bm), rmax.shape[0])](q, k, rmax, rsum, pmax, psum, n, m, d, q.stride(0), k.stride(0),
-                                                    cols_per_split, scale, COL=col, BLOCK_M=bm, BLOCK_N=bn,
-                                                    BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, **kw)
+        splits = rmax.shape[0]
+        qa, ka, tma = self._operands(q, k, bm, bn, bk)
+        _stats_kernel[self._grid(cdiv(n, bm) * splits)](
+            qa, ka, rmax, rsum, pmax, psum, n, m, d, q.stride(0), k.stride(0), cols_per_split, splits, scale,
+            COL=col, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, TMA=tma,
+            PERSISTENT=self.programs > 0, **kw)
 
     def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale):
         (n, d), m = q.shape, k.shape[0]
@@ -186,7 +270,8 @@ class TritonOps(TiledOps):
         has_col, has_pos = clse is not None, pidx is not None
         cl, cc = (clse, ccoef) if has_col else (rlse, rcoef)      # pointer slots unused without the term
         pi, pc = (pidx, pcoef) if has_pos else (rlse, rcoef)
-        _grad_tile_kernel[(cdiv(row1 - row0, bm), cdiv(m, bn))](
-            q, k, g, dsp, rlse, rcoef, cl, cc, pi, pc, row0, row1, m, d, q.stride(0), k.stride(0), g.stride(0),
-            scale, HAS_COL=has_col, HAS_POS=has_pos, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=self.upcast,
-            PRECISION=self.precision, **kw)
+        qa, ka, tma = self._operands(q, k, bm, bn, bk)
+        _grad_tile_kernel[self._grid(cdiv(row1 - row0, bm) * cdiv(m, bn))](
+            qa, ka, g, dsp, rlse, rcoef, cl, cc, pi, pc, row0, row1, m, d, q.stride(0), k.stride(0), g.stride(0),
+            scale, HAS_COL=has_col, HAS_POS=has_pos, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+            UPCAST=self.upcast, PRECISION=self.precision, TMA=tma, PERSISTENT=self.programs > 0, **kw)

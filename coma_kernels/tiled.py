@@ -1,6 +1,7 @@
-"""Host-side driver shared by the GPU backends (Triton and CUDA C++).
+"""Host-side driver of the fused tile kernels (the Triton backend), and the helpers the GPU
+backends share (chunk sizing, fp32-output GEMMs, LSE merging, the gradient coefficients).
 
-A backend supplies two tile kernels; this class turns them into the primitives of
+A backend supplies two tile kernels; :class:`TiledOps` turns them into the primitives of
 :mod:`coma_kernels.infonce` (``stats`` and ``softmax_grads``):
 
 ``launch_stats``  grid (row blocks of Q) × (splits of the key columns).  Every program keeps an
@@ -18,8 +19,12 @@ A backend supplies two tile kernels; this class turns them into the primitives o
     fp32 accumulation; dK accumulated in place across chunks in fp32).  S is recomputed once in backward (not once
     per direction), with no atomics and no D-wide read-modify-write, deterministically.
 
-Chunk size: C·m ≈ COMA_INFONCE_CHUNK_ELEMS_GPU elements (default 64 Mi: 128 MiB of bf16 G),
-so peak extra memory is O(C·m + (n + m)·D).  G is normalised to max |coefficient| = 1 before it
+Chunk size (:func:`chunk_rows`): the G buffer takes up to a quarter of the device's free memory
+(``torch.cuda.mem_get_info`` plus the caching allocator's unused blocks), so on a large GPU the
+whole [n, m] G usually fits (2 GiB of bf16 at n = m = 32k): one chunk, dQ = s·G K and
+dK = s·Gᵀ Q as two full-size GEMMs and nothing accumulated.  Smaller memory gives more chunks,
+dK accumulated in place; ``COMA_INFONCE_CHUNK_ELEMS_GPU`` fixes C·m (tests force many chunks).
+Peak extra memory is O(C·m + (n + m)·D).  G is normalised to max |coefficient| = 1 before it
 is rounded to fp16/bf16 (the coefficients are O(1/n), below fp16's normal range at large n);
 the norm is folded back into the GEMM scale.
 """
@@ -30,7 +35,8 @@ import os
 
 import torch
 
-DEFAULT_CHUNK_ELEMS = 1 << 26
+DEFAULT_CHUNK_ELEMS = 1 << 26   # C·m where free memory cannot be read (the CPU interpreter)
+FREE_MEMORY_SHARE = 0.25        # of the device's free memory, for the G chunk buffer
 
 
 def cdiv(a: int, b: int) -> int:
@@ -49,8 +55,10 @@ _OUT_DTYPE_MM = [True]
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result.  cuBLAS accumulates fp16/bf16 products in fp32 anyway;
     ``out_dtype`` (torch ≥ 2.8, CUDA) keeps that sum unrounded, older torch rounds it once."""
-    if a.dtype == torch.float32 or not a.is_cuda:
-        return torch.mm(a, b).float()
+    if not a.is_cuda:  # the CPU rounds a bf16/fp16 product to bf16/fp16: multiply in fp32
+        return torch.mm(a.float(), b.float())
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
     if _OUT_DTYPE_MM[0]:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
@@ -62,21 +70,64 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _OUT_DTYPE_ADDMM = [True]
 
 
-def addmm_f32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """out += alpha · (a @ b) in place, ``out`` fp32.  On CUDA with fp16/bf16 operands the
+def chunk_rows(n: int, m: int, bm: int, g_elem: int, free_bytes: int | None) -> int:
+    """Rows C of Q per backward chunk: a multiple of ``bm`` whose [C, m] G buffer of ``g_elem``-byte
+    elements takes at most ``FREE_MEMORY_SHARE`` of ``free_bytes`` (``COMA_INFONCE_CHUNK_ELEMS_GPU``:
+    at most that many elements; ``free_bytes`` None: ``DEFAULT_CHUNK_ELEMS``), at least one row
+    block, at most all ``n`` rows."""
+    forced = os.environ.get("COMA_INFONCE_CHUNK_ELEMS_GPU")
+    if forced:
+        elems = int(forced)
+    elif free_bytes is None:
+        elems = DEFAULT_CHUNK_ELEMS
+    else:
+        elems = int(free_bytes * FREE_MEMORY_SHARE) // g_elem
+    return min(cdiv(n, bm) * bm, max(bm, elems // max(m, 1) // bm * bm))
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes a new buffer can take on ``device``: the driver's free memory plus what torch's
+    caching allocator holds unused; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def addmm_f32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+    """out = beta · out + alpha · (a @ b) in place, ``out`` fp32 (``beta=0``: ``out`` is not read, so
+    it may be uninitialised).  On CUDA with fp16/bf16 operands the
     product is accumulated straight into ``out`` (``out_dtype``, torch ≥ 2.8): no [m, D] fp32
     temporary per chunk, no read-modify-write pass over it (dK over 16 chunks at N = 32k,
     D = 2048 moved ~16 GiB that way).  Elsewhere: the fp32 product, then one add."""
     if a.is_cuda and a.dtype != torch.float32 and _OUT_DTYPE_ADDMM[0]:
         try:
-            torch.addmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
+            torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=out)
             return
         except (TypeError, RuntimeError, NotImplementedError):
             _OUT_DTYPE_ADDMM[0] = False
-    if a.is_cuda and a.dtype != torch.float32:
+    if beta == 0:
+        torch.mul(mm_f32(a, b) if a.is_cuda else torch.mm(a.float(), b.float()), alpha, out=out)
+    elif a.is_cuda and a.dtype != torch.float32:
         out.add_(mm_f32(a, b), alpha=alpha)
     else:  # fp32, or the CPU (interpreter runs), where a bf16 product would be rounded to bf16
         out.addmm_(a.float(), b.float(), alpha=alpha)
+
+
+def normalised_coefficients(row_lse, row_coef, col_lse=None, col_coef=None, pos_index=None, pos_coef=None):
+    """``(norm, rl, rc, cl, cc, pi, pc)`` for the gradient-weight kernels: the coefficients divided
+    by ``norm``, their largest magnitude (G's entries are O(1/n), below fp16's normal range at
+    large n; normalised, G rounds well, and ``norm`` goes back into the GEMM scale), as contiguous
+    fp32 vectors, the positive index as int64; None where a term is absent.  ``norm`` is 0.0 when
+    every coefficient is 0 (the gradient is 0).  One host sync, not one per coefficient."""
+    norm = float(torch.stack([x.abs().max() for x in (row_coef, col_coef, pos_coef) if x is not None]).max())
+    if norm == 0.0:
+        return 0.0, None, None, None, None, None, None
+    f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
+    has_col, has_pos = col_lse is not None, pos_index is not None
+    return (norm, f32(row_lse), f32(row_coef / norm),
+            f32(col_lse) if has_col else None, f32(col_coef / norm) if has_col else None,
+            pos_index.to(torch.int64).contiguous() if has_pos else None, f32(pos_coef / norm) if has_pos else None)
 
 
 class TiledOps(abc.ABC):
@@ -125,31 +176,43 @@ class TiledOps(abc.ABC):
                       pos_index=None, pos_coef=None):
         q, k = query.contiguous(), key.contiguous()
         (n, d), m = q.shape, k.shape[0]
-        has_col = col_lse is not None
-        dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
-        has_pos = pos_index is not None
-        # one host sync (not one per coefficient): the normaliser keeps G's tiles in range
-        norm = float(torch.stack([x.abs().max() for x in (row_coef, col_coef, pos_coef) if x is not None]).max())
-        if norm == 0.0:
-            return dq, dk, dq.new_zeros(())
-        f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
-        rl, rc = f32(row_lse), f32(row_coef / norm)
-        cl, cc = (f32(col_lse), f32(col_coef / norm)) if has_col else (None, None)
-        pi, pc = (pos_index.to(torch.int64).contiguous(), f32(pos_coef / norm)) if has_pos else (None, None)
         bm, bn = self.tiles(n, m, d, q.element_size())
-        budget = int(os.environ.get("COMA_INFONCE_CHUNK_ELEMS_GPU", DEFAULT_CHUNK_ELEMS))
-        chunk = min(cdiv(n, bm) * bm, max(bm, budget // max(m, 1) // bm * bm))
-        gbuf = torch.empty(chunk, m, dtype=self.g_dtype, device=q.device)
-        qg, kg = q.to(self.g_dtype), k.to(self.g_dtype)            # no-ops except when interpreting
-        out_scale = float(scale) * norm
-        ds = torch.zeros((), dtype=torch.float32, device=q.device)
-        for r0 in range(0, n, chunk):
-            r1 = min(n, r0 + chunk)
+        coefs = normalised_coefficients(row_lse, row_coef, col_lse, col_coef, pos_index, pos_coef)
+        _, rl, rc, cl, cc, pi, pc = coefs
+
+        def write_g(r0: int, r1: int, g: torch.Tensor) -> torch.Tensor:
             dsp = torch.empty(cdiv(r1 - r0, bm) * cdiv(m, bn), dtype=torch.float32, device=q.device)
-            g = gbuf[: r1 - r0]
             self.launch_grad_tiles(q, k, g, dsp, rl, rc, cl, cc, pi, pc, r0, r1, float(scale))
-            ds += dsp.sum()
-            torch.mul(mm_f32(g, kg), out_scale, out=dq[r0:r1])
-            addmm_f32_(dk, g.t(), qg[r0:r1], out_scale)
-        return dq, dk, ds * norm
+            return dsp.sum()
+
+        return chunked_grads(q, k, scale, coefs[0], self.g_dtype, bm, 0, write_g)
+
+
+def chunked_grads(q, k, scale: float, norm: float, g_dtype: torch.dtype, row_multiple: int, extra_bytes: int,
+                  write_g) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward both GPU backends share: (dQ [n, D], dK [m, D], d scale) in fp32.
+
+    Over chunks of C query rows (:func:`chunk_rows`: multiples of ``row_multiple``, the G buffer
+    plus ``extra_bytes`` per element of the backend's own within a share of free memory),
+    ``write_g(r0, r1, g)`` fills ``g`` [r1 − r0, m] (``g_dtype``) with the softmax-gradient
+    weights of rows [r0, r1), coefficients divided by ``norm`` (:func:`normalised_coefficients`),
+    and returns that chunk's Σ G ⊙ (Q Kᵀ) (0-dim fp32).  Then dQ_c = s·norm·G K and
+    dK += s·norm·Gᵀ Q_c: GEMMs with fp32 results, dK overwritten by the first chunk (beta = 0)."""
+    (n, d), m = q.shape, k.shape[0]
+    dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
+    if norm == 0.0:
+        return dq, dk, dq.new_zeros(())
+    g_elem = torch.empty((), dtype=g_dtype).element_size()
+    chunk = chunk_rows(n, m, row_multiple, g_elem + extra_bytes, free_bytes(q.device))
+    gbuf = torch.empty(chunk, m, dtype=g_dtype, device=q.device)
+    qg, kg = q.to(g_dtype), k.to(g_dtype)            # no-ops except when the Triton interpreter keeps G in fp32
+    out_scale = float(scale) * norm
+    ds = torch.zeros((), dtype=torch.float32, device=q.device)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        g = gbuf[: r1 - r0]
+        ds += write_g(r0, r1, g)
+        torch.mul(mm_f32(g, kg), out_scale, out=dq[r0:r1])
+        addmm_f32_(dk, g.t(), qg[r0:r1], out_scale, beta=0.0 if r0 == 0 else 1.0)
+    return dq, dk, ds * norm

@@ -229,12 +229,14 @@ def test_triton_column_splits_and_row_chunks(monkeypatch):
         assert_close(got, reference(q, k, s, symmetric=sym, positive_index=pidx), torch.float16, f"sym={sym}")
 
 
-@pytest.mark.parametrize("tiles", ["16,16,16", "128,128,64"])
-def test_triton_other_tile_shapes(monkeypatch, tiles):
-    # many small partial tiles (and a D loop of several steps), and the GPU's own tile shape
+@pytest.mark.parametrize("tiles,n", [("16,16,16", 70), ("16,16,16", 200), ("128,128,64", 70)])
+def test_triton_other_tile_shapes(monkeypatch, tiles, n):
+    # many small partial tiles (and a D loop of several steps), the GPU's own tile shape, and
+    # 13 row blocks: one whole raster group of GROUP_M = 8 and a partial one of 5
     monkeypatch.setenv("COMA_INFONCE_TRITON_TILES", tiles)
-    q, k, s = make(70, 99, 40, torch.float32, 33.3)
-    pidx = torch.randint(0, 99, (70,), generator=torch.Generator().manual_seed(2))
+    m = max(99, n + 29)
+    q, k, s = make(n, m, 40, torch.float32, 33.3)
+    pidx = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(2))
     got = run("triton", q, k, s, symmetric=True, positive_index=pidx)
     assert_close(got, reference(q, k, s, symmetric=True, positive_index=pidx), torch.float32, tiles)
 
@@ -252,3 +254,80 @@ def test_dk_accumulates_in_place_in_fp32(dtype):
     addmm_f32_(out, a, b, 0.5)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_chunks_are_sized_from_free_memory(monkeypatch):
+    """The G buffer takes a quarter of the free memory: at n = m = 32k in bf16 (2 GiB of G) an
+    80 GB card's free memory holds all of it (one chunk, nothing accumulated); 1 GiB free gives
+    chunks of 4096 rows; a row block at least, and the forced element count wins."""
+    from coma_kernels.tiled import chunk_rows
+
+    monkeypatch.delenv("COMA_INFONCE_CHUNK_ELEMS_GPU", raising=False)
+    n = m = 32768
+    assert chunk_rows(n, m, 128, 2, 70 << 30) == n
+    assert chunk_rows(n, m, 128, 2, 1 << 30) == 4096            # 256 MiB of G: 4096 rows × 32k × 2 B
+    assert chunk_rows(n, m, 128, 2, 1 << 20) == 128             # never less than one row block
+    assert chunk_rows(100, 50, 64, 2, 70 << 30) == 128          # all rows, whole blocks
+    assert chunk_rows(n, m, 128, 2, None) == 2048               # no memory reading: 64 Mi elements
+    monkeypatch.setenv("COMA_INFONCE_CHUNK_ELEMS_GPU", "1")
+    assert chunk_rows(n, m, 128, 2, 70 << 30) == 128
+
+
+def run_ops(ops, q, k, s, symmetric=False, positive_index=None):
+    """run() with an ops object instead of a backend name (the CUDA host loop on the CPU)."""
+    from coma_kernels.infonce import check_inputs, infonce_forward
+
+    q, k, s = (x.detach().clone().requires_grad_() for x in (q, k, s))
+    pidx = check_inputs(q, k, s, positive_index, "mean")  # as fused_infonce does: default arange(n)
+    loss = infonce_forward(q, k, s, pidx, symmetric, "mean", ops)
+    return [loss.detach(), *torch.autograd.grad(loss, (q, k, s))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_elems", [None, "1"])
+def test_cuda_host_loop(monkeypatch, dtype, chunk_elems):
+    """The CUDA backend's host loop (cuBLAS logits chunks, then the fused epilogues) with the
+    kernels' contracts in torch (TorchEpilogue) on the CPU, against float64: one chunk, and
+    chunks of one 128-row group; 300 rows (a partial group), 1100 keys (a partial 1024-column
+    block); symmetric, custom positives, and the trained regime where G must not round 1 − p
+    away.  On a GPU benchmarks/gpu_check.py runs the compiled kernels against float64."""
+    from coma_kernels.infonce_cuda import CudaOps, TorchEpilogue
+    from coma_kernels.infonce_reference import trained_regime_inputs
+
+    if chunk_elems:
+        monkeypatch.setenv("COMA_INFONCE_CHUNK_ELEMS_GPU", chunk_elems)
+    else:
+        monkeypatch.delenv("COMA_INFONCE_CHUNK_ELEMS_GPU", raising=False)
+    ops = CudaOps(TorchEpilogue(), dtype)
+    q, k, s = make(300, 1100, 40, dtype, 33.3)
+    pidx = torch.randperm(1100, generator=torch.Generator().manual_seed(4))[:300]
+    for sym, pos in ((False, None), (True, None), (True, pidx)):
+        got = run_ops(ops, q, k, s, symmetric=sym, positive_index=pos)
+        assert_close(got, reference(q, k, s, symmetric=sym, positive_index=pos), dtype, f"sym={sym} pos={pos is not None}")
+    q64, k64 = trained_regime_inputs(200, 260, 48, 33.3, generator=torch.Generator().manual_seed(3))
+    q, k = q64.to(dtype), k64.to(dtype)
+    for sym in (False, True):
+        got = run_ops(ops, q, k, s, symmetric=sym)
+        assert_close(got, reference(q, k, s, symmetric=sym), dtype, f"trained sym={sym}",
+                     tols={**TOLS, torch.float32: (1e-5, 1e-3)})
+
+
+@pytest.mark.parametrize("persistent,tma", [("1", "0"), ("0", "1"), ("1", "1")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_persistent_and_tma_variants(monkeypatch, persistent, tma, dtype):
+    """The kernel variants a GPU profile chooses between (COMA_INFONCE_TRITON_PERSISTENT / _TMA):
+    three programs walking every work item (many tiles of 16, several column splits, chunks of
+    one row block), and Q/K tiles through tensor descriptors (zero padding outside the matrix in
+    place of masked loads), against float64; D = 10 in fp16 has 20-byte rows, which TMA cannot
+    take: the pointer path runs instead."""
+    monkeypatch.setenv("COMA_INFONCE_TRITON_PERSISTENT", persistent)
+    monkeypatch.setenv("COMA_INFONCE_TRITON_TMA", tma)
+    monkeypatch.setenv("COMA_INFONCE_TRITON_TILES", "16,16,16")
+    monkeypatch.setenv("COMA_INFONCE_SPLITS", "3")
+    monkeypatch.setenv("COMA_INFONCE_CHUNK_ELEMS_GPU", "1")
+    for n, m, d in ((150, 170, 40), (20, 37, 10)):
+        q, k, s = make(n, m, d, dtype, 33.3)
+        pidx = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(6))
+        for sym, pos in ((False, None), (True, pidx)):
+            got = run("triton", q, k, s, symmetric=sym, positive_index=pos)
+            assert_close(got, reference(q, k, s, symmetric=sym, positive_index=pos), dtype, f"n={n} d={d} sym={sym}")

@@ -1,7 +1,7 @@
 // torch binding of infonce_kernels.cu: checks, the device guard and the current CUDA stream.
 // Built just-in-time by coma_kernels/infonce_cuda.py (torch.utils.cpp_extension.load + ninja) or
 // ahead of time by setup.py with COMA_BUILD_CUDA=1, as the module coma_kernels._infonce_cuda.
-// Outputs are allocated by the caller (coma_kernels/tiled.py) and filled in place.
+// Outputs are allocated by the caller (coma_kernels/infonce_cuda.py) and filled in place.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -11,15 +11,16 @@
 #include <optional>
 
 extern "C" {
-int coma_infonce_tile();
-cudaError_t coma_infonce_stats(int dtype, const void* Q, const void* K, float* rmax, float* rsum, float* pmax,
-                               float* psum, int col, int64_t n, int64_t m, int64_t D, int64_t ldq, int64_t ldk,
-                               int64_t cols_per_split, int splits, float scale, cudaStream_t stream);
-cudaError_t coma_infonce_grad_tiles(int dtype, const void* Q, const void* K, void* G, float* dsp, const float* rlse,
-                                    const float* rcoef, const float* clse, const float* ccoef, const int64_t* pidx,
-                                    const float* pcoef, int has_col, int has_pos, int64_t row0, int64_t row1,
-                                    int64_t m, int64_t D, int64_t ldq, int64_t ldk, int64_t ldg, float scale,
-                                    cudaStream_t stream);
+int coma_infonce_rows_per_group();
+int coma_infonce_cols_per_block();
+cudaError_t coma_infonce_row_lse(const float* S, int64_t rows, int64_t m, int64_t lds, float scale, float* lse,
+                                 cudaStream_t stream);
+cudaError_t coma_infonce_col_partials(const float* S, int64_t rows, int64_t m, int64_t lds, float scale, float* pmax,
+                                      float* psum, int64_t group0, cudaStream_t stream);
+cudaError_t coma_infonce_grad_weights(int dtype, const float* S, int64_t rows, int64_t m, int64_t lds, float scale,
+                                      void* G, int64_t ldg, float* dsp, const float* rlse, const float* rcoef,
+                                      const float* clse, const float* ccoef, const int64_t* pidx, const float* pcoef,
+                                      cudaStream_t stream);
 }
 
 namespace {
@@ -29,17 +30,15 @@ int dtype_code(const at::Tensor& t) {
     case at::kFloat: return 0;
     case at::kHalf: return 1;
     case at::kBFloat16: return 2;
-    default: TORCH_CHECK(false, "infonce cuda: dtype ", t.scalar_type(), " unsupported; use float32/float16/bfloat16");
+    default: TORCH_CHECK(false, "infonce cuda: G dtype ", t.scalar_type(), " unsupported; use float32/float16/bfloat16");
   }
   return -1;
 }
 
-void check_pair(const at::Tensor& Q, const at::Tensor& K) {
-  TORCH_CHECK(Q.is_cuda() && K.is_cuda(), "infonce cuda: inputs must be CUDA tensors");
-  TORCH_CHECK(Q.dim() == 2 && K.dim() == 2 && Q.size(1) == K.size(1), "infonce cuda: expected Q [n, D], K [m, D]");
-  TORCH_CHECK(Q.scalar_type() == K.scalar_type(), "infonce cuda: Q and K must share a dtype");
-  TORCH_CHECK(Q.device() == K.device(), "infonce cuda: Q and K must be on the same device");
-  TORCH_CHECK(Q.stride(1) == 1 && K.stride(1) == 1, "infonce cuda: rows of Q and K must be contiguous");
+// S: the fp32 logits chunk [rows, m] with contiguous rows.
+void check_logits(const at::Tensor& S) {
+  TORCH_CHECK(S.is_cuda() && S.scalar_type() == at::kFloat && S.dim() == 2 && S.stride(1) == 1,
+              "infonce cuda: S must be a float32 CUDA matrix [rows, m] with contiguous rows");
 }
 
 float* f32(const at::Tensor& t, int64_t numel, const char* name) {
@@ -52,65 +51,66 @@ void ok(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "infonce cuda: ", what, " launch failed: ", cudaGetErrorString(err));
 }
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 }  // namespace
 
-// rmax/rsum [splits, n]: per-row (max, sum-exp) of scale·Q Kᵀ over each split of cols_per_split
-// keys; pmax/psum [ceil(n / tile), m]: per row block and column (only when col).
-void stats(const at::Tensor& Q, const at::Tensor& K, at::Tensor rmax, at::Tensor rsum, at::Tensor pmax,
-           at::Tensor psum, bool col, int64_t cols_per_split, double scale) {
-  check_pair(Q, K);
-  const int64_t n = Q.size(0), m = K.size(0), splits = rmax.size(0), tile = coma_infonce_tile();
-  TORCH_CHECK(rmax.dim() == 2 && rmax.size(1) == n && cols_per_split > 0 && splits * cols_per_split >= m,
-              "infonce cuda: rmax must be [splits, n] with splits * cols_per_split >= m");
-  const int64_t part = col ? cdiv(n, tile) * m : 0;
-  const c10::cuda::CUDAGuard guard(Q.device());
-  ok(coma_infonce_stats(dtype_code(Q), Q.data_ptr(), K.data_ptr(), f32(rmax, splits * n, "rmax"),
-                        f32(rsum, splits * n, "rsum"), f32(pmax, part, "pmax"), f32(psum, part, "psum"), col, n, m,
-                        Q.size(1), Q.stride(0), K.stride(0), cols_per_split, static_cast<int>(splits),
-                        static_cast<float>(scale), c10::cuda::getCurrentCUDAStream().stream()),
-     "stats");
+// lse [rows] <- log Σ_c exp(scale · S[r, c]) per row.
+void row_lse(const at::Tensor& S, double scale, at::Tensor lse) {
+  check_logits(S);
+  const c10::cuda::CUDAGuard guard(S.device());
+  ok(coma_infonce_row_lse(S.data_ptr<float>(), S.size(0), S.size(1), S.stride(0), static_cast<float>(scale),
+                          f32(lse, S.size(0), "lse"), stream()),
+     "row_lse");
 }
 
-// G [row1 - row0, m] (Q's dtype) <- softmax-gradient weights of rows [row0, row1), the optional
-// column (clse, ccoef) and positive (pidx int64, pcoef) terms included; dsp [grid] float32 <-
-// per-tile sum of G * (Q Kᵀ).
-void grad_tiles(const at::Tensor& Q, const at::Tensor& K, at::Tensor G, at::Tensor dsp, const at::Tensor& rlse,
-                const at::Tensor& rcoef, const std::optional<at::Tensor>& clse,
-                const std::optional<at::Tensor>& ccoef, const std::optional<at::Tensor>& pidx,
-                const std::optional<at::Tensor>& pcoef, int64_t row0, int64_t row1, double scale) {
-  check_pair(Q, K);
-  const int64_t n = Q.size(0), m = K.size(0), tile = coma_infonce_tile();
-  TORCH_CHECK(0 <= row0 && row0 < row1 && row1 <= n, "infonce cuda: bad row range [", row0, ", ", row1, ")");
-  TORCH_CHECK(G.is_cuda() && G.dim() == 2 && G.size(0) >= row1 - row0 && G.size(1) == m && G.stride(1) == 1 &&
-                  G.scalar_type() == Q.scalar_type(),
-              "infonce cuda: G must be a [rows, m] CUDA tensor with contiguous rows and Q's dtype");
+// pmax/psum [groups, m]: rows group0 .. group0 + ceil(rows / rows_per_group) - 1 <- per-column
+// (max, sum-exp) of scale · S over each group of rows_per_group rows of S.
+void col_partials(const at::Tensor& S, double scale, at::Tensor pmax, at::Tensor psum, int64_t group0) {
+  check_logits(S);
+  const int64_t rows = S.size(0), m = S.size(1), per = coma_infonce_rows_per_group();
+  TORCH_CHECK(pmax.dim() == 2 && pmax.size(1) == m && group0 >= 0 && group0 + (rows + per - 1) / per <= pmax.size(0),
+              "infonce cuda: pmax/psum must be [groups, m] with room for this chunk's row groups");
+  const c10::cuda::CUDAGuard guard(S.device());
+  ok(coma_infonce_col_partials(S.data_ptr<float>(), rows, m, S.stride(0), static_cast<float>(scale),
+                               f32(pmax, pmax.numel(), "pmax"), f32(psum, pmax.numel(), "psum"), group0, stream()),
+     "col_partials");
+}
+
+// G [rows, m] (float32/float16/bfloat16) <- softmax-gradient weights of the chunk's rows, from the
+// chunk's slices of rlse/rcoef (and pidx int64 global key indices, pcoef) and the whole-key
+// clse/ccoef; dsp [rows * ceil(m / cols_per_block)] float32 <- per-block Σ G ⊙ S.
+void grad_weights(const at::Tensor& S, double scale, at::Tensor G, at::Tensor dsp, const at::Tensor& rlse,
+                  const at::Tensor& rcoef, const std::optional<at::Tensor>& clse,
+                  const std::optional<at::Tensor>& ccoef, const std::optional<at::Tensor>& pidx,
+                  const std::optional<at::Tensor>& pcoef) {
+  check_logits(S);
+  const int64_t rows = S.size(0), m = S.size(1), per = coma_infonce_cols_per_block();
+  TORCH_CHECK(G.is_cuda() && G.dim() == 2 && G.size(0) == rows && G.size(1) == m && G.stride(1) == 1,
+              "infonce cuda: G must be a CUDA matrix shaped like S with contiguous rows");
   TORCH_CHECK(clse.has_value() == ccoef.has_value(), "infonce cuda: clse and ccoef come together");
   TORCH_CHECK(pidx.has_value() == pcoef.has_value(), "infonce cuda: pidx and pcoef come together");
-  const bool has_col = clse.has_value(), has_pos = pidx.has_value();
-  if (has_pos)
-    TORCH_CHECK(pidx->is_cuda() && pidx->scalar_type() == at::kLong && pidx->is_contiguous() && pidx->numel() >= n,
-                "infonce cuda: pidx must be a contiguous int64 CUDA vector of length ", n);
-  const c10::cuda::CUDAGuard guard(Q.device());
-  ok(coma_infonce_grad_tiles(dtype_code(Q), Q.data_ptr(), K.data_ptr(), G.data_ptr(),
-                             f32(dsp, cdiv(row1 - row0, tile) * cdiv(m, tile), "dsp"), f32(rlse, n, "rlse"),
-                             f32(rcoef, n, "rcoef"), has_col ? f32(*clse, m, "clse") : nullptr,
-                             has_col ? f32(*ccoef, m, "ccoef") : nullptr,
-                             has_pos ? pidx->data_ptr<int64_t>() : nullptr, has_pos ? f32(*pcoef, n, "pcoef") : nullptr,
-                             has_col, has_pos, row0, row1, m, Q.size(1),
-                             Q.stride(0), K.stride(0), G.stride(0), static_cast<float>(scale),
-                             c10::cuda::getCurrentCUDAStream().stream()),
-     "grad_tiles");
+  if (pidx.has_value())
+    TORCH_CHECK(pidx->is_cuda() && pidx->scalar_type() == at::kLong && pidx->is_contiguous() && pidx->numel() >= rows,
+                "infonce cuda: pidx must be a contiguous int64 CUDA vector of at least ", rows, " elements");
+  const c10::cuda::CUDAGuard guard(S.device());
+  ok(coma_infonce_grad_weights(dtype_code(G), S.data_ptr<float>(), rows, m, S.stride(0), static_cast<float>(scale),
+                               G.data_ptr(), G.stride(0), f32(dsp, rows * ((m + per - 1) / per), "dsp"),
+                               f32(rlse, rows, "rlse"), f32(rcoef, rows, "rcoef"),
+                               clse ? f32(*clse, m, "clse") : nullptr, ccoef ? f32(*ccoef, m, "ccoef") : nullptr,
+                               pidx ? pidx->data_ptr<int64_t>() : nullptr, pcoef ? f32(*pcoef, rows, "pcoef") : nullptr,
+                               stream()),
+     "grad_weights");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused InfoNCE tile kernels (see coma_kernels/csrc/infonce_kernels.cu and coma_kernels/tiled.py)";
-  m.def("tile", &coma_infonce_tile, "rows (= key columns) per thread block");
-  m.def("stats", &stats, "per-row and per-column partial log-sum-exp statistics", py::arg("Q"), py::arg("K"),
-        py::arg("rmax"), py::arg("rsum"), py::arg("pmax"), py::arg("psum"), py::arg("col"),
-        py::arg("cols_per_split"), py::arg("scale"));
-  m.def("grad_tiles", &grad_tiles, "softmax-gradient weights G of a row chunk", py::arg("Q"), py::arg("K"),
+  m.doc() = "Fused InfoNCE epilogues over cuBLAS logits chunks (coma_kernels/csrc/infonce_kernels.cu)";
+  m.def("rows_per_group", &coma_infonce_rows_per_group, "rows per column-statistics group");
+  m.def("cols_per_block", &coma_infonce_cols_per_block, "columns per block of the gradient-weight kernel");
+  m.def("row_lse", &row_lse, "row log-sum-exp of scale * S", py::arg("S"), py::arg("scale"), py::arg("lse"));
+  m.def("col_partials", &col_partials, "per-column partial (max, sum-exp) over row groups", py::arg("S"),
+        py::arg("scale"), py::arg("pmax"), py::arg("psum"), py::arg("group0"));
+  m.def("grad_weights", &grad_weights, "softmax-gradient weights G of a logits chunk", py::arg("S"), py::arg("scale"),
         py::arg("G"), py::arg("dsp"), py::arg("rlse"), py::arg("rcoef"), py::arg("clse"), py::arg("ccoef"),
-        py::arg("pidx"), py::arg("pcoef"), py::arg("row0"), py::arg("row1"), py::arg("scale"));
+        py::arg("pidx"), py::arg("pcoef"));
 }
