@@ -6,7 +6,9 @@
 
 The local copy holds one entry per dataset (``{name}/*.parquet`` as in the Hugging Face snapshot of
 TIGER-Lab/MMEB-eval, or ``{name}.jsonl``) and the images under ``--image-root`` (default
-``MMEB_ROOT/eval_images`` or ``MMEB_ROOT/images``).  Writes ``{dataset}_score.json``,
+``MMEB_ROOT/eval_images`` or ``MMEB_ROOT/images``).  The CoMa authors' copy,
+ziyjiang/MMEB_Test_Instruct (instructions apart from the text), is read too and joined as their
+evaluation joins it.  Writes ``{dataset}_score.json``,
 ``{dataset}_pred.jsonl``, ``summary.json`` and ``summary.txt`` into ``--out`` and prints the summary
 table (Precision@1 per dataset, meta-task, in-/out-of-distribution and overall means).  A dataset
 missing from the local copy is reported and excluded; rerunning skips finished datasets
@@ -25,7 +27,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="an exported model directory (launch/export.py), or a plain "
                     "Hugging Face VLM directory, evaluated untrained (fresh compression tokens)")
-    ap.add_argument("--mmeb-root", required=True, help="local copy of MMEB-eval")
+    ap.add_argument("--mmeb-root", required=True, help="local copy of MMEB-eval (or of ziyjiang/MMEB_Test_Instruct)")
     ap.add_argument("--out", required=True, help="output directory for score/pred files and the summary")
     ap.add_argument("--image-root", default=None, help="folder the rows' image paths are relative to")
     ap.add_argument("--datasets", nargs="*", default=None, help="subset of the 36 datasets (default: all)")

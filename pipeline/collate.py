@@ -215,7 +215,8 @@ class Collator:
         ``instruction`` (else ``model.instruction``) goes before C; an item with no text of its
         own gets the default "Summarize the above image/sentence in a few words.".  An item's
         optional ``"role"`` (``"query"`` | ``"candidate"``) matters only to ``official_eval``:
-        a text-only candidate gets no newline before C."""
+        a text-only candidate gets no newline before C; an optional ``"newline"`` (bool)
+        overrides that rule (the authors' evaluation leaves it off some image candidates)."""
         seqs = []
         instruction = instruction if instruction is not None else self.cfg.instruction
         items = list(items)
@@ -228,7 +229,8 @@ class Collator:
                 raise ValueError(f"item {i} has neither text nor image")
             n = next(it_tok) if img is not None else None
             if self.official:
-                newline = self.eval_newline and (img is not None or it.get("role") != "candidate")
+                rule = img is not None or it.get("role") != "candidate"
+                newline = self.eval_newline and (rule if it.get("newline") is None else bool(it["newline"]))
                 x = self.proc.official_input_ids(text, n, False, instruction, self.cfg.max_text_tokens,
                                                  suffix="\n" if newline else "")
             else:

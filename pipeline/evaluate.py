@@ -78,7 +78,7 @@ class ItemTable:
         self._rows: dict[tuple, int] = {}
 
     def add(self, item: dict) -> int:
-        key = (item.get("text"), image_fingerprint(item.get("image")), item.get("role"))
+        key = (item.get("text"), image_fingerprint(item.get("image")), item.get("role"), item.get("newline"))
         row = self._rows.get(key)
         if row is None:
             row = self._rows[key] = len(self.items)

@@ -15,6 +15,12 @@ dataset, any of ``{root}/{name}/*.parquet``, ``{root}/{name}/*.jsonl``, ``{root}
 The first candidate is the correct one.  Images are resolved against ``image_root`` (default: the
 first of ``{root}/eval_images``, ``{root}/images``, ``{root}`` that exists).
 
+The CoMa authors' evaluation copy, ``ziyjiang/MMEB_Test_Instruct`` (the same layout per dataset),
+keeps each side's instruction apart: ``qry_inst`` + ``qry_text``, ``tgt_inst`` + ``tgt_text``.
+Rows with ``qry_inst`` are joined back as their evaluation does (:func:`instruct_row`: VLM2Vec's
+five parsers, chosen per dataset as in VLM2Vec ``experiments/public/eval/image.yaml``), so the
+released weights are scored on exactly the strings they were evaluated on.
+
 Scoring follows MMEB's reference code: cosine similarity, prediction = ``argmax`` over the row's
 candidates (so a tie goes to the earliest candidate), a row is correct when the prediction is the
 first candidate; the dataset score is Precision@1.  Meta-task scores are the mean over their
@@ -63,6 +69,19 @@ DATASET_META: dict[str, str] = {d: m for m, ds in META_TASKS.items() for d in ds
 assert len(ALL_DATASETS) == 36 and len(IN_DISTRIBUTION) == 20 and IN_DISTRIBUTION <= set(ALL_DATASETS)
 
 
+# Which of VLM2Vec's eval parsers (src/data/eval_dataset/image_*.py, as in CoMa) reads each
+# dataset of the instruction-apart copy: VLM2Vec experiments/public/eval/image.yaml, L2-222.
+INSTRUCT_PARSER: dict[str, str] = {
+    **{d: "cls" for d in META_TASKS["classification"]},
+    **{d: "qa" for d in META_TASKS["vqa"]},
+    "MSCOCO_i2t": "i2t", "VisualNews_i2t": "i2t",
+    **{d: "t2i" for d in ("VisDial", "MSCOCO_t2i", "VisualNews_t2i", "WebQA", "EDIS", "Wiki-SS-NQ")},
+    **{d: "i2i_vg" for d in ("CIRR", "NIGHTS", "OVEN", "FashionIQ", *META_TASKS["grounding"])},
+}
+assert set(INSTRUCT_PARSER) == set(ALL_DATASETS)
+IMAGE_MARK = "<|image_1|>"
+
+
 class MMEBDataError(ValueError):
     """A dataset of the local copy is unusable; the message names the file, the row and the fix."""
 
@@ -87,6 +106,7 @@ def read_rows(files: Sequence[str]) -> list[tuple[str, int, dict]]:
 
             cols = ["qry_text", "qry_img_path", "tgt_text", "tgt_img_path"]
             table = pq.read_table(f)
+            cols += [c for c in ("qry_inst", "tgt_inst") if c in table.column_names]  # the authors' copy
             missing = [c for c in cols if c not in table.column_names]
             if missing:
                 raise MMEBDataError(f"{f}: missing column(s) {missing}; MMEB rows need {cols}")
@@ -112,8 +132,11 @@ def default_image_root(root: str) -> str:
     return root
 
 
-def _side(text: Optional[str], img: Optional[str], image_root: str, where: str, role: str) -> dict:
-    """One query/candidate → encoder item (image as a resolved path; the encoder opens it)."""
+def _side(text: Optional[str], img: Optional[str], image_root: str, where: str, role: str,
+          newline: Optional[bool] = None, literal: bool = False) -> dict:
+    """One query/candidate → encoder item (image as a resolved path; the encoder opens it).
+    ``newline``: whether ``official_eval`` ends the input with "\n" before C (None: its rule);
+    ``literal``: a text-only side keeps its whitespace (a joined instruction-apart row)."""
     item = {}
     if img:
         path = img if os.path.isabs(img) else os.path.join(image_root, img)
@@ -122,22 +145,72 @@ def _side(text: Optional[str], img: Optional[str], image_root: str, where: str, 
                                 "holding MMEB's images as --image-root")
         item["image"] = path
         text = normalize_placeholders(text) if text else text
-    else:
+    elif not literal:
         text = strip_placeholders(text) if text else text
     if text:
         item["text"] = text
     if not item:
         raise MMEBDataError(f"{where}: neither text nor image")
-    return {**item, "role": role}
+    return {**item, "role": role, **({} if newline is None else {"newline": newline})}
 
 
-def parse_row(file: str, lineno: int, row: dict, image_root: str) -> tuple[dict, list[dict]]:
-    """A raw MMEB row → (query item, candidate items; the first is the correct one)."""
+def instruct_row(dataset: str, row: dict) -> tuple[dict, Optional[bool]]:
+    """A row of the instruction-apart copy → (the fields :func:`parse_row` reads, the candidates'
+    newline override), joined as the authors' evaluation joins them (CoMa
+    ``src/data/eval_dataset/``, ``src/model/processor.py: process_input_text``).  ``I`` is the
+    image, ``inst``/``text`` the row's fields; every query then gets their ``"\n"`` before C
+    (``official_eval``):
+
+    * ``cls``, ``i2t``: query ``I + " " + inst [+ " " + text]`` (the instruction unstripped),
+      ``" \n"`` → ``"\n"``; candidates: ``tgt_text`` as written (text only, no newline);
+    * ``qa``: query ``I + "\n" + inst.strip() [+ " " + text]``; candidates as ``cls``;
+    * ``t2i``: query ``inst + " " + text`` (text only; VisDial one ``"\n"`` more); image
+      candidates ``I + " " + tgt_inst [+ " " + caption]`` (WebQA, EDIS have captions);
+    * ``i2i_vg``: query as ``qa``; candidates as ``t2i``, but without a caption their input
+      ends without the newline (``image_i2i_vg_dataset.py`` L37-38)."""
+    parser = INSTRUCT_PARSER[dataset]
+
+    def join(inst: str, text: Optional[str]) -> str:  # process_input_text: I + " " + inst [+ " " + text]
+        return (IMAGE_MARK + " " + inst + (" " + text if text else "")).replace(" \n", "\n")
+
+    inst = (row.get("qry_inst") or "").replace(IMAGE_MARK, "")
+    qtext, qimg = row.get("qry_text"), row.get("qry_img_path")
+    texts, imgs = row.get("tgt_text") or [], row.get("tgt_img_path") or []
+    newline = None
+    if parser in ("cls", "i2t"):
+        out_q, out_t, out_i = join(inst, qtext), list(texts), [""] * len(texts)
+    elif parser == "qa":
+        out_q, out_t, out_i = join("\n" + inst.strip(), qtext), list(texts), [""] * len(texts)
+    else:
+        if parser == "t2i":
+            out_q, qimg = inst + " " + (qtext or "") + ("\n" if dataset == "VisDial" else ""), None
+        else:
+            out_q = join("\n" + inst.strip(), qtext)
+        tinst = row.get("tgt_inst") or ""
+        captioned = bool(texts) and bool((texts[0] or "").strip())
+        out_t = [IMAGE_MARK + " " + tinst + (" " + (t or "") if captioned else "") for t in (texts if captioned else imgs)]
+        out_i = list(imgs)
+        newline = None if captioned or parser == "t2i" else False
+    return {"qry_text": out_q, "qry_img_path": qimg, "tgt_text": out_t, "tgt_img_path": out_i}, newline
+
+
+def parse_row(file: str, lineno: int, row: dict, image_root: str,
+              dataset: Optional[str] = None) -> tuple[dict, list[dict]]:
+    """A raw MMEB row → (query item, candidate items; the first is the correct one).  A row of the
+    authors' instruction-apart copy (``qry_inst``) is joined first (:func:`instruct_row`), which
+    needs the ``dataset`` name."""
     where = f"{file}:{lineno}"
+    newline, literal = None, "qry_inst" in row  # joined strings keep their whitespace, as theirs do
+    if literal:
+        if dataset not in INSTRUCT_PARSER:
+            raise MMEBDataError(f"{where}: a row with qry_inst (the instruction-apart copy) needs its MMEB dataset "
+                                f"name to be joined, got {dataset!r}")
+        row, newline = instruct_row(dataset, row)
     for k in ("qry_text", "tgt_text"):
         if k not in row:
             raise MMEBDataError(f"{where}: missing field '{k}'")
-    query = _side(row.get("qry_text"), row.get("qry_img_path"), image_root, where + " (query)", "query")
+    query = _side(row.get("qry_text"), row.get("qry_img_path"), image_root, where + " (query)", "query",
+                  literal=literal)
     imgs = row.get("tgt_img_path") or []
     texts = row.get("tgt_text")
     if texts in ("", None):  # MMEB writes "" when no candidate has text
@@ -149,16 +222,18 @@ def parse_row(file: str, lineno: int, row: dict, image_root: str) -> tuple[dict,
     imgs = list(imgs) or [""] * len(texts)
     if not texts:
         raise MMEBDataError(f"{where}: no candidates")
-    cands = [_side(t, i, image_root, f"{where} (candidate {j})", "candidate")
+    cands = [_side(t, i, image_root, f"{where} (candidate {j})", "candidate", newline, literal)
              for j, (t, i) in enumerate(zip(texts, imgs))]
     return query, cands
 
 
 # ------------------------------------------------------------------------------------ scoring
 def evaluate_dataset(encode: Encode, rows: list[tuple[str, int, dict]], image_root: str,
-                     batch_size: int = 32, progress: bool = True, desc: str = "") -> tuple[dict, list[dict]]:
-    """Score one dataset.  Returns (score dict, one prediction dict per row)."""
-    parsed = [parse_row(f, n, r, image_root) for f, n, r in rows]
+                     batch_size: int = 32, progress: bool = True, desc: str = "",
+                     dataset: Optional[str] = None) -> tuple[dict, list[dict]]:
+    """Score one dataset (``dataset``: its MMEB name, needed for the authors' instruction-apart
+    rows).  Returns (score dict, one prediction dict per row)."""
+    parsed = [parse_row(f, n, r, image_root, dataset) for f, n, r in rows]
     if not parsed:
         raise MMEBDataError(f"{desc}: no rows")
     # Embed every distinct input once (MMEB's reference code keys embeddings by (text, image) too;
@@ -274,7 +349,7 @@ def run_mmeb(encode: Encode, mmeb_root: str, out_dir: str, datasets: Optional[Se
         try:
             rows = read_rows(files)[:max_rows] if max_rows else read_rows(files)
             score, preds = evaluate_dataset(encode, rows, image_root, batch_size, progress,
-                                            desc=f"[{i + 1}/{len(datasets)}] {name}")
+                                            desc=f"[{i + 1}/{len(datasets)}] {name}", dataset=name)
         except MMEBDataError as e:
             failed[name] = str(e)
             log(f"[{i + 1}/{len(datasets)}] {name}: FAILED: {e}")

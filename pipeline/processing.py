@@ -176,8 +176,9 @@ class Processor:
           text has no marker; ``instruction`` (``model.instruction``) after a newline if set;
           then ``suffix`` (``official_eval``: their evaluation's ``"\n"``).
 
-        C follows directly.  Every text piece lies between special tokens, so tokenising the
-        pieces apart gives the ids of the authors' whole-string tokenisation."""
+        C follows directly.  With an image every text piece lies between special tokens, so
+        tokenising the pieces apart gives the ids of the authors' whole-string tokenisation;
+        without one the text is tokenised whole."""
         has_image = n_image_tokens is not None
         span = self.vision_span_ids(n_image_tokens) if has_image else []
         text = normalize_placeholders(text) or ""
@@ -194,6 +195,8 @@ class Processor:
         if instruction and not stage1:
             after = after + "\n" + instruction
         after += suffix
+        if not has_image:  # no special token between the pieces: one string, as theirs ("…\n" + "\n" is one token)
+            before, after = before + after, ""
         b, a = (self.user_ids(x) for x in (before, after))
         tb, ta = self.many_text_ids([before if b is None else "", after if a is None else ""])
         return (tb if b is None else b) + span + (ta if a is None else a)

@@ -121,3 +121,37 @@ def test_mmeb_bad_invocations(tmp_path):
     s = run_mmeb(color_encoder, str(tmp_path), str(tmp_path / "o"), datasets=["VOC2007"], progress=False,
                  log=lambda m: None)
     assert "VOC2007.jsonl:2" in s["failed"]["VOC2007"]
+
+
+def test_the_authors_instruction_apart_copy(tmp_path):
+    """ziyjiang/MMEB_Test_Instruct's layout (qry_inst and tgt_inst apart, parquet per dataset):
+    read, joined per dataset (pipeline.mmeb.instruct_row) and scored like the plain copy; the
+    encoder sees the instruction, the text and, for image candidates, tgt_inst."""
+    root, out = tmp_path / "mmeb", tmp_path / "out"
+    img_root = root / "images"
+    img_root.mkdir(parents=True)
+    for name, rgb in COLORS.items():
+        Image.new("RGB", (8, 8), rgb).save(img_root / f"{name}.png")
+    cls = [{"qry_inst": "<|image_1|> Represent the given image for classification\n", "qry_text": "",
+            "qry_img_path": f"{c}.png", "tgt_inst": "", "tgt_text": labels, "tgt_img_path": []}
+           for c, labels in (("red", ["red", "green"]), ("green", ["blue", "green"]))]
+    t2i = [{"qry_inst": "Find me an everyday image that matches the given caption:", "qry_text": q,
+            "qry_img_path": "", "tgt_inst": "Represent the given image.", "tgt_text": ["", ""],
+            "tgt_img_path": [f"{i}.png" for i in imgs]} for q, imgs in (("a blue one", ["blue", "red"]),
+                                                                        ("a red one", ["red", "green"]))]
+    for name, rows in (("ImageNet-1K", cls), ("MSCOCO_t2i", t2i)):
+        (root / name).mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), root / name / "test-00000-of-00001.parquet")
+    seen = []
+
+    def encoder(items):
+        seen.extend(items)
+        return color_encoder(items)
+
+    s = run_mmeb(encoder, str(root), str(out), datasets=["ImageNet-1K", "MSCOCO_t2i"], progress=False,
+                 log=lambda _: None)
+    assert s["datasets"]["ImageNet-1K"]["precision@1"] == 0.5 and s["datasets"]["MSCOCO_t2i"]["precision@1"] == 1.0
+    texts = {it.get("text") for it in seen}
+    assert "<image>  Represent the given image for classification\n" in texts           # cls: unstripped
+    assert "Find me an everyday image that matches the given caption: a blue one" in texts  # t2i query
+    assert "<image> Represent the given image." in texts                                  # t2i image candidate

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.collate import Collator
 from pipeline.config import LoraConfig
@@ -82,3 +83,64 @@ def test_released_weights_embed_as_their_evaluation(released):
     # their training pooled the mean of C: offered, and different
     mean = Embedder.from_pretrained(released, pooling="mean").encode(ITEMS)
     assert mean.shape == got.shape and float((mean - got).abs().max()) > 1e-3
+
+
+def test_their_instruction_apart_eval_copy_joins_as_their_parsers(released, tmp_path):
+    """Rows of ziyjiang/MMEB_Test_Instruct (qry_inst apart from qry_text, tgt_inst apart from
+    tgt_text) become, token for token, the strings the authors' five eval parsers build
+    (CoMa src/data/eval_dataset/image_{cls,qa,i2t,t2i,i2i_vg}*.py over processor.py's
+    process_input_text; the parser per dataset from VLM2Vec experiments/public/eval/image.yaml).
+    The instructions carry the whitespace quirks their code treats differently (strip or not)."""
+    from pipeline.mmeb import INSTRUCT_PARSER, parse_row
+
+    image(56, 56).save(tmp_path / "q.png")
+    image(56, 84).save(tmp_path / "t.png")
+    rows = {  # dataset -> row
+        "ImageNet-1K": {"qry_inst": "<|image_1|> Represent the given image for classification\n", "qry_text": "",
+                        "qry_img_path": "q.png", "tgt_inst": "", "tgt_text": ["tench", "goldfish"], "tgt_img_path": []},
+        "OK-VQA": {"qry_inst": "<|image_1|>\n Represent the given image with the following question: ",
+                   "qry_text": "What is it?", "qry_img_path": "q.png", "tgt_inst": "", "tgt_text": ["a cat", "a dog"],
+                   "tgt_img_path": []},
+        "MSCOCO_i2t": {"qry_inst": "<|image_1|> Find an image caption describing the given everyday image.",
+                       "qry_text": "", "qry_img_path": "q.png", "tgt_inst": "", "tgt_text": ["A cat.", "A dog."],
+                       "tgt_img_path": []},
+        "VisDial": {"qry_inst": "Represent the given dialogue about an image, which is used for image retrieval:",
+                    "qry_text": "Q: what is it A: a cat", "qry_img_path": "",
+                    "tgt_inst": "Represent the given image.", "tgt_text": ["", ""], "tgt_img_path": ["t.png", "q.png"]},
+        "WebQA": {"qry_inst": "Find a Wikipedia image that answers this question:", "qry_text": "Where is it?",
+                  "qry_img_path": "", "tgt_inst": "Represent the given Wikipedia image with related text information:",
+                  "tgt_text": ["Paris", "Rome"], "tgt_img_path": ["t.png", "q.png"]},
+        "CIRR": {"qry_inst": "<|image_1|> Given an image, find a similar everyday image with the following modification:",
+                 "qry_text": "make it red", "qry_img_path": "q.png", "tgt_inst": "Represent the given image.",
+                 "tgt_text": ["", ""], "tgt_img_path": ["t.png", "q.png"]},
+    }
+    assert {INSTRUCT_PARSER[d] for d in rows} == {"cls", "qa", "i2t", "t2i", "i2i_vg"}
+    I = "<|image_1|>"  # noqa: E741 - their image token, replaced by the vision span below
+    theirs = {  # their code's concatenations, written out: (query, first two candidates); cls and i2t
+        # keep the instruction's own leading space after the marker is removed: two spaces
+        "ImageNet-1K": (I + "  Represent the given image for classification\n" + "\n", ["tench", "goldfish"]),
+        "OK-VQA": (I + "\nRepresent the given image with the following question: What is it?" + "\n", ["a cat", "a dog"]),
+        "MSCOCO_i2t": (I + "  Find an image caption describing the given everyday image." + "\n", ["A cat.", "A dog."]),
+        "VisDial": ("Represent the given dialogue about an image, which is used for image retrieval: "
+                    "Q: what is it A: a cat\n\n", [I + " Represent the given image.\n"] * 2),
+        "WebQA": ("Find a Wikipedia image that answers this question: Where is it?\n",
+                  [I + " Represent the given Wikipedia image with related text information: Paris\n",
+                   I + " Represent the given Wikipedia image with related text information: Rome\n"]),
+        "CIRR": (I + "\nGiven an image, find a similar everyday image with the following modification: make it red\n",
+                 [I + " Represent the given image."] * 2),  # i2i_vg: no newline without a caption
+    }
+    emb = Embedder.from_pretrained(released)
+    col, tok = emb.collator, emb.model.processor.tokenizer
+    c = "".join(RELEASED_COMPRESSION_TOKEN.format(i=i) for i in range(K))
+    for name, row in rows.items():
+        q, cands = parse_row(f"{name}.parquet", 1, row, str(tmp_path), name)
+        for item, want in zip([q] + cands, [theirs[name][0]] + theirs[name][1]):
+            item = dict(item, image=Image.open(item["image"]).convert("RGB")) if "image" in item else item
+            batch = col.encode([item])
+            if "image" in item:
+                n = int(batch["image_grid_thw"][0].prod() // 4)
+                want = want.replace(I, "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>")
+            got = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+            assert got == tok(want + c, add_special_tokens=False)["input_ids"], (name, item.get("role"), want)
+    with pytest.raises(Exception, match="needs its MMEB dataset name"):
+        parse_row("x.parquet", 1, rows["CIRR"], str(tmp_path))
