@@ -95,16 +95,15 @@ def synthetic_record(i: int, stage: int, image: str) -> dict:
             "positive": {"text": f"a handwritten {w}", "image": None}, "negatives": []}
 
 
-def synthetic_shards(stage: int, image_size: int, samples: int, out_dir: Path) -> Path:
-    """Write ``samples`` synthetic samples as shards with ``data_prep/shard.py`` (smooth random
-    ``image_size`` px JPEGs, as photos decode, and templated text) and return the shard folder.
-    A rerun finds them written and does nothing."""
+def synthetic_shards(folder: Path, stage: int, image_size: int, samples: int) -> Path:
+    """Write ``samples`` synthetic samples under ``folder`` as shards with ``data_prep/shard.py``
+    (smooth random ``image_size`` px JPEGs, as photos decode, and templated text) and return the
+    shard folder.  A rerun finds them written and does nothing."""
     import numpy as np
     from PIL import Image
 
     from data_prep import shard
 
-    folder = out_dir / f"stage{stage}-{image_size}px-{samples}"
     if (folder / "shards" / "manifest.json").exists():
         return folder / "shards"
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -132,11 +131,12 @@ def use_synthetic_data(cfg, plan, env, image_size: int, steps: int, where: Path)
     from pipeline.config import DataSource
 
     samples = max(64, 2 * plan.global_batch)
+    folder = where / f"stage{cfg.train.stage}-{image_size}px-{samples}"
     if env.local_rank == 0:
-        synthetic_shards(cfg.train.stage, image_size, samples, where)
+        synthetic_shards(folder, cfg.train.stage, image_size, samples)
     dist.barrier()
     d = cfg.data
-    d.sources = [DataSource(shards=str(where / f"stage{cfg.train.stage}-{image_size}px-{samples}" / "shards"))]
+    d.sources = [DataSource(shards=str(folder / "shards"))]
     d.kind = "qa" if cfg.train.stage == 1 else "mmeb"
     d.resampled, d.epoch_samples, d.task_sampling, d.batch_composition = True, steps * plan.global_batch, \
         "proportional", "per_rank"

@@ -107,7 +107,7 @@ def addmm_f32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
         except (TypeError, RuntimeError, NotImplementedError):
             _OUT_DTYPE_ADDMM[0] = False
     if beta == 0:
-        torch.mul(mm_f32(a, b) if a.is_cuda else torch.mm(a.float(), b.float()), alpha, out=out)
+        torch.mul(mm_f32(a, b), alpha, out=out)
     elif a.is_cuda and a.dtype != torch.float32:
         out.add_(mm_f32(a, b), alpha=alpha)
     else:  # fp32, or the CPU (interpreter runs), where a bf16 product would be rounded to bf16
