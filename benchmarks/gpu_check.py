@@ -121,13 +121,10 @@ def check_cuda_epilogues(torch):
     pidx = torch.randperm(m, device="cuda", generator=g)[:rows]
     pc = torch.rand(rows, generator=g, **f32)
     for dt in (torch.float32, torch.bfloat16):
-        blocks = -(-m // cu.cols_per_block)
         ga, gb = torch.empty(rows, m, device="cuda", dtype=dt), torch.empty(rows, m, device="cuda", dtype=dt)
-        da, db = torch.empty(rows * blocks, **f32), torch.empty(rows * blocks, **f32)
-        cu.grad_weights(S, 33.3, ga, da, rl, rc, cl, cc, pidx, pc)
-        ref.grad_weights(S, 33.3, gb, db, rl, rc, cl, cc, pidx, pc)
+        cu.grad_weights(S, 33.3, ga, rl, rc, cl, cc, pidx, pc)
+        ref.grad_weights(S, 33.3, gb, rl, rc, cl, cc, pidx, pc)
         errs[f"grad_weights {dt}"] = (ga.float() - gb.float()).abs().max().item() / max(gb.float().abs().max().item(), 1e-30)
-        errs[f"dsp {dt}"] = (da - db).abs().max().item() / max(db.abs().max().item(), 1e-30)
     tol = {"row_lse": 1e-4, "col_partials": 1e-4}
     ok = all(e <= tol.get(k, 1e-2 if "bfloat16" in k else 1e-5) for k, e in errs.items())
     return ok, " ".join(f"{k}={e:.1e}" for k, e in errs.items())

@@ -2,14 +2,14 @@
 # The prepared GPU session: run it first whenever a GPU is lent (the device tool's command):
 #
 #   make wheelhouse                                  # here, once: .whl/ (git-ignored) for phases 5-8
-#   device run:  command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 400
+#   device run:  command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 420
 #   device run:  command "PHASES='wheels train' bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 200
 #                (right after the first, while the machine is warm: the 3B run is its own call)
 #
 # Phases, cheapest and most informative first, each under its own time limit; each appends one
 # JSON line to $OUT/phases.jsonl the moment it ends ({"phase", "status": ok|fail|timeout|skipped,
 # "rc", "seconds", "result", "tail"}) and leaves its log in $OUT, so a call cut short keeps every
-# phase that finished.  The first call's limits add up to 335 s and the second's to 170 s, so
+# phase that finished.  The first call's limits add up to 375 s and the second's to 170 s, so
 # both, or a rerun of the first, fit a 15-minute budget.
 #
 #   1 env          (10 s)  card, driver, torch/CUDA/triton versions
@@ -17,7 +17,7 @@
 #                          (fp32/bf16/fp16, odd shapes, the trained regime), gathered_infonce on NCCL
 #   3 breakdown    (45 s)  benchmarks/loss_breakdown.py: per-kernel times of the triton loss at
 #                          N=32768, D=2048, bf16, symmetric, and the cuBLAS ceiling of its four GEMMs
-#   4 variants     (60 s)  the same loss per Triton kernel variant (tiles, TMA, persistent grid)
+#   4 variants    (100 s)  the same loss per Triton kernel variant (autotuned, tiles, TMA, persistent grid)
 #   5 wheels       (30 s)  install .whl/ (deepspeed, transformers, ... and inf_cl); phases 1-4 need none
 #   6 loss         (70 s)  benchmarks/loss.py at the target point: reference, triton, cuda, Inf-CL
 #   7 compression  (45 s)  benchmarks/compression.py: the stage-1 mask paths on the GPU's attention
@@ -111,7 +111,7 @@ json.dump(info, open('$OUT/env.json', 'w'))
 print(json.dumps(info))"
 phase correctness 75 "" gpu_only python3 benchmarks/gpu_check.py --skip-bench --out "$OUT/correctness"
 phase breakdown 45 "$OUT/loss_breakdown.json" gpu_only python3 benchmarks/loss_breakdown.py --out "$OUT/loss_breakdown.json"
-phase variants 60 "$OUT/loss_variants.jsonl" gpu_only python3 benchmarks/loss_breakdown.py --variants --repeats 3 \
+phase variants 100 "$OUT/loss_variants.jsonl" gpu_only python3 benchmarks/loss_breakdown.py --variants --repeats 3 \
   --out "$OUT/loss_variants.jsonl"
 phase wheels 30 "" install_wheels
 if [ -d /tmp/site ]; then export PYTHONPATH="/tmp/site:$PYTHONPATH" PATH="/tmp/site/bin:$PATH"; fi

@@ -16,9 +16,11 @@ per-kernel rows, the ceiling rows, and the ratios).  Needs a CUDA device.
     python benchmarks/loss_breakdown.py --variants --out variants.jsonl
 
 times the same loss once per Triton kernel variant (:data:`VARIANTS`: tile shape, TMA
-descriptors, persistent grid; benchmarks/triton_resources.py shows their registers and spills)
-and appends one JSON line per variant the moment it is measured, so a cut-short call keeps what
-it measured.  The fastest variant that passes gpu_check.py becomes the default on evidence.
+descriptors, persistent grid, the autotuner; benchmarks/triton_resources.py shows their registers
+and spills) and appends one JSON line per variant the moment it is measured, so a cut-short call
+keeps what it measured; the autotuner's choices and per-candidate report go to
+``triton_tiles.json`` beside it.  The fastest variant that passes gpu_check.py becomes the default
+on evidence.
 """
 from __future__ import annotations
 
@@ -35,12 +37,16 @@ if find_spec("pipeline") is None:  # imported as an installed package, never by 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Triton kernel variants (coma_kernels/infonce_triton.py reads these when a loss is built)
+# Triton kernel variants (coma_kernels/infonce_triton.py reads these when a loss is built), the
+# most informative first: a cut-short phase keeps the lines already written.  128×64 tiles at 8
+# warps hold 104-128 registers on sm_90 (two CTAs per SM); the autotuner times every candidate
+# that does not spill (coma_kernels/triton_tuning.py) and its choice and report land in the line.
 VARIANTS = {
     "default": {},
+    "autotune, tma": {"COMA_INFONCE_TRITON_AUTOTUNE": "1", "COMA_INFONCE_TRITON_TMA": "1"},
+    "tma, tiles 128x64": {"COMA_INFONCE_TRITON_TMA": "1", "COMA_INFONCE_TRITON_TILES": "128,64,64"},
     "tiles 128x64": {"COMA_INFONCE_TRITON_TILES": "128,64,64"},
     "tma": {"COMA_INFONCE_TRITON_TMA": "1"},
-    "tma, tiles 128x64": {"COMA_INFONCE_TRITON_TMA": "1", "COMA_INFONCE_TRITON_TILES": "128,64,64"},
     "persistent, tma, tiles 128x64": {"COMA_INFONCE_TRITON_PERSISTENT": "1", "COMA_INFONCE_TRITON_TMA": "1",
                                       "COMA_INFONCE_TRITON_TILES": "128,64,64"},
 }
@@ -91,10 +97,12 @@ def main(argv=None) -> int:
     k = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1).to(dt).requires_grad_()
     s = torch.tensor(33.3, device="cuda", requires_grad=True)
 
-    def step():
+    def step(keep: bool = False):
         loss = coma_kernels.fused_infonce(q, k, s, symmetric=True, backend=args.backend)
         loss.backward()
+        out = [loss.detach().float(), q.grad.float(), k.grad.float(), s.grad.float()] if keep else None
         q.grad = k.grad = s.grad = None
+        return out
 
     if args.variants:
         return time_variants(step, args, flops=4 * 2.0 * n * n * d, peak=peak_flops(torch.cuda.get_device_name()))
@@ -148,10 +156,16 @@ def main(argv=None) -> int:
 
 def time_variants(step, args, flops: float, peak) -> int:
     """One JSON line per variant in ``args.out``, appended as soon as it is timed (a failing
-    variant is recorded with its error and the next one runs)."""
+    variant is recorded with its error and the next one runs).  Each line also carries the
+    variant's largest difference from the default's loss and gradients, relative to the largest
+    default value: a variant that is fast because it is wrong shows here (gpu_check.py checks the
+    default against float64)."""
     import torch
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tuning = Path(args.out).with_name("triton_tiles.json")    # the autotuner's choices, beside the lines
+    os.environ["COMA_INFONCE_TRITON_TUNING_FILE"] = str(tuning)
+    reference = None                                          # the default variant's outputs
     for name, env in VARIANTS.items():
         row = {"variant": name, "env": env, "gpu": torch.cuda.get_device_name(), "n": args.n, "d": args.d,
                "dtype": args.dtype}
@@ -161,6 +175,14 @@ def time_variants(step, args, flops: float, peak) -> int:
             ms = cuda_ms(step, args.repeats)
             row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1),
                        pct_peak=round(100 * flops / (ms / 1e3) / peak, 1) if peak else None)
+            out = step(keep=True)
+            reference = out if name == "default" else reference
+            if reference is not None:
+                row["max_rel_diff_vs_default"] = {
+                    what: float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                    for what, a, b in zip(("loss", "d_query", "d_key", "d_logit_scale"), out, reference)}
+            if "COMA_INFONCE_TRITON_AUTOTUNE" in env and tuning.exists():  # what it chose, per kernel
+                row["tuned"] = json.loads(tuning.read_text())
         except Exception as e:  # a variant that does not compile or launch on this card
             row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
         finally:

@@ -7,8 +7,9 @@ The primitives of :mod:`coma_kernels.infonce` over chunks of C query rows:
                    and, when symmetric, ``col_partials`` (each column's (max, sum-exp) over groups
                    of ``rows_per_group`` rows, merged over all groups at the end).
 ``softmax_grads``  S again (recomputed once for both directions), ``grad_weights`` writes G in
-                   the input dtype plus Σ G ⊙ S per block (d logit_scale), then dQ_c = s·G K and
-                   dK += s·Gᵀ Q_c (GEMMs, fp32 accumulation; dK overwritten by the first chunk).
+                   the input dtype, then dQ_c = s·G K and dK += s·Gᵀ Q_c (GEMMs, fp32
+                   accumulation; dK overwritten by the first chunk) and d logit_scale from the
+                   dQ product (:func:`coma_kernels.tiled.chunked_grads`).
 
 Against the Triton backend's fused tiles (:mod:`coma_kernels.tiled`) this spends memory traffic
 (S is written once and read once or twice, 4 bytes an element) to run every product at
@@ -66,7 +67,6 @@ class TorchEpilogue:
     chunk [rows, m] of raw dot products; row vectors are the chunk's slices."""
 
     rows_per_group = 128
-    cols_per_block = 1024
 
     def row_lse(self, S, scale, lse):
         """lse [rows] ← log Σ_c exp(scale·S[r, c])."""
@@ -80,18 +80,14 @@ class TorchEpilogue:
             pmax[group0 + g] = top
             psum[group0 + g] = torch.exp(block - top).sum(dim=0)
 
-    def grad_weights(self, S, scale, G, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef):
-        """G ← a·exp(scale·S − rlse) + b·exp(scale·S − clse) − w at the positive, in G's dtype;
-        dsp [rows · ⌈m / cols_per_block⌉] ← Σ G ⊙ S per (row, column block), in fp32."""
+    def grad_weights(self, S, scale, G, rlse, rcoef, clse, ccoef, pidx, pcoef):
+        """G ← a·exp(scale·S − rlse) + b·exp(scale·S − clse) − w at the positive, in G's dtype."""
         s = S * scale
         g = rcoef[:, None] * torch.exp(s - rlse[:, None])
         if clse is not None:
             g += ccoef[None, :] * torch.exp(s - clse[None, :])
         if pidx is not None:
             g[torch.arange(g.shape[0], device=g.device), pidx] -= pcoef
-        m, per = S.shape[1], self.cols_per_block
-        prod = torch.nn.functional.pad(g * S, (0, cdiv(m, per) * per - m))
-        dsp.copy_(prod.view(S.shape[0], -1, per).sum(dim=2).reshape(-1))
         G.copy_(g)
 
 
@@ -101,7 +97,6 @@ class CudaEpilogue:
     def __init__(self, module):
         self.mod = module
         self.rows_per_group = module.rows_per_group()
-        self.cols_per_block = module.cols_per_block()
 
     def row_lse(self, S, scale, lse):
         self.mod.row_lse(S, float(scale), lse)
@@ -109,8 +104,8 @@ class CudaEpilogue:
     def col_partials(self, S, scale, pmax, psum, group0):
         self.mod.col_partials(S, float(scale), pmax, psum, group0)
 
-    def grad_weights(self, S, scale, G, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef):
-        self.mod.grad_weights(S, float(scale), G, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef)
+    def grad_weights(self, S, scale, G, rlse, rcoef, clse, ccoef, pidx, pcoef):
+        self.mod.grad_weights(S, float(scale), G, rlse, rcoef, clse, ccoef, pidx, pcoef)
 
 
 class CudaOps:
@@ -156,18 +151,14 @@ class CudaOps:
     def softmax_grads(self, query, key, scale, row_lse, row_coef, col_lse=None, col_coef=None,
                       pos_index=None, pos_coef=None):
         q, k = query.contiguous(), key.contiguous()
-        m = k.shape[0]
         coefs = normalised_coefficients(row_lse, row_coef, col_lse, col_coef, pos_index, pos_coef)
         _, rl, rc, cl, cc, pi, pc = coefs
-        blocks = cdiv(m, self.epi.cols_per_block)
         kt = k.t()
 
-        def write_g(r0: int, r1: int, g: torch.Tensor) -> torch.Tensor:
+        def write_g(r0: int, r1: int, g: torch.Tensor) -> None:
             S = mm_f32(q[r0:r1], kt)                                    # recomputed: [C, m] fp32, cuBLAS
-            dsp = torch.empty((r1 - r0) * blocks, dtype=torch.float32, device=q.device)
-            self.epi.grad_weights(S, scale, g, dsp, rl[r0:r1], rc[r0:r1], cl, cc,
+            self.epi.grad_weights(S, scale, g, rl[r0:r1], rc[r0:r1], cl, cc,
                                   None if pi is None else pi[r0:r1], None if pc is None else pc[r0:r1])
-            return dsp.sum()
 
         # 4 bytes of S beside each element of G
         return chunked_grads(q, k, scale, coefs[0], self.g_dtype, self.epi.rows_per_group, 4, write_g)

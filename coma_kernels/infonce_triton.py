@@ -9,8 +9,9 @@ accumulator (tensor cores for fp16/bf16) that never leaves registers, and keeps 
 symmetric it also writes each tile's per-column (max, sum-exp) over its rows.
 
 ``_grad_tile_kernel``: a program owns one (row block, key tile) of a chunk, recomputes that
-logits tile and writes G (the positive's weight subtracted in fp32 before rounding) plus its
-share of Σ G ⊙ (Q Kᵀ) for d logit_scale.  Its 1-D grid is walked in groups of ``GROUP_M`` row
+logits tile and writes G (the positive's weight subtracted in fp32 before rounding); d
+logit_scale comes from the dQ GEMM (:func:`coma_kernels.tiled.chunked_grads`), so no logits
+stay live beside G.  Its 1-D grid is walked in groups of ``GROUP_M`` row
 blocks (the Triton matmul tutorial's order): programs running together share key tiles, which
 stay in L2 instead of being read once per row block.
 
@@ -26,15 +27,19 @@ fp32 inputs on a GPU use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
+from . import triton_tuning
 from .tiled import TiledOps, cdiv
+from .triton_tuning import DEFAULT, Resources, TileConfig
 
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError as exc:  # pragma: no cover - triton ships with Linux torch wheels
     raise RuntimeError(f"backend='triton' needs the triton package ({exc}); pip install triton, "
                        "or use backend='torch'") from exc
@@ -117,7 +122,7 @@ def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, col
 
 
 @triton.jit
-def _grad_tile(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tile, row0, row1, m, D,
+def _grad_tile(Q, K, G, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tile, row0, row1, m, D,
                stride_q, stride_k, stride_g, scale,
                HAS_COL: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -150,23 +155,22 @@ def _grad_tile(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tile, row0, 
         pidx = tl.load(PIDX + rows, mask=rmask, other=-1)
         pcoef = tl.load(PCOEF + rows, mask=rmask, other=0.0)
         g -= tl.where(cols[None, :] == pidx[:, None], pcoef[:, None], 0.0)
-    tl.store(DSP + pid_m.to(tl.int64) * blocks_n + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
     tl.store(G + local[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=valid)
 
 
 @triton.jit
-def _grad_tile_kernel(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0, row1, m, D,
+def _grad_tile_kernel(Q, K, G, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0, row1, m, D,
                       stride_q, stride_k, stride_g, scale,
                       HAS_COL: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                       TMA: tl.constexpr, PERSISTENT: tl.constexpr):
     if PERSISTENT:
         for tile in range(tl.program_id(0), tl.cdiv(row1 - row0, BLOCK_M) * tl.cdiv(m, BLOCK_N), tl.num_programs(0)):
-            _grad_tile(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tile, row0, row1, m, D, stride_q,
+            _grad_tile(Q, K, G, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tile, row0, row1, m, D, stride_q,
                        stride_k, stride_g, scale, HAS_COL, HAS_POS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST,
                        PRECISION, TMA)
     else:
-        _grad_tile(Q, K, G, DSP, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tl.program_id(0), row0, row1, m, D,
+        _grad_tile(Q, K, G, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tl.program_id(0), row0, row1, m, D,
                    stride_q, stride_k, stride_g, scale, HAS_COL, HAS_POS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
                    UPCAST, PRECISION, TMA)
 
@@ -179,14 +183,23 @@ def _pow2(x: int) -> int:
 
 
 class TritonOps(TiledOps):
-    """Host side of the Triton kernels (chunking and GEMMs in :class:`coma_kernels.tiled.TiledOps`)."""
+    """Host side of the Triton kernels (chunking and GEMMs in :class:`coma_kernels.tiled.TiledOps`).
+
+    Each kernel ("stats", "grad") gets a :class:`~coma_kernels.triton_tuning.TileConfig`: the one
+    ``COMA_INFONCE_TRITON_TILES`` forces, else the autotuner's choice when
+    ``COMA_INFONCE_TRITON_AUTOTUNE=1`` (:mod:`coma_kernels.triton_tuning`: candidates that spill are
+    never timed), else :data:`~coma_kernels.triton_tuning.DEFAULT`."""
 
     name = "triton"
 
     def __init__(self, interpret: bool, dtype: torch.dtype, programs: int = 0, tma: bool = False,
-                 tiles: str | None = None):
+                 tiles: str | None = None, autotune: bool = False):
         self.interpret = interpret
-        self.programs, self.tma, self.forced_tiles = programs, tma, tiles  # see for_inputs
+        self.programs, self.tma, self.autotune = programs, tma, autotune  # see for_inputs
+        self.forced = TileConfig.parse(tiles) if tiles else None
+        self.chosen: dict[str, TileConfig] = {}   # kernel → configuration, once tuned or read from the cache
+        self._probing = False                     # launches compile and report resources instead of running
+        self._probed: Resources | None = None
         self.upcast = interpret and dtype == torch.bfloat16
         tf32 = dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32
         self.precision = "tf32" if tf32 else "ieee"
@@ -212,7 +225,9 @@ class TritonOps(TiledOps):
             raise RuntimeError(f"backend='triton' cannot run on device {device}; use backend='torch'")
         # Kernel variants, read once here (a loss's forward and backward use the same ones), off by
         # default until a GPU profile shows they pay (benchmarks/README.md, benchmarks/triton_resources.py):
-        # COMA_INFONCE_TRITON_TILES="BM,BN,BK": the tile shape (tests, tuning);
+        # COMA_INFONCE_TRITON_TILES="BM,BN,BK[,WARPS,STAGES]": the tile configuration (tests, tuning);
+        # COMA_INFONCE_TRITON_AUTOTUNE=1: tune it per shape, never timing a spilling candidate
+        # (compiled kernels only: the interpreter has no registers to count);
         # COMA_INFONCE_TRITON_PERSISTENT=1: a persistent grid, two programs per SM (three programs
         # in the interpreter, so that the tests walk the work loop), each looping over work items;
         # COMA_INFONCE_TRITON_TMA=1: Q and K tiles through TMA tensor descriptors (Hopper and later).
@@ -221,57 +236,134 @@ class TritonOps(TiledOps):
             programs = 3 if interpret else 2 * torch.cuda.get_device_properties(device).multi_processor_count
         tma = os.environ.get("COMA_INFONCE_TRITON_TMA", "0") == "1" and (
             interpret or torch.cuda.get_device_capability(device)[0] >= 9)
-        return cls(interpret, dtype, programs, tma, os.environ.get("COMA_INFONCE_TRITON_TILES"))
+        autotune = os.environ.get("COMA_INFONCE_TRITON_AUTOTUNE", "0") == "1" and not interpret
+        return cls(interpret, dtype, programs, tma, os.environ.get("COMA_INFONCE_TRITON_TILES"), autotune)
 
-    def _config(self, n, m, d, elem):
-        if self.forced_tiles:
-            bm, bn, bk = (int(x) for x in self.forced_tiles.split(","))
-            return bm, bn, bk, ({} if self.interpret else {"num_warps": 8 if bm * bn >= 128 * 64 else 4,
-                                                             "num_stages": 3})
+    def config(self, kernel: str, n: int, m: int, d: int, elem: int) -> TileConfig:
+        """The tile configuration ``kernel`` ("stats" or "grad") launches with for these sizes."""
+        if kernel in self.chosen:
+            return self.chosen[kernel]
+        if self.forced:
+            return self.forced
         if self.interpret:
             # the interpreter's cost is per program × per tile: few, large tiles
-            return (max(16, min(128, _pow2(n))), max(16, min(128, _pow2(m))), max(16, min(_pow2(d), 256)), {})
-        return 128, 128, max(16, min(_pow2(d), 64 if elem <= 2 else 32)), {"num_warps": 8, "num_stages": 3}
+            return TileConfig(max(16, min(128, _pow2(n))), max(16, min(128, _pow2(m))), max(16, min(_pow2(d), 256)))
+        return fit(DEFAULT, d, elem)
 
-    def tiles(self, n, m, d, elem):
-        return self._config(n, m, d, elem)[:2]
+    def tiles(self, kernel, n, m, d, elem):
+        c = self.config(kernel, n, m, d, elem)
+        return c.block_m, c.block_n
 
     def default_splits(self, row_blocks, col_blocks, device):
         if self.interpret:
             return 1
         return cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, row_blocks)
 
+    # ---- autotuning (coma_kernels.triton_tuning)
+    def stats(self, query, key, scale, col):
+        if self.autotune and "stats" not in self.chosen:
+            self._tune("stats", query, key, f"col={int(col)}", lambda: TiledOps.stats(self, query, key, scale, col))
+        return super().stats(query, key, scale, col)
+
+    def _tune(self, kernel: str, q, k, flags: str, run) -> None:
+        """Set ``self.chosen[kernel]``: from the cache, else by :func:`triton_tuning.choose` over
+        ``run()`` (the real launch on the real inputs) with each candidate."""
+        (n, d), m = q.shape, k.shape[0]
+        key = "|".join([kernel, _device_name(q.device), f"triton {triton.__version__}", str(q.dtype).split(".")[-1],
+                        flags, f"tma={int(self.tma)} persistent={int(self.programs > 0)}",
+                        f"n={triton_tuning.bucket(n)} m={triton_tuning.bucket(m)} d={triton_tuning.bucket(d)}"])
+        cfg = triton_tuning.CACHE.get(key)
+        if cfg is None:
+            candidates = list(dict.fromkeys(fit(c, d, q.element_size()) for c in triton_tuning.CANDIDATES))
+
+            def resources(c: TileConfig) -> Resources:
+                self.chosen[kernel], self._probing, self._probed = c, True, None
+                try:
+                    run()
+                finally:
+                    self._probing = False
+                return self._probed
+
+            def timer(c: TileConfig) -> float:
+                self.chosen[kernel] = c
+                return self._time(run)
+
+            cfg, report = triton_tuning.choose(candidates, resources, timer)
+            triton_tuning.CACHE.put(key, cfg, report)
+        self.chosen[kernel] = cfg
+
+    def _launch(self, fn, grid, args, kwargs) -> None:
+        if not self._probing:
+            fn[grid](*args, **kwargs)
+            return
+        self._probed = self._compiled_resources(fn, grid, args, kwargs)
+
+    @staticmethod
+    def _compiled_resources(fn, grid, args, kwargs) -> Resources:
+        """Compile ``fn`` for these arguments without launching it, and read what it asks of an SM."""
+        kernel = fn.warmup(*args, grid=grid, **kwargs)
+        kernel._init_handles()  # loads the binary: registers and spills come from the driver
+        return Resources(kernel.n_regs, kernel.n_spills, kernel.metadata.shared)
+
+    @staticmethod
+    def _time(run) -> float:
+        return triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+
+    # ---- launches
     def _grid(self, items: int) -> tuple[int]:
         """One program per work item, or the persistent grid's programs looping over them."""
         return (min(items, self.programs) if self.programs else items,)
 
-    def _operands(self, q, k, bm, bn, bk):
+    def _operands(self, q, k, c: TileConfig):
         """(Q, K, TMA): tensor descriptors when TMA is on and both have 16-byte aligned rows."""
         aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (q, k))
         if not (self.tma and aligned):
             return q, k, False
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        return TensorDescriptor.from_tensor(q, [bm, bk]), TensorDescriptor.from_tensor(k, [bn, bk]), True
+        return (TensorDescriptor.from_tensor(q, [c.block_m, c.block_k]),
+                TensorDescriptor.from_tensor(k, [c.block_n, c.block_k]), True)
+
+    def _options(self, c: TileConfig) -> dict:
+        return {} if self.interpret else c.options
 
     def launch_stats(self, q, k, scale, col, cols_per_split, rmax, rsum, pmax, psum):
         (n, d), m = q.shape, k.shape[0]
-        bm, bn, bk, kw = self._config(n, m, d, q.element_size())
+        c = self.config("stats", n, m, d, q.element_size())
         splits = rmax.shape[0]
-        qa, ka, tma = self._operands(q, k, bm, bn, bk)
-        _stats_kernel[self._grid(cdiv(n, bm) * splits)](
-            qa, ka, rmax, rsum, pmax, psum, n, m, d, q.stride(0), k.stride(0), cols_per_split, splits, scale,
-            COL=col, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=self.upcast, PRECISION=self.precision, TMA=tma,
-            PERSISTENT=self.programs > 0, **kw)
+        qa, ka, tma = self._operands(q, k, c)
+        self._launch(_stats_kernel, self._grid(cdiv(n, c.block_m) * splits),
+                     (qa, ka, rmax, rsum, pmax, psum, n, m, d, q.stride(0), k.stride(0), cols_per_split, splits, scale),
+                     dict(COL=col, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, UPCAST=self.upcast,
+                          PRECISION=self.precision, TMA=tma, PERSISTENT=self.programs > 0, **self._options(c)))
 
-    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale):
+    def launch_grad_tiles(self, q, k, g, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale):
+        args = (q, k, g, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale)
+        if self.autotune and "grad" not in self.chosen:  # tuned on the first chunk, whose G it then writes
+            self._tune("grad", q, k, f"col={int(clse is not None)} pos={int(pidx is not None)}",
+                       lambda: self._launch_grad(*args))
+        self._launch_grad(*args)
+
+    def _launch_grad(self, q, k, g, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale):
         (n, d), m = q.shape, k.shape[0]
-        bm, bn, bk, kw = self._config(n, m, d, q.element_size())
+        c = self.config("grad", n, m, d, q.element_size())
         has_col, has_pos = clse is not None, pidx is not None
         cl, cc = (clse, ccoef) if has_col else (rlse, rcoef)      # pointer slots unused without the term
         pi, pc = (pidx, pcoef) if has_pos else (rlse, rcoef)
-        qa, ka, tma = self._operands(q, k, bm, bn, bk)
-        _grad_tile_kernel[self._grid(cdiv(row1 - row0, bm) * cdiv(m, bn))](
-            qa, ka, g, dsp, rlse, rcoef, cl, cc, pi, pc, row0, row1, m, d, q.stride(0), k.stride(0), g.stride(0),
-            scale, HAS_COL=has_col, HAS_POS=has_pos, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-            UPCAST=self.upcast, PRECISION=self.precision, TMA=tma, PERSISTENT=self.programs > 0, **kw)
+        qa, ka, tma = self._operands(q, k, c)
+        self._launch(_grad_tile_kernel, self._grid(cdiv(row1 - row0, c.block_m) * cdiv(m, c.block_n)),
+                     (qa, ka, g, rlse, rcoef, cl, cc, pi, pc, row0, row1, m, d, q.stride(0), k.stride(0),
+                      g.stride(0), scale),
+                     dict(HAS_COL=has_col, HAS_POS=has_pos, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                          BLOCK_K=c.block_k, GROUP_M=GROUP_M, UPCAST=self.upcast, PRECISION=self.precision,
+                          TMA=tma, PERSISTENT=self.programs > 0, **self._options(c)))
+
+
+def fit(c: TileConfig, d: int, elem: int) -> TileConfig:
+    """``c`` with BLOCK_K at most D (rounded up to a power of two) and at most 128 bytes of a row
+    (64 bf16/fp16 or 32 fp32 elements: fp32 tiles of 64 would need twice the shared memory)."""
+    return dataclasses.replace(c, block_k=max(16, min(c.block_k, _pow2(d), 64 if elem <= 2 else 32)))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

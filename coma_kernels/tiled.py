@@ -13,11 +13,12 @@ A backend supplies two tile kernels; :class:`TiledOps` turns them into the primi
 ``launch_grad_tiles``  grid (row blocks of a chunk of C rows) × (key tiles).  Recomputes each
     logits tile once and writes the softmax-gradient weights
         G_ij = a_i · exp(S_ij − row_lse_i) + b_j · exp(S_ij − col_lse_j)
-    into a [C, m] buffer (the column term only when symmetric), plus Σ G ⊙ (Q Kᵀ) per tile.
-    (The positive logit's −w_i is subtracted in the same fp32 tile, before G is rounded.)
-    Then dQ_chunk = s·G K and dK += s·Gᵀ Q_chunk are GEMMs (cuBLAS through torch.mm / addmm,
-    fp32 accumulation; dK accumulated in place across chunks in fp32).  S is recomputed once in backward (not once
-    per direction), with no atomics and no D-wide read-modify-write, deterministically.
+    into a [C, m] buffer (the column term only when symmetric).  (The positive logit's −w_i is
+    subtracted in the same fp32 tile, before G is rounded.)  Then dQ_chunk = s·G K and
+    dK += s·Gᵀ Q_chunk are GEMMs (cuBLAS through torch.mm / addmm, fp32 accumulation; dK
+    accumulated in place across chunks in fp32), and d logit_scale = Σ G ⊙ (Q Kᵀ) is read off
+    the dQ GEMM as Σ Q ⊙ (G K) (see :func:`chunked_grads`).  S is recomputed once in backward
+    (not once per direction), with no atomics and no D-wide read-modify-write, deterministically.
 
 Chunk size (:func:`chunk_rows`): the G buffer takes up to a quarter of the device's free memory
 (``torch.cuda.mem_get_info`` plus the caching allocator's unused blocks), so on a large GPU the
@@ -137,8 +138,8 @@ class TiledOps(abc.ABC):
     g_dtype: torch.dtype  # dtype of the G chunk buffer (the GEMM operands)
 
     @abc.abstractmethod
-    def tiles(self, n: int, m: int, d: int, elem: int) -> tuple[int, int]:
-        """(BLOCK_M, BLOCK_N) the kernels use for these sizes."""
+    def tiles(self, kernel: str, n: int, m: int, d: int, elem: int) -> tuple[int, int]:
+        """(BLOCK_M, BLOCK_N) that ``kernel`` ("stats" or "grad") uses for these sizes."""
 
     @abc.abstractmethod
     def default_splits(self, row_blocks: int, col_blocks: int, device: torch.device) -> int:
@@ -149,16 +150,15 @@ class TiledOps(abc.ABC):
         """Grid (⌈n/BLOCK_M⌉, splits); fills rmax/rsum [splits, n] and, if col, pmax/psum [⌈n/BLOCK_M⌉, m]."""
 
     @abc.abstractmethod
-    def launch_grad_tiles(self, q, k, g, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale) -> None:
-        """Grid (⌈(row1−row0)/BLOCK_M⌉, ⌈m/BLOCK_N⌉); g [row1−row0, m] (g_dtype) ← G of those rows,
-        dsp [grid size] fp32 ← per-tile Σ G ⊙ (Q Kᵀ); row-major over the grid.  clse/ccoef and
-        pidx/pcoef are None when the column / positive term is absent."""
+    def launch_grad_tiles(self, q, k, g, rlse, rcoef, clse, ccoef, pidx, pcoef, row0, row1, scale) -> None:
+        """Grid (⌈(row1−row0)/BLOCK_M⌉, ⌈m/BLOCK_N⌉); g [row1−row0, m] (g_dtype) ← G of those rows.
+        clse/ccoef and pidx/pcoef are None when the column / positive term is absent."""
 
     # ---- the primitives of coma_kernels.infonce
     def stats(self, query, key, scale: float, col: bool):
         q, k = query.contiguous(), key.contiguous()
         (n, d), m = q.shape, k.shape[0]
-        bm, bn = self.tiles(n, m, d, q.element_size())
+        bm, bn = self.tiles("stats", n, m, d, q.element_size())
         row_blocks, col_blocks = cdiv(n, bm), cdiv(m, bn)
         forced = os.environ.get("COMA_INFONCE_SPLITS")             # tests force a split count
         splits = int(forced) if forced else self.default_splits(row_blocks, col_blocks, q.device)
@@ -176,14 +176,12 @@ class TiledOps(abc.ABC):
                       pos_index=None, pos_coef=None):
         q, k = query.contiguous(), key.contiguous()
         (n, d), m = q.shape, k.shape[0]
-        bm, bn = self.tiles(n, m, d, q.element_size())
+        bm, _ = self.tiles("grad", n, m, d, q.element_size())
         coefs = normalised_coefficients(row_lse, row_coef, col_lse, col_coef, pos_index, pos_coef)
         _, rl, rc, cl, cc, pi, pc = coefs
 
-        def write_g(r0: int, r1: int, g: torch.Tensor) -> torch.Tensor:
-            dsp = torch.empty(cdiv(r1 - r0, bm) * cdiv(m, bn), dtype=torch.float32, device=q.device)
-            self.launch_grad_tiles(q, k, g, dsp, rl, rc, cl, cc, pi, pc, r0, r1, float(scale))
-            return dsp.sum()
+        def write_g(r0: int, r1: int, g: torch.Tensor) -> None:
+            self.launch_grad_tiles(q, k, g, rl, rc, cl, cc, pi, pc, r0, r1, float(scale))
 
         return chunked_grads(q, k, scale, coefs[0], self.g_dtype, bm, 0, write_g)
 
@@ -195,9 +193,17 @@ def chunked_grads(q, k, scale: float, norm: float, g_dtype: torch.dtype, row_mul
     Over chunks of C query rows (:func:`chunk_rows`: multiples of ``row_multiple``, the G buffer
     plus ``extra_bytes`` per element of the backend's own within a share of free memory),
     ``write_g(r0, r1, g)`` fills ``g`` [r1 − r0, m] (``g_dtype``) with the softmax-gradient
-    weights of rows [r0, r1), coefficients divided by ``norm`` (:func:`normalised_coefficients`),
-    and returns that chunk's Σ G ⊙ (Q Kᵀ) (0-dim fp32).  Then dQ_c = s·norm·G K and
-    dK += s·norm·Gᵀ Q_c: GEMMs with fp32 results, dK overwritten by the first chunk (beta = 0)."""
+    weights of rows [r0, r1), coefficients divided by ``norm`` (:func:`normalised_coefficients`).
+    Then dQ_c = s·norm·G K and dK += s·norm·Gᵀ Q_c: GEMMs with fp32 results, dK overwritten by
+    the first chunk (beta = 0).
+
+    d scale = Σ G ⊙ (Q Kᵀ) = Σ_i q_i · (G K)_i is read off the dQ GEMM's product before it is
+    scaled: one pass over [C, D] instead of a Σ G ⊙ S reduction in every gradient tile.  The
+    tile kernels then hold G and no logits after the exponentials, which takes the Triton
+    gradient kernel from 170 to 114 registers at 128×64 tiles (sm_90, TMA): two CTAs per SM
+    (benchmarks/triton_resources.py).  With a bf16/fp16 G the sum sees G rounded, as dQ does;
+    in bf16 that moves d scale by ~1e-3 relative (tests/test_kernels_infonce.py, trained regime),
+    below the rounding of the inputs themselves."""
     (n, d), m = q.shape, k.shape[0]
     dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
@@ -212,7 +218,9 @@ def chunked_grads(q, k, scale: float, norm: float, g_dtype: torch.dtype, row_mul
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         g = gbuf[: r1 - r0]
-        ds += write_g(r0, r1, g)
-        torch.mul(mm_f32(g, kg), out_scale, out=dq[r0:r1])
+        write_g(r0, r1, g)
+        gk = mm_f32(g, kg)                                # [C, D] fp32 = G K
+        torch.mul(gk, out_scale, out=dq[r0:r1])
+        ds += gk.mul_(qg[r0:r1]).sum()                    # Σ_i q_i · (G K)_i, in gk's storage
         addmm_f32_(dk, g.t(), qg[r0:r1], out_scale, beta=0.0 if r0 == 0 else 1.0)
     return dq, dk, ds * norm

@@ -71,7 +71,7 @@ def test_binding_names_match_setup_py(repo_root):
         assert src in setup and (repo_root / src).exists()
     binding = (repo_root / "coma_kernels/csrc/infonce_binding.cpp").read_text()
     for sym in ("coma_infonce_row_lse", "coma_infonce_col_partials", "coma_infonce_grad_weights",
-                "coma_infonce_rows_per_group", "coma_infonce_cols_per_block"):
+                "coma_infonce_rows_per_group"):
         assert sym in binding and sym in CU.read_text()
 
 

@@ -12,13 +12,12 @@
 
 extern "C" {
 int coma_infonce_rows_per_group();
-int coma_infonce_cols_per_block();
 cudaError_t coma_infonce_row_lse(const float* S, int64_t rows, int64_t m, int64_t lds, float scale, float* lse,
                                  cudaStream_t stream);
 cudaError_t coma_infonce_col_partials(const float* S, int64_t rows, int64_t m, int64_t lds, float scale, float* pmax,
                                       float* psum, int64_t group0, cudaStream_t stream);
 cudaError_t coma_infonce_grad_weights(int dtype, const float* S, int64_t rows, int64_t m, int64_t lds, float scale,
-                                      void* G, int64_t ldg, float* dsp, const float* rlse, const float* rcoef,
+                                      void* G, int64_t ldg, const float* rlse, const float* rcoef,
                                       const float* clse, const float* ccoef, const int64_t* pidx, const float* pcoef,
                                       cudaStream_t stream);
 }
@@ -79,13 +78,13 @@ void col_partials(const at::Tensor& S, double scale, at::Tensor pmax, at::Tensor
 
 // G [rows, m] (float32/float16/bfloat16) <- softmax-gradient weights of the chunk's rows, from the
 // chunk's slices of rlse/rcoef (and pidx int64 global key indices, pcoef) and the whole-key
-// clse/ccoef; dsp [rows * ceil(m / cols_per_block)] float32 <- per-block Σ G ⊙ S.
-void grad_weights(const at::Tensor& S, double scale, at::Tensor G, at::Tensor dsp, const at::Tensor& rlse,
+// clse/ccoef.
+void grad_weights(const at::Tensor& S, double scale, at::Tensor G, const at::Tensor& rlse,
                   const at::Tensor& rcoef, const std::optional<at::Tensor>& clse,
                   const std::optional<at::Tensor>& ccoef, const std::optional<at::Tensor>& pidx,
                   const std::optional<at::Tensor>& pcoef) {
   check_logits(S);
-  const int64_t rows = S.size(0), m = S.size(1), per = coma_infonce_cols_per_block();
+  const int64_t rows = S.size(0), m = S.size(1);
   TORCH_CHECK(G.is_cuda() && G.dim() == 2 && G.size(0) == rows && G.size(1) == m && G.stride(1) == 1,
               "infonce cuda: G must be a CUDA matrix shaped like S with contiguous rows");
   TORCH_CHECK(clse.has_value() == ccoef.has_value(), "infonce cuda: clse and ccoef come together");
@@ -95,7 +94,7 @@ void grad_weights(const at::Tensor& S, double scale, at::Tensor G, at::Tensor ds
                 "infonce cuda: pidx must be a contiguous int64 CUDA vector of at least ", rows, " elements");
   const c10::cuda::CUDAGuard guard(S.device());
   ok(coma_infonce_grad_weights(dtype_code(G), S.data_ptr<float>(), rows, m, S.stride(0), static_cast<float>(scale),
-                               G.data_ptr(), G.stride(0), f32(dsp, rows * ((m + per - 1) / per), "dsp"),
+                               G.data_ptr(), G.stride(0),
                                f32(rlse, rows, "rlse"), f32(rcoef, rows, "rcoef"),
                                clse ? f32(*clse, m, "clse") : nullptr, ccoef ? f32(*ccoef, m, "ccoef") : nullptr,
                                pidx ? pidx->data_ptr<int64_t>() : nullptr, pcoef ? f32(*pcoef, rows, "pcoef") : nullptr,
@@ -106,11 +105,10 @@ void grad_weights(const at::Tensor& S, double scale, at::Tensor G, at::Tensor ds
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused InfoNCE epilogues over cuBLAS logits chunks (coma_kernels/csrc/infonce_kernels.cu)";
   m.def("rows_per_group", &coma_infonce_rows_per_group, "rows per column-statistics group");
-  m.def("cols_per_block", &coma_infonce_cols_per_block, "columns per block of the gradient-weight kernel");
   m.def("row_lse", &row_lse, "row log-sum-exp of scale * S", py::arg("S"), py::arg("scale"), py::arg("lse"));
   m.def("col_partials", &col_partials, "per-column partial (max, sum-exp) over row groups", py::arg("S"),
         py::arg("scale"), py::arg("pmax"), py::arg("psum"), py::arg("group0"));
   m.def("grad_weights", &grad_weights, "softmax-gradient weights G of a logits chunk", py::arg("S"), py::arg("scale"),
-        py::arg("G"), py::arg("dsp"), py::arg("rlse"), py::arg("rcoef"), py::arg("clse"), py::arg("ccoef"),
+        py::arg("G"), py::arg("rlse"), py::arg("rcoef"), py::arg("clse"), py::arg("ccoef"),
         py::arg("pidx"), py::arg("pcoef"));
 }

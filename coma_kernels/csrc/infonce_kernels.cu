@@ -7,8 +7,8 @@
 //   coma_infonce_col_partials pmax/psum[group, c] = (max, Σ exp(· − max)) of scale·S[r, c] over a
 //                             group of ROWS rows (merged over groups on the host, in fp32)
 //   coma_infonce_grad_weights G[r, c] = a_r·exp(scale·S − rlse_r) + b_c·exp(scale·S − clse_c) − w_r·[c = p_r]
-//                             in G's dtype (the GEMM operand of dQ = s·G K and dK = s·Gᵀ Q), and
-//                             dsp[block] = Σ G ⊙ S over the block (d logit_scale, summed on the host)
+//                             in G's dtype (the GEMM operand of dQ = s·G K and dK = s·Gᵀ Q; d logit_scale
+//                             = Σ Q ⊙ (G K) is read off the dQ product on the host)
 //
 // Each thread owns 4 consecutive columns (one float4 load when the row is 16-byte aligned), so a
 // warp reads 512 contiguous bytes per row; the epilogues are bound by memory bandwidth, which is
@@ -74,16 +74,6 @@ __device__ __forceinline__ void load4(const float* __restrict__ row, int64_t c, 
   }
 }
 
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float total = 0.f;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < THREADS / 32; ++w) total += red[w];
-  return total;  // valid in thread 0
-}
-
 // grid: one block per row of S.
 __global__ void __launch_bounds__(THREADS)
     row_lse_kernel(const float* __restrict__ S, int64_t m, int64_t lds, float scale, float* __restrict__ lse) {
@@ -143,41 +133,35 @@ __global__ void __launch_bounds__(THREADS)
 template <typename GT>
 __global__ void __launch_bounds__(THREADS)
     grad_weights_kernel(const float* __restrict__ S, int64_t m, int64_t lds, float scale, GT* __restrict__ G,
-                        int64_t ldg, float* __restrict__ dsp, const float* __restrict__ rlse,
+                        int64_t ldg, const float* __restrict__ rlse,
                         const float* __restrict__ rcoef, const float* __restrict__ clse,
                         const float* __restrict__ ccoef, const int64_t* __restrict__ pidx,
                         const float* __restrict__ pcoef) {
-  __shared__ float red[THREADS / 32];
   const int64_t r = blockIdx.x;
   const int64_t c = (int64_t)blockIdx.y * COLS + (int64_t)threadIdx.x * VEC;
   const bool vec = (lds % VEC == 0) && ((reinterpret_cast<uintptr_t>(S) & 15) == 0);
   const bool gvec = (ldg % VEC == 0) && ((reinterpret_cast<uintptr_t>(G) % sizeof(Pack<GT>)) == 0);
-  float ds = 0.f;
-  if (c < m) {
-    const float rl = rlse[r], rc = rcoef[r];
-    const int64_t p = pidx ? pidx[r] : -1;
-    const float pc = pidx ? pcoef[r] : 0.f;
-    float x[VEC];
-    load4(S + r * lds, c, m, vec, x);
-    Pack<GT> pk;
+  if (c >= m) return;
+  const float rl = rlse[r], rc = rcoef[r];
+  const int64_t p = pidx ? pidx[r] : -1;
+  const float pc = pidx ? pcoef[r] : 0.f;
+  float x[VEC];
+  load4(S + r * lds, c, m, vec, x);
+  Pack<GT> pk;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float s = x[j] * scale;
-      float g = rc * __expf(s - rl);
-      if (clse && c + j < m) g += ccoef[c + j] * __expf(s - clse[c + j]);
-      if (c + j == p) g -= pc;
-      if (c + j < m) ds = fmaf(g, x[j], ds);
-      pk.v[j] = from_float<GT>(g);
-    }
-    GT* out = G + r * ldg + c;
-    if (gvec && c + VEC <= m) {
-      *reinterpret_cast<Pack<GT>*>(out) = pk;
-    } else {
-      for (int j = 0; j < VEC && c + j < m; ++j) out[j] = pk.v[j];
-    }
+  for (int j = 0; j < VEC; ++j) {
+    const float s = x[j] * scale;
+    float g = rc * __expf(s - rl);
+    if (clse && c + j < m) g += ccoef[c + j] * __expf(s - clse[c + j]);
+    if (c + j == p) g -= pc;
+    pk.v[j] = from_float<GT>(g);
   }
-  const float total = block_sum(ds, red);
-  if (threadIdx.x == 0) dsp[r * gridDim.y + blockIdx.y] = total;
+  GT* out = G + r * ldg + c;
+  if (gvec && c + VEC <= m) {
+    *reinterpret_cast<Pack<GT>*>(out) = pk;
+  } else {
+    for (int j = 0; j < VEC && c + j < m; ++j) out[j] = pk.v[j];
+  }
 }
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -187,7 +171,6 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 using namespace coma_infonce;
 
 extern "C" int coma_infonce_rows_per_group() { return ROWS; }
-extern "C" int coma_infonce_cols_per_block() { return COLS; }
 
 extern "C" cudaError_t coma_infonce_row_lse(const float* S, int64_t rows, int64_t m, int64_t lds, float scale,
                                             float* lse, cudaStream_t stream) {
@@ -206,23 +189,23 @@ extern "C" cudaError_t coma_infonce_col_partials(const float* S, int64_t rows, i
 
 // dtype codes shared with infonce_binding.cpp (G's dtype): 0 = float32, 1 = float16, 2 = bfloat16.
 extern "C" cudaError_t coma_infonce_grad_weights(int dtype, const float* S, int64_t rows, int64_t m, int64_t lds,
-                                                 float scale, void* G, int64_t ldg, float* dsp, const float* rlse,
+                                                 float scale, void* G, int64_t ldg, const float* rlse,
                                                  const float* rcoef, const float* clse, const float* ccoef,
                                                  const int64_t* pidx, const float* pcoef, cudaStream_t stream) {
   if (rows <= 0 || m <= 0) return cudaSuccess;
   const dim3 grid((unsigned)rows, (unsigned)cdiv(m, COLS));
   switch (dtype) {
     case 0:
-      grad_weights_kernel<float><<<grid, THREADS, 0, stream>>>(S, m, lds, scale, static_cast<float*>(G), ldg, dsp,
+      grad_weights_kernel<float><<<grid, THREADS, 0, stream>>>(S, m, lds, scale, static_cast<float*>(G), ldg,
                                                                rlse, rcoef, clse, ccoef, pidx, pcoef);
       break;
     case 1:
-      grad_weights_kernel<__half><<<grid, THREADS, 0, stream>>>(S, m, lds, scale, static_cast<__half*>(G), ldg, dsp,
+      grad_weights_kernel<__half><<<grid, THREADS, 0, stream>>>(S, m, lds, scale, static_cast<__half*>(G), ldg,
                                                                 rlse, rcoef, clse, ccoef, pidx, pcoef);
       break;
     case 2:
       grad_weights_kernel<__nv_bfloat16><<<grid, THREADS, 0, stream>>>(
-          S, m, lds, scale, static_cast<__nv_bfloat16*>(G), ldg, dsp, rlse, rcoef, clse, ccoef, pidx, pcoef);
+          S, m, lds, scale, static_cast<__nv_bfloat16*>(G), ldg, rlse, rcoef, clse, ccoef, pidx, pcoef);
       break;
     default:
       return cudaErrorInvalidValue;
