@@ -15,6 +15,13 @@ stay live beside G.  Its 1-D grid is walked in groups of ``GROUP_M`` row
 blocks (the Triton matmul tutorial's order): programs running together share key tiles, which
 stay in L2 instead of being read once per row block.
 
+With ``COMA_INFONCE_TRITON_PERSISTENT=1`` a fixed grid of programs walks the work items, and
+``tl.range(..., flatten=True)`` fuses each program's (item, D-slice) loop nest into one loop
+(Triton's fuse-nested-loops pass, run for sm_80/sm_90): the pipeliner then prefetches the next
+tile's first Q/K slices while this tile's exponentials and G store run, instead of draining at
+every tile.  On sm_90 with TMA and 128×64 tiles that also takes the gradient kernel from 151 to
+125 registers (two CTAs per SM; benchmarks/triton_resources.py).
+
 Why ``exp`` and not ``exp2`` with log2(e) folded into the scale (flash-attention's trick): base 2
 rounds the large logit and its LSE once more each before they cancel, and in the trained regime
 (p(positive) ≈ 0.999, where the gradient is 1 − p) that made fp32 d logit_scale miss its
@@ -112,8 +119,8 @@ def _stats_item(Q, K, RMAX, RSUM, PMAX, PSUM, item, n, m, D, stride_q, stride_k,
 def _stats_kernel(Q, K, RMAX, RSUM, PMAX, PSUM, n, m, D, stride_q, stride_k, cols_per_split, splits, scale,
                   COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr):
-    if PERSISTENT:  # a fixed grid of programs walks the work items
-        for item in range(tl.program_id(0), tl.cdiv(n, BLOCK_M) * splits, tl.num_programs(0)):
+    if PERSISTENT:  # a fixed grid of programs walks the work items (one flattened loop: see the module docstring)
+        for item in tl.range(tl.program_id(0), tl.cdiv(n, BLOCK_M) * splits, tl.num_programs(0), flatten=True):
             _stats_item(Q, K, RMAX, RSUM, PMAX, PSUM, item, n, m, D, stride_q, stride_k, cols_per_split, splits,
                         scale, COL, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION, TMA)
     else:           # one program per work item
@@ -165,7 +172,8 @@ def _grad_tile_kernel(Q, K, G, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0, row1
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                       TMA: tl.constexpr, PERSISTENT: tl.constexpr):
     if PERSISTENT:
-        for tile in range(tl.program_id(0), tl.cdiv(row1 - row0, BLOCK_M) * tl.cdiv(m, BLOCK_N), tl.num_programs(0)):
+        for tile in tl.range(tl.program_id(0), tl.cdiv(row1 - row0, BLOCK_M) * tl.cdiv(m, BLOCK_N), tl.num_programs(0),
+                             flatten=True):
             _grad_tile(Q, K, G, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, tile, row0, row1, m, D, stride_q,
                        stride_k, stride_g, scale, HAS_COL, HAS_POS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST,
                        PRECISION, TMA)
