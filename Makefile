@@ -18,6 +18,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.coma-installed
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 PYTEST_ARGS ?=
+# DeepSpeed's JIT-built CPU ops (cpu_adam, the shared-memory all-reduce) are cached per venv: a
+# CI venv beside a working one then neither rebuilds the other's ops nor waits on its build lock
+# (a build killed midway leaves that lock behind, and every later build waits on it for ever)
+OPS_CACHE := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 VERSIONS := torch transformers kernels deepspeed peft webdataset triton tokenizers accelerate
 
 .PHONY: demo test venv versions bench wheelhouse clean-venv constraints
@@ -37,10 +41,10 @@ versions: $(STAMP)   # what this venv runs: printed before every test run (CI lo
 	  print('versions:', ', '.join(f'{d} {m.version(d)}' for d in sys.argv[1:] if d in have))" $(VERSIONS)
 
 demo: $(STAMP)
-	DS_ACCELERATOR=cpu $(PY) launch/demo.py
+	DS_ACCELERATOR=cpu $(OPS_CACHE) $(PY) launch/demo.py
 
 test: $(STAMP) versions
-	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu TRITON_INTERPRET=1 $(OPS_CACHE) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/data.py

@@ -81,6 +81,7 @@ from pipeline.data import BatchSource  # noqa: E402
 
 # ------------------------------------------------------------------------------ synthetic data
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+KIND = {1: "qa", 2: "mmeb"}  # the shard kind each training stage reads
 
 
 def synthetic_record(i: int, stage: int, image: str) -> dict:
@@ -117,7 +118,7 @@ def synthetic_shards(folder: Path, stage: int, image_size: int, samples: int) ->
         rows.append(json.dumps(synthetic_record(i, stage, f"images/{i:06d}.jpg")) + "\n")
     shard.write_atomic(folder / "manifest.jsonl", "".join(rows).encode())
     argv = ["--input", str(folder / "manifest.jsonl"), "--output", str(folder / "shards"),
-            "--kind", "qa" if stage == 1 else "mmeb", "--samples-per-shard", str(max(8, samples // 16))]
+            "--kind", KIND[stage], "--samples-per-shard", str(max(8, samples // 16))]
     if shard.main(argv) != 0:
         raise RuntimeError(f"data_prep/shard.py {' '.join(argv)} failed")
     return folder / "shards"
@@ -137,7 +138,7 @@ def use_synthetic_data(cfg, plan, env, image_size: int, steps: int, where: Path)
     dist.barrier()
     d = cfg.data
     d.sources = [DataSource(shards=str(folder / "shards"))]
-    d.kind = "qa" if cfg.train.stage == 1 else "mmeb"
+    d.kind = KIND[cfg.train.stage]
     d.resampled, d.epoch_samples, d.task_sampling, d.batch_composition = True, steps * plan.global_batch, \
         "proportional", "per_rank"
 
