@@ -18,7 +18,6 @@ Prints a table and writes ``benchmarks/results/triton_resources.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
     from coma_kernels.triton_tuning import CANDIDATES, TileConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="+", default=[",".join(map(str, dataclasses.astuple(c))) for c in CANDIDATES],
+    ap.add_argument("--configs", nargs="+", type=TileConfig.parse, default=list(CANDIDATES),
                     help="BM,BN,BK[,WARPS,STAGES] (default: the autotuner's candidates)")
     ap.add_argument("--tma", nargs="+", type=int, default=[0, 1], choices=[0, 1])
     ap.add_argument("--persistent", nargs="+", type=int, default=[0], choices=[0, 1])
@@ -100,8 +99,8 @@ def main(argv=None) -> int:
     import triton
 
     rows = []
-    for text, tma, pers, kernel in itertools.product(args.configs, args.tma, args.persistent, ("stats", "grad")):
-        rows.append(compile_variant(kernel, TileConfig.parse(text), bool(tma), bool(pers)))
+    for config, tma, pers, kernel in itertools.product(args.configs, args.tma, args.persistent, ("stats", "grad")):
+        rows.append(compile_variant(kernel, config, bool(tma), bool(pers)))
     print("| kernel | config | tma | persistent | registers | stack (spill) B | shared KiB | CTAs/SM |\n"
           "|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -34,14 +34,13 @@ fp32 inputs on a GPU use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 
 from . import triton_tuning
 from .tiled import TiledOps, cdiv
-from .triton_tuning import DEFAULT, Resources, TileConfig
+from .triton_tuning import DEFAULT, Resources, TileConfig, pow2
 
 try:
     import triton
@@ -186,10 +185,6 @@ def _grad_tile_kernel(Q, K, G, RLSE, RCOEF, CLSE, CCOEF, PIDX, PCOEF, row0, row1
 GROUP_M = 8  # row blocks per raster group of the gradient grid (see the module docstring)
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 class TritonOps(TiledOps):
     """Host side of the Triton kernels (chunking and GEMMs in :class:`coma_kernels.tiled.TiledOps`).
 
@@ -255,8 +250,8 @@ class TritonOps(TiledOps):
             return self.forced
         if self.interpret:
             # the interpreter's cost is per program × per tile: few, large tiles
-            return TileConfig(max(16, min(128, _pow2(n))), max(16, min(128, _pow2(m))), max(16, min(_pow2(d), 256)))
-        return fit(DEFAULT, d, elem)
+            return TileConfig(max(16, min(128, pow2(n))), max(16, min(128, pow2(m))), max(16, min(pow2(d), 256)))
+        return DEFAULT.fit(d, elem)
 
     def tiles(self, kernel, n, m, d, elem):
         c = self.config(kernel, n, m, d, elem)
@@ -279,10 +274,10 @@ class TritonOps(TiledOps):
         (n, d), m = q.shape, k.shape[0]
         key = "|".join([kernel, _device_name(q.device), f"triton {triton.__version__}", str(q.dtype).split(".")[-1],
                         flags, f"tma={int(self.tma)} persistent={int(self.programs > 0)}",
-                        f"n={triton_tuning.bucket(n)} m={triton_tuning.bucket(m)} d={triton_tuning.bucket(d)}"])
+                        f"n={pow2(n)} m={pow2(m)} d={pow2(d)}"])
         cfg = triton_tuning.CACHE.get(key)
         if cfg is None:
-            candidates = list(dict.fromkeys(fit(c, d, q.element_size()) for c in triton_tuning.CANDIDATES))
+            candidates = list(dict.fromkeys(c.fit(d, q.element_size()) for c in triton_tuning.CANDIDATES))
 
             def resources(c: TileConfig) -> Resources:
                 self.chosen[kernel], self._probing, self._probed = c, True, None
@@ -365,12 +360,6 @@ class TritonOps(TiledOps):
                      dict(HAS_COL=has_col, HAS_POS=has_pos, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
                           BLOCK_K=c.block_k, GROUP_M=GROUP_M, UPCAST=self.upcast, PRECISION=self.precision,
                           TMA=tma, PERSISTENT=self.programs > 0, **self._options(c)))
-
-
-def fit(c: TileConfig, d: int, elem: int) -> TileConfig:
-    """``c`` with BLOCK_K at most D (rounded up to a power of two) and at most 128 bytes of a row
-    (64 bf16/fp16 or 32 fp32 elements: fp32 tiles of 64 would need twice the shared memory)."""
-    return dataclasses.replace(c, block_k=max(16, min(c.block_k, _pow2(d), 64 if elem <= 2 else 32)))
 
 
 def _device_name(device: torch.device) -> str:

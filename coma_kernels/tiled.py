@@ -200,7 +200,7 @@ def chunked_grads(q, k, scale: float, norm: float, g_dtype: torch.dtype, row_mul
     d scale = Σ G ⊙ (Q Kᵀ) = Σ_i q_i · (G K)_i is read off the dQ GEMM's product before it is
     scaled: one pass over [C, D] instead of a Σ G ⊙ S reduction in every gradient tile.  The
     tile kernels then hold G and no logits after the exponentials, which takes the Triton
-    gradient kernel from 170 to 114 registers at 128×64 tiles (sm_90, TMA): two CTAs per SM
+    gradient kernel from 170 to 118 registers at 128×64 tiles (sm_90, TMA): two CTAs per SM
     (benchmarks/triton_resources.py).  With a bf16/fp16 G the sum sees G rounded, as dQ does;
     in bf16 that moves d scale by ~1e-3 relative (tests/test_kernels_infonce.py, trained regime),
     below the rounding of the inputs themselves."""

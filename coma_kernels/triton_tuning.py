@@ -44,6 +44,12 @@ class TileConfig:
     def options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
+    def fit(self, d: int, elem: int) -> "TileConfig":
+        """This configuration with BLOCK_K at most D (rounded up to a power of two) and at most 128
+        bytes of a row (64 bf16/fp16 or 32 fp32 elements: fp32 tiles of 64 would need twice the
+        shared memory)."""
+        return dataclasses.replace(self, block_k=max(16, min(self.block_k, pow2(d), 64 if elem <= 2 else 32)))
+
     def __str__(self) -> str:
         return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
 
@@ -145,8 +151,9 @@ def tuning_file() -> Path:
     return Path(base) / "coma_kernels" / "triton_tiles.json"
 
 
-def bucket(x: int) -> int:
-    """Sizes are tuned per power of two (N = 30000 uses N = 32768's choice)."""
+def pow2(x: int) -> int:
+    """The smallest power of two ≥ x (≥ 1).  Sizes are also tuned per power of two: N = 30000 uses
+    N = 32768's choice."""
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
