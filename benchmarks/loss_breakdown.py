@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     kernels.sort(key=lambda r: -r["ms"])
 
     # The ceiling: the same four products with torch.mm at the chunk the host loop uses.
-    chunk = min(n, chunk_rows(n, n, 128, q.element_size(), free_bytes(q.device)))
+    chunk = min(n, chunk_rows(n, n, d, 128, q.element_size(), free_bytes(q.device)))
     qd, kd = q.detach(), k.detach()
     gch = torch.randn(chunk, n, device="cuda", dtype=dt)
     per = 2.0 * n * n * d

@@ -25,9 +25,9 @@ subtracted inside the tile, in fp32, *before* G is rounded to the input dtype fo
 tensor-core GEMMs: for a well-trained model exp(S_{i,p_i} − row_lse_i) ≈ 1 and the gradient
 is the small difference of two O(1) numbers, which a bf16 G would otherwise destroy.
 Backends recompute chunks or tiles of S instead of storing
-them, so nothing of size n×m is kept beyond what free memory allows (torch:
-:mod:`coma_kernels.infonce_torch`; Triton: :mod:`coma_kernels.tiled`; CUDA: cuBLAS chunks and fused
-epilogues, :mod:`coma_kernels.infonce_cuda`).  :class:`FusedInfoNCE` is the whole loss as one autograd Function;
+them, so nothing of size n×m is kept (torch: chunks of a fixed element count,
+:mod:`coma_kernels.infonce_torch`; Triton: :mod:`coma_kernels.tiled`, and CUDA: cuBLAS chunks and
+fused epilogues, :mod:`coma_kernels.infonce_cuda`, chunks within the gradients' own O((n + m)·D) bytes).  :class:`FusedInfoNCE` is the whole loss as one autograd Function;
 :func:`infonce_loss_and_grads` is the same maths without autograd (embedding cache);
 :mod:`coma_kernels.distributed` reuses :func:`loss_grads` with all-reduced column statistics.
 """

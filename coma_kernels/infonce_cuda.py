@@ -14,8 +14,9 @@ The primitives of :mod:`coma_kernels.infonce` over chunks of C query rows:
 Against the Triton backend's fused tiles (:mod:`coma_kernels.tiled`) this spends memory traffic
 (S is written once and read once or twice, 4 bytes an element) to run every product at
 cuBLAS speed; the epilogues are bandwidth-bound and vectorised (csrc/infonce_kernels.cu).
-Chunks are sized from free memory (:func:`coma_kernels.tiled.chunk_rows`, 6 bytes per element
-of S and G), so on a large GPU one chunk holds every row.
+Chunks are sized as the Triton backend's (:func:`coma_kernels.tiled.chunk_rows`: within the bytes
+of the fp32 gradients and a share of free memory; 4 bytes per element of S in the forward, 6 of
+S and G in the backward).
 
 :class:`TorchEpilogue` states each kernel's contract in torch: the tests run the host loop with
 it on the CPU against float64, and the CUDA kernels against it on a GPU (benchmarks/gpu_check.py).
@@ -131,9 +132,9 @@ class CudaOps:
 
     def stats(self, query, key, scale: float, col: bool):
         q, k = query.contiguous(), key.contiguous()
-        n, m = q.shape[0], k.shape[0]
+        (n, d), m = q.shape, k.shape[0]
         # whole row groups per chunk, so that a chunk's column partials fill whole groups
-        chunk = chunk_rows(n, m, self.epi.rows_per_group, 4, free_bytes(q.device))
+        chunk = chunk_rows(n, m, d, self.epi.rows_per_group, 4, free_bytes(q.device))
         f32 = dict(dtype=torch.float32, device=q.device)
         row_lse = torch.empty(n, **f32)
         groups = cdiv(n, self.epi.rows_per_group)

@@ -20,11 +20,16 @@ A backend supplies two tile kernels; :class:`TiledOps` turns them into the primi
     the dQ GEMM as Σ Q ⊙ (G K) (see :func:`chunked_grads`).  S is recomputed once in backward
     (not once per direction), with no atomics and no D-wide read-modify-write, deterministically.
 
-Chunk size (:func:`chunk_rows`): the G buffer takes up to a quarter of the device's free memory
-(``torch.cuda.mem_get_info`` plus the caching allocator's unused blocks), so on a large GPU the
-whole [n, m] G usually fits (2 GiB of bf16 at n = m = 32k): one chunk, dQ = s·G K and
-dK = s·Gᵀ Q as two full-size GEMMs and nothing accumulated.  Smaller memory gives more chunks,
-dK accumulated in place; ``COMA_INFONCE_CHUNK_ELEMS_GPU`` fixes C·m (tests force many chunks).
+Chunk size (:func:`chunk_rows`): the chunk buffers (G, and the CUDA backend's fp32 S beside it)
+take at most the bytes of the fp32 dQ and dK the backward returns anyway, (n + m)·D·4 (64 MiB at
+least), and at most a quarter of the device's free memory (``torch.cuda.mem_get_info`` plus the
+caching allocator's unused blocks).  So the loss's extra memory stays O((n + m)·D), as Inf-CL's
+does, and the loss backward, which runs while every saved activation of the model is still
+alive, never adds an n×m spike to a training step's peak: at n = m = 32k, D = 2048 in bf16, G is
+512 MiB (four 8192-row chunks) instead of the 2 GiB of one chunk.  The price is dK accumulated in
+place over the chunks (cuBLAS reads and writes the fp32 [m, D] once more per chunk: ~1.5 GiB of
+traffic at that size, ~0.5 ms on an H100).  ``COMA_INFONCE_CHUNK_ELEMS_GPU`` fixes C·m instead
+(tests force many chunks; ``benchmarks/loss_breakdown.py --variants`` times one whole chunk).
 Peak extra memory is O(C·m + (n + m)·D).  G is normalised to max |coefficient| = 1 before it
 is rounded to fp16/bf16 (the coefficients are O(1/n), below fp16's normal range at large n);
 the norm is folded back into the GEMM scale.
@@ -36,8 +41,8 @@ import os
 
 import torch
 
-DEFAULT_CHUNK_ELEMS = 1 << 26   # C·m where free memory cannot be read (the CPU interpreter)
-FREE_MEMORY_SHARE = 0.25        # of the device's free memory, for the G chunk buffer
+FREE_MEMORY_SHARE = 0.25        # of the device's free memory, for the chunk buffers
+MIN_CHUNK_BYTES = 64 << 20      # small losses run as one chunk, whatever their (n + m)·D
 
 
 def cdiv(a: int, b: int) -> int:
@@ -71,18 +76,21 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _OUT_DTYPE_ADDMM = [True]
 
 
-def chunk_rows(n: int, m: int, bm: int, g_elem: int, free_bytes: int | None) -> int:
-    """Rows C of Q per backward chunk: a multiple of ``bm`` whose [C, m] G buffer of ``g_elem``-byte
-    elements takes at most ``FREE_MEMORY_SHARE`` of ``free_bytes`` (``COMA_INFONCE_CHUNK_ELEMS_GPU``:
-    at most that many elements; ``free_bytes`` None: ``DEFAULT_CHUNK_ELEMS``), at least one row
-    block, at most all ``n`` rows."""
+def chunk_rows(n: int, m: int, d: int, bm: int, elem_bytes: int, free_bytes: int | None) -> int:
+    """Rows C of Q per chunk: a multiple of ``bm`` whose [C, m] buffers, ``elem_bytes`` bytes per
+    element of them all, take at most max((n + m)·d·4, ``MIN_CHUNK_BYTES``) bytes (the fp32
+    gradients' own size: the loss's memory stays O((n + m)·D)) and at most ``FREE_MEMORY_SHARE``
+    of ``free_bytes`` (None: memory cannot be read, the CPU interpreter); at least one row block,
+    at most all ``n`` rows.  ``COMA_INFONCE_CHUNK_ELEMS_GPU``: C·m at most that many elements,
+    in place of both bounds."""
     forced = os.environ.get("COMA_INFONCE_CHUNK_ELEMS_GPU")
     if forced:
         elems = int(forced)
-    elif free_bytes is None:
-        elems = DEFAULT_CHUNK_ELEMS
     else:
-        elems = int(free_bytes * FREE_MEMORY_SHARE) // g_elem
+        budget = max((n + m) * d * 4, MIN_CHUNK_BYTES)
+        if free_bytes is not None:
+            budget = min(budget, int(free_bytes * FREE_MEMORY_SHARE))
+        elems = budget // elem_bytes
     return min(cdiv(n, bm) * bm, max(bm, elems // max(m, 1) // bm * bm))
 
 
@@ -190,8 +198,9 @@ def chunked_grads(q, k, scale: float, norm: float, g_dtype: torch.dtype, row_mul
                   write_g) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward both GPU backends share: (dQ [n, D], dK [m, D], d scale) in fp32.
 
-    Over chunks of C query rows (:func:`chunk_rows`: multiples of ``row_multiple``, the G buffer
-    plus ``extra_bytes`` per element of the backend's own within a share of free memory),
+    Over chunks of C query rows (:func:`chunk_rows`: multiples of ``row_multiple``; the G buffer
+    plus ``extra_bytes`` per element of the backend's own within the bytes of dQ and dK and a
+    share of free memory),
     ``write_g(r0, r1, g)`` fills ``g`` [r1 − r0, m] (``g_dtype``) with the softmax-gradient
     weights of rows [r0, r1), coefficients divided by ``norm`` (:func:`normalised_coefficients`).
     Then dQ_c = s·norm·G K and dK += s·norm·Gᵀ Q_c: GEMMs with fp32 results, dK overwritten by
@@ -210,7 +219,7 @@ def chunked_grads(q, k, scale: float, norm: float, g_dtype: torch.dtype, row_mul
     if norm == 0.0:
         return dq, dk, dq.new_zeros(())
     g_elem = torch.empty((), dtype=g_dtype).element_size()
-    chunk = chunk_rows(n, m, row_multiple, g_elem + extra_bytes, free_bytes(q.device))
+    chunk = chunk_rows(n, m, d, row_multiple, g_elem + extra_bytes, free_bytes(q.device))
     gbuf = torch.empty(chunk, m, dtype=g_dtype, device=q.device)
     qg, kg = q.to(g_dtype), k.to(g_dtype)            # no-ops except when the Triton interpreter keeps G in fp32
     out_scale = float(scale) * norm

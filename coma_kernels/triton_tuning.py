@@ -115,8 +115,9 @@ def choose(candidates, resources: Callable[[TileConfig], Resources], timer: Call
     candidate (its resources, CTAs per SM, milliseconds or why it was not timed).
 
     ``resources(cfg)`` compiles the kernel for ``cfg`` (raising for one that cannot run, e.g.
-    too much shared memory); ``timer(cfg)`` returns its milliseconds on the real inputs.  If
-    every candidate spills, all are timed, least spilling first."""
+    too much shared memory); ``timer(cfg)`` returns its milliseconds on the real inputs (raising
+    for one that compiled but cannot launch, e.g. Triton's ``OutOfResources``: it is skipped, as
+    a failed compile is).  If every candidate spills, all are timed, least spilling first."""
     rows, compiled = [], []
     for cfg in candidates:
         row = {"config": str(cfg)}
@@ -137,9 +138,15 @@ def choose(candidates, resources: Callable[[TileConfig], Resources], timer: Call
             row["skipped"] = f"spills {res.spill_bytes} B per thread"
     best, best_ms = None, float("inf")
     for cfg, _res, row in timed:
-        row["ms"] = ms = float(timer(cfg))
+        try:
+            row["ms"] = ms = float(timer(cfg))
+        except Exception as exc:  # noqa: BLE001 - compiled, but does not launch on this card
+            row["skipped"] = f"launch failed: {type(exc).__name__}: {exc}"[:200]
+            continue
         if ms < best_ms:
             best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError("no Triton tile configuration launched: " + "; ".join(r.get("skipped", "") for r in rows))
     return best, rows
 
 

@@ -256,21 +256,56 @@ def test_dk_accumulates_in_place_in_fp32(dtype):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_backward_chunks_are_sized_from_free_memory(monkeypatch):
-    """The G buffer takes a quarter of the free memory: at n = m = 32k in bf16 (2 GiB of G) an
-    80 GB card's free memory holds all of it (one chunk, nothing accumulated); 1 GiB free gives
-    chunks of 4096 rows; a row block at least, and the forced element count wins."""
+def test_chunks_stay_within_the_gradients_size_and_free_memory(monkeypatch):
+    """The chunk buffers take at most the bytes of the fp32 dQ and dK ((n + m)·D·4) and a quarter
+    of the free memory: at n = m = 32k, D = 2048 in bf16 an 80 GB card gets 8192-row chunks (512
+    MiB of G, not the 2 GiB of one chunk); 1 GiB free gives 4096 rows; the CUDA backend's 6 bytes
+    of S and G per element give smaller chunks; a small loss is one chunk; a row block at least,
+    and the forced element count wins over both bounds."""
     from coma_kernels.tiled import chunk_rows
 
     monkeypatch.delenv("COMA_INFONCE_CHUNK_ELEMS_GPU", raising=False)
     n = m = 32768
-    assert chunk_rows(n, m, 128, 2, 70 << 30) == n
-    assert chunk_rows(n, m, 128, 2, 1 << 30) == 4096            # 256 MiB of G: 4096 rows × 32k × 2 B
-    assert chunk_rows(n, m, 128, 2, 1 << 20) == 128             # never less than one row block
-    assert chunk_rows(100, 50, 64, 2, 70 << 30) == 128          # all rows, whole blocks
-    assert chunk_rows(n, m, 128, 2, None) == 2048               # no memory reading: 64 Mi elements
+    assert chunk_rows(n, m, 2048, 128, 2, 70 << 30) == 8192       # 512 MiB = (n + m)·D·4 bytes of G
+    assert chunk_rows(n, m, 2048, 128, 2, None) == 8192           # the interpreter: no memory reading
+    assert chunk_rows(n, m, 2048, 128, 2, 1 << 30) == 4096        # 256 MiB of G: a quarter of 1 GiB
+    assert chunk_rows(n, m, 2048, 128, 6, 70 << 30) == 2688       # S fp32 + G bf16: 512 MiB / 6 B / 32k
+    assert chunk_rows(n, m, 2048, 128, 2, 1 << 20) == 128         # never less than one row block
+    assert chunk_rows(4096, m, 2048, 128, 2, 70 << 30) == 4096    # a rank's rows against gathered keys
+    assert chunk_rows(100, 50, 8, 64, 2, 70 << 30) == 128         # all rows, whole blocks (64 MiB floor)
     monkeypatch.setenv("COMA_INFONCE_CHUNK_ELEMS_GPU", "1")
-    assert chunk_rows(n, m, 128, 2, 70 << 30) == 128
+    assert chunk_rows(n, m, 2048, 128, 2, 70 << 30) == 128
+    monkeypatch.setenv("COMA_INFONCE_CHUNK_ELEMS_GPU", str(1 << 40))
+    assert chunk_rows(n, m, 2048, 128, 2, 1 << 30) == n           # one chunk, whatever the bounds
+
+
+def test_backward_g_buffer_is_bounded_by_the_gradients(monkeypatch):
+    """chunked_grads sizes its G buffer from (n + m)·D: with the 64 MiB floor lowered, n = m = 512,
+    D = 16 in bf16 may hold 64 KiB of G, i.e. 64 rows of 512 keys: eight chunks, and the
+    gradients of those chunks still equal one chunk's."""
+    from coma_kernels import tiled
+
+    monkeypatch.delenv("COMA_INFONCE_CHUNK_ELEMS_GPU", raising=False)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(512, 16, generator=g), torch.randn(512, 16, generator=g)
+    weights = torch.randn(512, 512, generator=g) / 512
+
+    def run(floor):
+        monkeypatch.setattr(tiled, "MIN_CHUNK_BYTES", floor)
+        chunks = []
+
+        def write_g(r0, r1, buf):
+            chunks.append((r0, r1, buf.shape[0]))
+            buf.copy_(weights[r0:r1])
+
+        return chunks, tiled.chunked_grads(q, k, 2.0, 1.0, torch.bfloat16, 32, 0, write_g)
+
+    few, want = run(tiled.MIN_CHUNK_BYTES)
+    many, got = run(0)
+    assert few == [(0, 512, 512)]
+    assert [c[:2] for c in many] == [(r, r + 64) for r in range(0, 512, 64)] and {c[2] for c in many} == {64}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def run_ops(ops, q, k, s, symmetric=False, positive_index=None):

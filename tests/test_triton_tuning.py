@@ -45,6 +45,24 @@ def test_when_every_candidate_spills_all_are_timed_and_a_failing_compile_is_skip
         choose([B], lambda c: (_ for _ in ()).throw(RuntimeError("nope")), lambda c: 0.0)
 
 
+def test_a_candidate_that_fails_to_launch_is_skipped():
+    """A configuration can compile and still fail at launch (Triton's OutOfResources on a card
+    with less shared memory): the tuner records why and times the rest; none launching is an error."""
+    res = {A: Resources(255, 0, 96 << 10), B: Resources(118, 0, 72 << 10)}
+
+    def timer(c):
+        if c == A:
+            raise RuntimeError("out of resource: shared memory, Required: 233472, Hardware limit: 232448")
+        return 2.0
+
+    best, report = choose([A, B], res.__getitem__, timer)
+    assert best == B
+    row = next(r for r in report if r["config"] == str(A))
+    assert row["skipped"].startswith("launch failed: RuntimeError: out of resource") and "ms" not in row
+    with pytest.raises(RuntimeError, match="no Triton tile configuration launched: launch failed"):
+        choose([A], res.__getitem__, timer)
+
+
 @pytest.mark.parametrize("regs,spill,shared,warps,want", [
     (255, 0, 96 << 10, 8, 1),    # the 128×128 default: one CTA per SM
     (128, 0, 72 << 10, 8, 2),    # 128×64 at 8 warps: exactly the 2-CTA register budget
