@@ -17,7 +17,7 @@
 #                          (fp32/bf16/fp16, odd shapes, the trained regime), gathered_infonce on NCCL
 #   3 breakdown    (45 s)  benchmarks/loss_breakdown.py: per-kernel times of the triton loss at
 #                          N=32768, D=2048, bf16, symmetric, and the cuBLAS ceiling of its four GEMMs
-#   4 variants    (100 s)  the same loss per Triton kernel variant (autotuned, tiles, TMA, persistent grid)
+#   4 variants    (100 s)  the same loss per Triton kernel variant (one chunk, autotuned, tiles, TMA, persistent grid)
 #   5 wheels       (30 s)  install .whl/ (deepspeed, transformers, ... and inf_cl); phases 1-4 need none
 #   6 loss         (70 s)  benchmarks/loss.py at the target point: reference, triton, cuda, Inf-CL
 #   7 compression  (45 s)  benchmarks/compression.py: the stage-1 mask paths on the GPU's attention

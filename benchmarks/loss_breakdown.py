@@ -20,7 +20,9 @@ descriptors, persistent grid, the autotuner; benchmarks/triton_resources.py show
 and spills) and appends one JSON line per variant the moment it is measured, so a cut-short call
 keeps what it measured; the autotuner's choices and per-candidate report go to
 ``triton_tiles.json`` beside it.  The fastest variant that passes gpu_check.py becomes the default
-on evidence.
+on evidence.  ``--variants --device cpu`` runs the same loop under the Triton interpreter at a
+toy size (times meaningless, no memory figures): tests/test_gpu_session.py checks that way that
+the GPU session's variants phase works before a GPU minute is spent on it.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from pathlib import Path
 if find_spec("pipeline") is None:  # imported as an installed package, never by a path relative to this file
     sys.exit(f"{sys.argv[0]}: coma-pipeline is not installed in {sys.executable}: run `pip install -e .` in the repository")
 
-os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Triton kernel variants (coma_kernels/infonce_triton.py reads these when a loss is built), the
@@ -43,6 +44,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # that does not spill (coma_kernels/triton_tuning.py) and its choice and report land in the line.
 VARIANTS = {
     "default": {},
+    # the backward as one chunk, as big as G gets (2 GiB at N = 32k): what bounding the chunks by
+    # the gradients' size (coma_kernels/tiled.py: chunk_rows) costs in time, and saves in memory
+    "one chunk": {"COMA_INFONCE_CHUNK_ELEMS_GPU": str(1 << 40)},
     "autotune, tma": {"COMA_INFONCE_TRITON_AUTOTUNE": "1", "COMA_INFONCE_TRITON_TMA": "1"},
     "tma, tiles 128x64": {"COMA_INFONCE_TRITON_TMA": "1", "COMA_INFONCE_TRITON_TILES": "128,64,64"},
     "tiles 128x64": {"COMA_INFONCE_TRITON_TILES": "128,64,64"},
@@ -53,14 +57,21 @@ VARIANTS = {
 
 
 def cuda_ms(fn, repeats: int) -> float:
-    """Median ms of ``fn()`` over ``repeats`` CUDA-event timed calls after one warm-up."""
+    """Median ms of ``fn()`` over ``repeats`` CUDA-event timed calls after one warm-up (wall
+    clock without a GPU: the interpreter's dry run)."""
     import statistics
+    import time
 
     import torch
 
     fn()
     times = []
     for _ in range(repeats):
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -78,12 +89,20 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="triton", choices=["triton", "cuda"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", action="store_true", help="time each Triton kernel variant instead (JSON lines)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: the --variants loop under the Triton interpreter, a dry run at a toy size")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/loss_breakdown.json (.jsonl with --variants)")
     args = ap.parse_args(argv)
     args.out = args.out or str(RESULTS / ("loss_breakdown_variants.jsonl" if args.variants else "loss_breakdown.json"))
+    if args.device == "cpu":
+        if not args.variants:
+            ap.error("--device cpu runs only the --variants loop (the breakdown needs CUDA profiling)")
+        os.environ["TRITON_INTERPRET"] = "1"   # read when the kernels are defined, at the import below
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"status": "skipped", "reason": "no CUDA device"}))
         return 2
     import coma_kernels
@@ -92,10 +111,11 @@ def main(argv=None) -> int:
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     n, d = args.n, args.d
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1).to(dt).requires_grad_()
-    k = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1).to(dt).requires_grad_()
-    s = torch.tensor(33.3, device="cuda", requires_grad=True)
+    dev = args.device
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(n, d, device=dev, generator=g), dim=-1).to(dt).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(n, d, device=dev, generator=g), dim=-1).to(dt).requires_grad_()
+    s = torch.tensor(33.3, device=dev, requires_grad=True)
 
     def step(keep: bool = False):
         loss = coma_kernels.fused_infonce(q, k, s, symmetric=True, backend=args.backend)
@@ -105,7 +125,8 @@ def main(argv=None) -> int:
         return out
 
     if args.variants:
-        return time_variants(step, args, flops=4 * 2.0 * n * n * d, peak=peak_flops(torch.cuda.get_device_name()))
+        gpu = torch.cuda.get_device_name() if dev == "cuda" else None
+        return time_variants(step, args, flops=4 * 2.0 * n * n * d, gpu=gpu, peak=peak_flops(gpu) if gpu else None)
     total_ms = cuda_ms(step, args.repeats)
     from torch.profiler import ProfilerActivity, profile
 
@@ -154,9 +175,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def time_variants(step, args, flops: float, peak) -> int:
+def time_variants(step, args, flops: float, gpu: str | None, peak: float | None) -> int:
     """One JSON line per variant in ``args.out``, appended as soon as it is timed (a failing
-    variant is recorded with its error and the next one runs).  Each line also carries the
+    variant is recorded with its error and the next one runs), with its peak memory over the
+    inputs.  Each line also carries the
     variant's largest difference from the default's loss and gradients, relative to the largest
     default value: a variant that is fast because it is wrong shows here (gpu_check.py checks the
     default against float64)."""
@@ -167,14 +189,18 @@ def time_variants(step, args, flops: float, peak) -> int:
     os.environ["COMA_INFONCE_TRITON_TUNING_FILE"] = str(tuning)
     reference = None                                          # the default variant's outputs
     for name, env in VARIANTS.items():
-        row = {"variant": name, "env": env, "gpu": torch.cuda.get_device_name(), "n": args.n, "d": args.d,
-               "dtype": args.dtype}
+        row = {"variant": name, "env": env, "gpu": gpu, "n": args.n, "d": args.d, "dtype": args.dtype}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
+            if gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             ms = cuda_ms(step, args.repeats)
             row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1),
-                       pct_peak=round(100 * flops / (ms / 1e3) / peak, 1) if peak else None)
+                       pct_peak=round(100 * flops / (ms / 1e3) / peak, 1) if peak else None,
+                       peak_extra_mib=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1) if gpu else None)
             out = step(keep=True)
             reference = out if name == "default" else reference
             if reference is not None:
