@@ -9,6 +9,7 @@ model on every rank first.  :func:`build` therefore owns the whole sequence:
     ds_cfg = build_ds_config(cfg, world_size)          # batch fields from the run config
     hf_ds = HfDeepSpeedConfig(ds_cfg)                  # before the model exists
     model = pipeline.model.build_model(cfg, gather=gathered)  # partitioned at construction
+    cast_to_engine_dtype(model, ds_cfg)                # what zero.Init did not create: LoRA, scale
     engine, ... = deepspeed.initialize(model, optimizer, lr_scheduler, config=ds_cfg)
 """
 from __future__ import annotations
@@ -254,6 +255,39 @@ def count_parameters(model) -> tuple[int, int]:
     return tr, tot
 
 
+def engine_dtype(ds: dict):
+    """The dtype a DeepSpeed engine with this config trains the module in: bf16, fp16 or fp32."""
+    import torch
+
+    if ds.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    return torch.float32
+
+
+def cast_to_engine_dtype(model, ds: dict) -> list[str]:
+    """Cast the parameters that ``zero.Init`` did not create to the engine's dtype; returns their
+    names.  Why: DeepSpeed's bf16/fp16 modes keep the fp32 master weights in the optimizer and
+    train the module's low-precision copies, and ZeRO-3 flattens every trainable partition into
+    one buffer of one dtype (``defragment`` in deepspeed/runtime/zero/stage3.py asserts it).
+    DeepSpeed casts a module itself only when none of its parameters is partitioned yet; under
+    ZeRO-3 ``from_pretrained`` partitions the backbone in the model dtype, while peft's adapters
+    (fp32: ``autocast_adapter_dtype``) and the wrapper's logit-scale offset are made afterwards,
+    outside ``zero.Init``, so ``deepspeed.initialize`` would stop on the mixed dtypes.  The
+    learnable scale is still updated in fp32 (the master weights); its offset parameterisation
+    keeps the forward's τ exact while the offset is 0 (pipeline/model.py)."""
+    import torch
+
+    dtype = engine_dtype(ds)
+    cast = []
+    for name, p in model.named_parameters():
+        if not hasattr(p, "ds_id") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            cast.append(name)
+    return cast
+
+
 @dataclass
 class Built:
     engine: Any             # deepspeed.DeepSpeedEngine; engine.module is the CoMa model
@@ -285,6 +319,10 @@ def build(cfg: Config, world_size: int, total_steps: int, model_loader=None,
         model = build_model(cfg, gather=gathered)
     else:
         model = model_loader(cfg.model)
+    cast = cast_to_engine_dtype(model, ds)
+    if cast:
+        log.info("%d parameters made outside zero.Init cast to the engine's %s (e.g. %s)", len(cast),
+                 str(engine_dtype(ds)).split(".")[-1], cast[0])
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("no trainable parameters: check model.lora.* / model.freeze_vision")

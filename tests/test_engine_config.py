@@ -105,3 +105,33 @@ def test_paper_presets():
         alt = load_config(REPO / f"launch/configs/stage1_qwen2_5_vl_{size}_paper_mask.yaml")
         assert (alt.model.mask_impl, alt.model.stage1_loss) == ("efficient", "answer")
         assert alt.model.lora.use_dora and alt.model.prompt_format == "official"
+
+
+def test_parameters_made_outside_zero_init_take_the_engine_dtype():
+    """DeepSpeed's bf16 ZeRO-3 trains one flat buffer of bf16 partitions (fp32 master weights in the
+    optimizer); parameters made after zero.Init (peft's fp32 adapters, the logit-scale offset) are
+    cast to it, partitioned ones are left alone, and an fp32 engine casts nothing.  The 2-process
+    build of the real preset: tests/test_gpu_session.py::test_train_phase_runs_on_cpu_with_the_small_shape."""
+    import torch
+
+    from pipeline.engine import cast_to_engine_dtype, engine_dtype
+
+    def model():
+        m = torch.nn.Module()
+        m.adapter = torch.nn.Linear(3, 2)                                     # fp32, as peft makes it
+        m.logit_scale_offset = torch.nn.Parameter(torch.zeros(1))
+        m.partitioned = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16))
+        m.partitioned.ds_id = 0                                              # what zero.Init marks
+        m.steps = torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+        return m
+
+    bf16 = {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
+    fp32 = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    assert engine_dtype(bf16) == torch.bfloat16 and engine_dtype(fp32) == torch.float32
+    assert engine_dtype({"fp16": {"enabled": True}}) == torch.float16
+    m = model()
+    assert sorted(cast_to_engine_dtype(m, bf16)) == ["adapter.bias", "adapter.weight", "logit_scale_offset"]
+    assert m.adapter.weight.dtype == m.logit_scale_offset.dtype == torch.bfloat16
+    assert float(m.logit_scale_offset) == 0.0                                # τ stays exactly the configured one
+    assert m.partitioned.dtype == torch.bfloat16 and m.steps.dtype == torch.int64
+    assert cast_to_engine_dtype(model(), fp32) == []

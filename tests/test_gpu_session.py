@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_session.sh"
@@ -78,3 +80,40 @@ def test_loss_targets_name_the_issue_goals(capsys):
     assert "61.0% of bf16 peak (goal >= 60%)" in text
     assert "3.00x faster (goal >= 2), memory 1100 vs 1700 MiB = 0.65x (goal <= 1)" in text
     assert "cuda / triton time = 1.10 (goal <= 1.3)" in text
+
+
+def _train_phase_command() -> list[str]:
+    """The train phase's command as gpu_session.sh writes it (after ``gpu_only``)."""
+    import shlex
+
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("phase train "))
+    return shlex.split(line.split(" gpu_only ", 1)[1])
+
+
+@pytest.mark.slow
+def test_train_phase_runs_on_cpu_with_the_small_shape(tmp_path):
+    """The second call's 3B run (phase 8), as the script writes it, on this CPU: the stage-1
+    Qwen2.5-VL-3B preset (bf16, ZeRO-3, DoRA, the whole embedding trainable) on a random-init
+    model of the same architecture at the "small" shape, with a smaller batch.  It found that
+    every bf16 preset stopped in deepspeed.initialize (peft's fp32 adapters beside the
+    zero.Init-partitioned bf16 backbone: pipeline/engine.py cast_to_engine_dtype)."""
+    from conftest import free_port
+
+    cmd = _train_phase_command()
+    values = {"--master_port": str(free_port()), "--random-init": "small", "--random-init-dir": str(tmp_path / "small"),
+              "--steps": "1", "--rounds": "1", "--out": str(tmp_path / "throughput.jsonl")}
+    for i, tok in enumerate(cmd[:-1]):
+        if tok in values:
+            cmd[i + 1] = values.pop(tok)
+    assert not values, f"gpu_session.sh's train phase lost the flags {sorted(values)}"
+    assert cmd[0] == "python3" and "--config" in cmd
+    cmd = [sys.executable] + cmd[1:] + ["--train.global_batch_size=2", "--train.micro_batch_size=1",
+                                         "--data.workers=0"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    row = json.loads((tmp_path / "throughput.jsonl").read_text().splitlines()[-1])
+    assert row["zero_stage"] == 3 and row["stage"] == 1 and row["tokens_per_s_per_gpu"] > 0, row
+    assert "cast to the engine's bfloat16" in r.stdout + r.stderr
