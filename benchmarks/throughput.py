@@ -211,12 +211,19 @@ def random_init_model(shape: str, out_dir: Path) -> Path:
     cfg.tie_word_embeddings = t.tie_word_embeddings = spec["tie"]
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 7B fp32 copy would need 30 GB of RAM
+    # Initialised on the GPU when there is one: drawing 3-7 B random numbers on the CPU takes a
+    # good part of the GPU session's train-phase budget, on the GPU a second.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
+        with device:
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
     finally:
         torch.set_default_dtype(old)
     tmp = out_dir.parent / f".{out_dir.name}-tmp"
     model.save_pretrained(tmp)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the engine loads its own partitioned copy next
     for f in base.iterdir():
         if f.name not in ("config.json", "model.safetensors", "generation_config.json") and f.is_file():
             shutil.copy(f, tmp / f.name)
