@@ -89,8 +89,14 @@ def compile_variant(kernel: str, config, tma: bool, persistent: bool) -> dict:
 def main(argv=None) -> int:
     from coma_kernels.triton_tuning import CANDIDATES, TileConfig
 
+    def config(text: str) -> TileConfig:  # argparse shows an ArgumentTypeError's own words
+        try:
+            return TileConfig.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("COMA_INFONCE_TRITON_TILES=", "")) from None
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="+", type=TileConfig.parse, default=list(CANDIDATES),
+    ap.add_argument("--configs", nargs="+", type=config, default=list(CANDIDATES),
                     help="BM,BN,BK[,WARPS,STAGES] (default: the autotuner's candidates)")
     ap.add_argument("--tma", nargs="+", type=int, default=[0, 1], choices=[0, 1])
     ap.add_argument("--persistent", nargs="+", type=int, default=[0], choices=[0, 1])

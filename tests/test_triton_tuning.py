@@ -84,6 +84,20 @@ def test_tile_config_parse():
             TileConfig.parse(bad)
 
 
+def test_resources_tool_names_a_malformed_config():
+    """benchmarks/triton_resources.py --configs says what is wrong with the value it was given
+    (its own process: the tool sets Triton up for sm_90 compiles, not the interpreter)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "triton_resources.py"), "--configs", "128,x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "argument --configs: '128,x': expected BM,BN,BK" in r.stderr, r.stderr
+
+
 def test_cache_survives_a_new_process_and_a_corrupt_file(tmp_path, monkeypatch):
     path = tmp_path / "sub" / "tiles.json"
     monkeypatch.setenv("COMA_INFONCE_TRITON_TUNING_FILE", str(path))
