@@ -91,9 +91,9 @@ def main(argv=None) -> int:
 
     def config(text: str) -> TileConfig:  # argparse shows an ArgumentTypeError's own words
         try:
-            return TileConfig.parse(text)
+            return TileConfig.parse(text, source=None)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e).replace("COMA_INFONCE_TRITON_TILES=", "")) from None
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", type=config, default=list(CANDIDATES),

@@ -54,9 +54,10 @@ class TileConfig:
         return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
 
     @classmethod
-    def parse(cls, text: str) -> "TileConfig":
-        """``"BM,BN,BK"`` or ``"BM,BN,BK,WARPS,STAGES"`` (COMA_INFONCE_TRITON_TILES); warps default to
-        8 for tiles of ≥ 128×64, else 4."""
+    def parse(cls, text: str, source: str | None = "COMA_INFONCE_TRITON_TILES") -> "TileConfig":
+        """``"BM,BN,BK"`` or ``"BM,BN,BK,WARPS,STAGES"``; warps default to 8 for tiles of ≥ 128×64,
+        else 4.  ``source`` (the environment variable, None for a command-line value that
+        argparse names itself) leads the error message."""
         try:
             v = [int(x) for x in text.split(",")]
             if len(v) == 3:
@@ -64,7 +65,7 @@ class TileConfig:
             if len(v) != 5 or min(v) <= 0:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"COMA_INFONCE_TRITON_TILES={text!r}: expected BM,BN,BK or BM,BN,BK,WARPS,STAGES "
+            raise ValueError(f"{source + '=' if source else ''}{text!r}: expected BM,BN,BK or BM,BN,BK,WARPS,STAGES "
                              "with positive integers, e.g. 128,64,64 or 128,64,64,8,3") from None
         return cls(*v)
 

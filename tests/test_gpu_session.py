@@ -43,11 +43,9 @@ def test_variants_phase_runs_its_loop_under_the_interpreter(tmp_path):
     """The variants phase (loss_breakdown.py --variants) first runs on a lent GPU; its loop runs
     here under the Triton interpreter at a toy size: a JSON line per variant, none failing, each
     agreeing with the default, and every variant's environment put back before the next."""
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("loss_breakdown", REPO / "benchmarks" / "loss_breakdown.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(REPO / "benchmarks" / "loss_breakdown.py")
     out = tmp_path / "variants.jsonl"
     cmd = [sys.executable, str(REPO / "benchmarks" / "loss_breakdown.py"), "--variants", "--device", "cpu",
            "--n", "48", "--d", "32", "--repeats", "1", "--out", str(out)]
@@ -67,11 +65,9 @@ def test_variants_phase_runs_its_loop_under_the_interpreter(tmp_path):
 def test_loss_targets_name_the_issue_goals(capsys):
     """benchmarks/loss.py's summary at the target point (GPU rows) states the issue's goals:
     ≥ 60 % of the bf16 peak, ≥ 2× two Inf-CL calls with no more memory, cuda ≤ 1.3× triton."""
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("loss_bench", REPO / "benchmarks" / "loss.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(REPO / "benchmarks" / "loss.py")
     point = dict(status="ok", n=32768, d=2048, dtype="bf16", symmetric=True)
     mod._targets([dict(point, provider="triton", pct_bf16_peak=61.0, total_ms=30.0, peak_extra_mib=1100.0),
                   dict(point, provider="infcl", total_ms=90.0, peak_extra_mib=1700.0),
