@@ -165,11 +165,14 @@ _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 def _sdpa(q, k, v, scale, dropout, causal=False, mask=None):
     """SDPA on [1, H, L, d] tensors (the fused CPU/GPU kernels need 4-D inputs; 3-D falls back
     to the unfused math path that materialises L×L scores).  GQA without copying K/V where
-    torch supports it."""
+    torch supports it: ``enable_gqa`` on CUDA runs only in the flash and math kernels, and flash
+    takes no mask, so with a mask (the dialogue's lower-right one) it would fall to the math
+    kernel, an fp32 [H, |D|, K+|D|] score tensor per row and layer; there K/V (only C's and D's
+    rows) are repeated per head group instead, which the memory-efficient kernel takes."""
     groups = q.shape[1] // k.shape[1]
     kw = {}
     if groups > 1:
-        if _SDPA_GQA:
+        if _SDPA_GQA and mask is None:
             kw["enable_gqa"] = True
         else:
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)

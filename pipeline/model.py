@@ -211,13 +211,21 @@ class CoMaModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- loading
-def choose_attn(requested: str, mask_impl: str) -> str:
-    """``auto`` → flash_attention_2 when importable, else sdpa.  The reference mask path needs a
+def choose_attn(requested: str, mask_impl: str, dtype: str) -> str:
+    """``auto`` → flash_attention_2 when importable and ``dtype`` (``model.dtype``) is bf16/fp16,
+    else sdpa: flash-attention has no fp32 kernels, and transformers only warns at load time, so
+    an fp32 model (the compression probe, an fp32 Embedder) would fail at its first GPU forward.
+    An explicit flash_attention_2 with fp32 is a config error.  The reference mask path needs a
     4-D mask, which flash-attention cannot take, so it falls back to sdpa."""
     from transformers.utils import is_flash_attn_2_available
 
     if requested == "auto":
-        requested = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+        requested = ("flash_attention_2" if is_flash_attn_2_available() and dtype in ("bfloat16", "float16")
+                     else "sdpa")
+    elif requested == "flash_attention_2" and dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"model.attn_implementation=flash_attention_2 needs model.dtype bfloat16 or float16, "
+                         f"not {dtype}: flash-attention has no fp32 kernels (set model.attn_implementation=sdpa "
+                         "or auto)")
     if requested == "flash_attention_2" and mask_impl == "reference":
         log.warning("model.mask_impl=reference needs an explicit 4-D mask; using sdpa instead of flash_attention_2")
         requested = "sdpa"
@@ -263,7 +271,7 @@ def load_model(model_cfg, *, for_training: bool = True, temperature: float = 0.0
                          "(e.g. --model.init=runs/tiny-qwen2vl from launch/make_tiny_model.py)")
     proc = Processor.from_pretrained(model_cfg.init, model_cfg.num_compression_tokens, model_cfg.family,
                                      model_cfg.min_pixels, model_cfg.max_pixels)
-    base_attn = choose_attn(model_cfg.attn_implementation, model_cfg.mask_impl)
+    base_attn = choose_attn(model_cfg.attn_implementation, model_cfg.mask_impl, model_cfg.dtype)
     hf = AutoModelForImageTextToText.from_pretrained(model_cfg.init, dtype=DTYPES[model_cfg.dtype],
                                                      attn_implementation=base_attn)
     old_rows = hf.get_input_embeddings().num_embeddings  # the table's size, however it is stored

@@ -81,6 +81,51 @@ def test_split_attention_equals_explicit_mask(hq, hkv, form):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["rows", "packed"])
+def test_grouped_query_attention_never_asks_sdpa_for_gqa_with_a_mask(monkeypatch, form):
+    """On CUDA, SDPA runs ``enable_gqa`` only in its flash and math kernels, and flash takes no
+    mask: a call with both (the dialogue's lower-right mask, Qwen's 16 query / 2 KV heads) runs
+    the math kernel, an fp32 score tensor per row and layer.  Every masked call repeats K/V
+    instead (the memory-efficient kernel takes it); unmasked calls keep ``enable_gqa``."""
+    import pipeline.masks as masks
+
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((attn_mask is not None, kw.get("enable_gqa", False), q.shape[1], k.shape[1]))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(masks.F, "scaled_dot_product_attention", spy)
+    ids, am = _rows(SPEC, L)
+    q, k, v = torch.randn(len(SPEC), 4, L, 8), torch.randn(len(SPEC), 2, L, 8), torch.randn(len(SPEC), 2, L, 8)
+    fn = compression_attention_rows if form == "rows" else compression_attention_packed
+    fn(q, k, v, build_layout(ids, am, CIDS), scale=8 ** -0.5)
+    assert any(masked for masked, *_ in calls), calls                      # the dialogue calls are there
+    assert not any(masked and gqa for masked, gqa, *_ in calls), calls
+    assert all(hq == hk for masked, _, hq, hk in calls if masked), calls  # K/V repeated per group
+    if masks._SDPA_GQA:
+        assert all(gqa for masked, gqa, *_ in calls if not masked), calls
+
+
+def test_auto_attention_is_flash_only_for_half_precision(monkeypatch):
+    """flash-attention has no fp32 kernels and transformers only warns when it loads one: ``auto``
+    must pick sdpa for an fp32 model (the compression probe, an fp32 Embedder) even where
+    flash-attn is installed, and an explicit flash_attention_2 with fp32 is a config error."""
+    import transformers.utils
+
+    from pipeline.model import choose_attn
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert choose_attn("auto", "efficient", "bfloat16") == "flash_attention_2"
+    assert choose_attn("auto", "efficient", "float32") == "sdpa"
+    assert choose_attn("auto", "reference", "bfloat16") == "sdpa"
+    with pytest.raises(ValueError, match="model.dtype bfloat16 or float16"):
+        choose_attn("flash_attention_2", "efficient", "float32")
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert choose_attn("auto", "efficient", "bfloat16") == "sdpa"
+
+
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def full_ft(request):
     # full fine-tuning so every LM weight has a gradient to compare; checkpointing on, so the
