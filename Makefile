@@ -67,4 +67,4 @@ constraints:
 	rm -rf .venv-pin
 
 wheelhouse: $(STAMP)   # .whl/ for a GPU machine without network (see benchmarks/gpu_session.sh)
-	PY=$(PY) bash benchmarks/wheelhouse.sh
+	$(PY) benchmarks/wheelhouse.py

@@ -137,6 +137,11 @@ def cpu_peak(args, tokens: int, path: str) -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF VLM dir (default: a tiny Qwen2-VL built on the fly)")
+    ap.add_argument("--random-init", default=None, metavar="SHAPE",
+                    help="instead of --model: a random-init Qwen2.5-VL of this shape (pipeline/tiny_model.py SHAPES, "
+                         "e.g. qwen2_5_vl_3b_4layers: the 3B's attention shape; the tiny model's timings on a GPU "
+                         "are kernel-launch overhead)")
+    ap.add_argument("--random-init-dir", default=None, help="where --random-init writes it (reused when there)")
     ap.add_argument("--tokens", default="64,256,576,1024", help="visual tokens per image")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
@@ -157,7 +162,14 @@ def main(argv=None) -> None:
     if args._child:
         return memory_child(args)
     tmp = None
-    if args.model is None:
+    if args.random_init:
+        from pipeline.tiny_model import SHAPES, random_init_model
+
+        if args.random_init not in SHAPES:
+            sys.exit(f"--random-init must be one of {sorted(SHAPES)}")
+        where = Path(args.random_init_dir or Path(tempfile.gettempdir()) / f"coma-{args.random_init}")
+        args.model = str(random_init_model(args.random_init, where))
+    elif args.model is None:
         from pipeline.tiny_model import make_tiny_model
 
         tmp = tempfile.mkdtemp(prefix="coma-bench-")
@@ -203,11 +215,13 @@ def main(argv=None) -> None:
                "eff_mem_over_ref": round(mem["efficient"] / mem["reference"], 3) if mem.get("reference") else None,
                "loss": round(losses["efficient"], 5)}
         rows.append(row)
+        print(json.dumps(row), flush=True)  # each token count as it finishes: a time limit keeps these
         del model, models, b, emb
 
     env = {"device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
            "attention": "flash_attention_2" if _flash() else "sdpa", "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "model": "tiny qwen2_vl (hidden 64, 2 layers)" if tmp else args.model}
+           "machine": platform.machine(), "model": "tiny qwen2_vl (hidden 64, 2 layers)" if tmp else (
+               f"random-init {args.random_init}" if args.random_init else args.model)}
     hdr = (f"{'vis':>5} {'L':>5} | {'causal ms':>9} {'effic ms':>9} {'ref ms':>9} | {'eff/causal':>10} "
            f"{'ref/eff':>8} | {'causal MB':>9} {'effic MB':>9} {'ref MB':>9} {'eff/ref mem':>11}")
     print(f"stage-1 fwd+bwd, LM only (LoRA r16), batch {args.batch}, {env['device']} {args.dtype}, "

@@ -283,23 +283,21 @@ def main(argv=None):
             for n in n_list:
                 for sym in syms:
                     truth.clear()
-                    group = []
+                    ref = None  # the reference runs first (when asked for): later rows get ratios to it
                     for name in providers:
                         r = bench_one(name, n, d, dtype_name, sym, device, repeats, args.scale, truth)
-                        group.append(r)
-                    ref = next((r for r in group if r["provider"] == "reference" and r.get("status") == "ok"), None)
-                    for r in group:
                         r.update({k: info.get(k) for k in ("device", "gpu", "torch", "triton", "cuda")})
                         if r.get("status") == "ok":
                             peak_t = info["bf16_peak_tflops"]
                             r["pct_bf16_peak"] = round(100 * r["tflops"] / peak_t, 1) if peak_t else None
+                            if name == "reference":
+                                ref = r
                             if ref:
                                 r["speedup_vs_reference"] = round(ref["total_ms"] / r["total_ms"], 3)
                                 r["mem_vs_reference"] = round(r["peak_extra_mib"] / max(ref["peak_extra_mib"], 1e-9), 4)
-                        print(_fmt(r))
+                        print(_fmt(r), flush=True)
                         rows.append(r)
-                    sys.stdout.flush()
-                    _write(rows, info, out)  # after every shape: a time limit loses at most one group
+                        _write(rows, info, out)  # after every row: a time limit loses at most one provider
     _targets(rows)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return rows

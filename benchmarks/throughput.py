@@ -77,6 +77,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from pipeline.data import BatchSource  # noqa: E402
+from pipeline.tiny_model import SHAPES, random_init_model  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ synthetic data
@@ -166,72 +167,6 @@ def loader_cpu_per_step(cfg, plan, env, steps: int) -> float:
     return cpu
 
 
-# ------------------------------------------------------------------------- random-init shapes
-# Qwen2.5-VL shapes for an MFU run when no weights are at hand (``--random-init``); "small" runs
-# the same path on a CPU in seconds.  Text and vision fields as in the released config.json files.
-_VISION_25 = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
-                  fullatt_block_indexes=[7, 15, 23, 31])
-SHAPES = {
-    "qwen2_5_vl_3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
-                          mrope=[16, 24, 24], vision=dict(_VISION_25, out_hidden_size=2048), tie=True),
-    "qwen2_5_vl_7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-                          mrope=[16, 24, 24], vision=dict(_VISION_25, out_hidden_size=3584), tie=False),
-    "small": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=1024),
-                  mrope=[4, 6, 6], vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                                               window_size=112, fullatt_block_indexes=[1], out_hidden_size=128),
-                  tie=False),
-}
-
-
-def random_init_model(shape: str, out_dir: Path) -> Path:
-    """A Hugging Face directory with a ``shape``-sized Qwen2.5-VL of random bf16 weights, the
-    tiny model's tokenizer and PIL image processor (token ids stay below the vocabulary).
-    Reused when it exists."""
-    import shutil
-
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
-    from pipeline.tiny_model import make_tiny_model
-
-    if (out_dir / "config.json").exists():
-        return out_dir
-    spec = SHAPES[shape]
-    base = make_tiny_model(out_dir.parent / f".{out_dir.name}-base", family="qwen2_5_vl")
-    cfg = AutoConfig.from_pretrained(base)
-    t, v = cfg.text_config, cfg.vision_config
-    for k, val in spec["text"].items():
-        setattr(t, k, val)
-    t.layer_types = ["full_attention"] * t.num_hidden_layers
-    t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": spec["mrope"]}
-    for k, val in spec["vision"].items():
-        setattr(v, k, val)
-    cfg.tie_word_embeddings = t.tie_word_embeddings = spec["tie"]
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 7B fp32 copy would need 30 GB of RAM
-    # Initialised on the GPU when there is one: drawing 3-7 B random numbers on the CPU takes a
-    # good part of the GPU session's train-phase budget, on the GPU a second.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        with device:
-            model = Qwen2_5_VLForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    tmp = out_dir.parent / f".{out_dir.name}-tmp"
-    model.save_pretrained(tmp)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the engine loads its own partitioned copy next
-    for f in base.iterdir():
-        if f.name not in ("config.json", "model.safetensors", "generation_config.json") and f.is_file():
-            shutil.copy(f, tmp / f.name)
-    tmp.rename(out_dir)
-    shutil.rmtree(base, ignore_errors=True)
-    return out_dir
-
-
 # ------------------------------------------------------------------------------------ helpers
 def _git_sha() -> str:
     try:
@@ -253,9 +188,15 @@ def _pop_flag(argv: list, name: str, default, cast=str):
     return default
 
 
-def main(argv: list) -> int:
-    import torch
+def _mfu_note(loop) -> str:
+    """The pipeline block's own metrics window (tokens/s, MFU), where the loop logged one."""
+    last = getattr(loop, "last_logged", None) or {}
+    keys = [("throughput/tokens_per_s_per_gpu", "tokens/s/GPU", "{:.0f}"), ("throughput/mfu", "MFU", "{:.1%}"),
+            ("memory/peak_gib", "peak GiB", "{:.1f}")]
+    return "".join(f", {label} {fmt.format(last[k])}" for k, label, fmt in keys if last.get(k) is not None)
 
+
+def main(argv: list) -> int:
     from pipeline import dist
     from pipeline.config import load_config
     from pipeline.engine import build, plan_batches, zero_stage
@@ -380,6 +321,9 @@ def main(argv: list) -> int:
                     times["mem"].append(timed(mem_block, steps))
                 else:
                     times["bare"].append(timed(bare_block, steps))
+                if env.rank == 0:  # as it happens: a run stopped by a time limit still says this much
+                    print(f"[throughput] round {r + 1}/{rounds} {name}: {times[name][-1]:.4f} s/step "
+                          f"(this rank){_mfu_note(loop) if name == 'pipe' else ''}", flush=True)
     loader_cpu = loader_cpu_per_step(cfg, plan, env, steps)
     red = dist.all_reduce_dict({**{f"{k}{i}": t for k, ts in times.items() for i, t in enumerate(ts)},
                                 "loader_cpu": loader_cpu}, "max")

@@ -39,28 +39,41 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "infonce_binding.cpp", CSRC / "infonce_kernels.cu"]
 _lock = threading.Lock()
 _module = None
+_failed: Exception | None = None  # a failed build is not retried by every later call (~40 s each)
 
 
 def load_extension():
-    """The compiled extension: the AOT build if installed, else a JIT build (cached)."""
-    global _module
+    """The compiled extension: the AOT build if installed, else a JIT build (cached).  A build
+    that failed raises the same error again, at once, for the rest of the process."""
+    global _module, _failed
     with _lock:
         if _module is not None:
             return _module
+        if _failed is not None:
+            raise RuntimeError(f"backend='cuda': the extension failed to build earlier in this process: {_failed}")
         try:
-            from . import _infonce_cuda as mod  # built by setup.py with COMA_BUILD_CUDA=1
-        except ImportError:
-            from torch.utils import cpp_extension
-            if cpp_extension.CUDA_HOME is None:
-                raise RuntimeError("backend='cuda': no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH) "
-                                   "to JIT-build coma_kernels/csrc/*; or build ahead of time with "
-                                   "COMA_BUILD_CUDA=1 pip install -e .; or use backend='triton'") from None
-            mod = cpp_extension.load(
-                name="_infonce_cuda", sources=[str(s) for s in SOURCES],
-                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
-                verbose=os.environ.get("COMA_VERBOSE_BUILD") == "1")
-        _module = mod
+            _module = _build()
+        except Exception as exc:
+            _failed = exc
+            raise
+        return _module
+
+
+def _build():
+    try:
+        from . import _infonce_cuda as mod  # built by setup.py with COMA_BUILD_CUDA=1
         return mod
+    except ImportError:
+        pass
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("backend='cuda': no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH) "
+                           "to JIT-build coma_kernels/csrc/*; or build ahead of time with "
+                           "COMA_BUILD_CUDA=1 pip install -e .; or use backend='triton'")
+    return cpp_extension.load(
+        name="_infonce_cuda", sources=[str(s) for s in SOURCES],
+        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+        verbose=os.environ.get("COMA_VERBOSE_BUILD") == "1")
 
 
 class TorchEpilogue:

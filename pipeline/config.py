@@ -63,7 +63,7 @@ class ModelConfig:
         "efficient", "stage-1 compression mask: efficient (no L×L mask, flash-attention compatible) or reference; "
         "causal = no compression mask (what the authors' released scripts run)")
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = setting(
-        "auto", "auto = flash_attention_2 when installed, else sdpa")
+        "auto", "auto = flash_attention_2 when installed and model.dtype is bfloat16/float16, else sdpa")
     pooling: Literal["mean", "last"] = setting(
         "mean", "embedding = mean of the compression tokens' final states (paper) or the last token's")
     stage1_loss: Literal["answer", "all"] = setting(

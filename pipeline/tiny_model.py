@@ -158,3 +158,74 @@ def make_tiny_model(out_dir: str | os.PathLike, family: Literal["qwen2_vl", "qwe
         (tmp / "tiny_model.json").write_text(json.dumps({"family": family, "seed": seed, "layers": layers}),
                                              encoding="utf-8")
     return out
+
+
+# ------------------------------------------------------------------------- random-init shapes
+# Qwen2.5-VL shapes for GPU benchmarks when no weights are at hand (benchmarks/throughput.py and
+# compression.py ``--random-init``): text and vision fields as in the released config.json files.
+# "qwen2_5_vl_3b_4layers": the 3B's attention and MLP shapes with 4 language and 4 vision layers
+# (the compression mask's cost per layer, in seconds of set-up); "small" runs the same path on a
+# CPU in seconds.
+_VISION_25 = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31])
+SHAPES = {
+    "qwen2_5_vl_3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
+                          mrope=[16, 24, 24], vision=dict(_VISION_25, out_hidden_size=2048), tie=True),
+    "qwen2_5_vl_7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+                          mrope=[16, 24, 24], vision=dict(_VISION_25, out_hidden_size=3584), tie=False),
+    "small": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=1024),
+                  mrope=[4, 6, 6], vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                                               window_size=112, fullatt_block_indexes=[1], out_hidden_size=128),
+                  tie=False),
+}
+SHAPES["qwen2_5_vl_3b_4layers"] = dict(SHAPES["qwen2_5_vl_3b"],
+                                       text=dict(SHAPES["qwen2_5_vl_3b"]["text"], num_hidden_layers=4),
+                                       vision=dict(_VISION_25, depth=4, fullatt_block_indexes=[3], out_hidden_size=2048))
+
+
+def random_init_model(shape: str, out_dir: Path) -> Path:
+    """A Hugging Face directory with a ``shape``-sized Qwen2.5-VL of random bf16 weights, the
+    tiny model's tokenizer and PIL image processor (token ids stay below the vocabulary).
+    Reused when it exists."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    spec = SHAPES[shape]
+    base = make_tiny_model(out_dir.parent / f".{out_dir.name}-base", family="qwen2_5_vl")
+    cfg = AutoConfig.from_pretrained(base)
+    t, v = cfg.text_config, cfg.vision_config
+    for k, val in spec["text"].items():
+        setattr(t, k, val)
+    t.layer_types = ["full_attention"] * t.num_hidden_layers
+    t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": spec["mrope"]}
+    for k, val in spec["vision"].items():
+        setattr(v, k, val)
+    cfg.tie_word_embeddings = t.tie_word_embeddings = spec["tie"]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 7B fp32 copy would need 30 GB of RAM
+    # Initialised on the GPU when there is one: drawing 3-7 B random numbers on the CPU takes a
+    # good part of the GPU session's train-phase budget, on the GPU a second.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        with device:
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    tmp = out_dir.parent / f".{out_dir.name}-tmp"
+    model.save_pretrained(tmp)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the engine loads its own partitioned copy next
+    for f in base.iterdir():
+        if f.name not in ("config.json", "model.safetensors", "generation_config.json") and f.is_file():
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out_dir)
+    shutil.rmtree(base, ignore_errors=True)
+    return out_dir

@@ -82,3 +82,24 @@ def test_cuda_backend_refuses_cpu_tensors():
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         coma_kernels.infonce_loss_and_grads(q, q, torch.tensor(10.0), backend="cuda")
 
+
+
+def test_a_failed_extension_build_is_not_retried(monkeypatch):
+    """A JIT build that fails (~40 s on a GPU machine) raises its error again at once on every
+    later use in the process, instead of rebuilding for each case of a sweep."""
+    from coma_kernels import infonce_cuda
+
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise OSError("nvcc: exit status 1")
+
+    monkeypatch.setattr(infonce_cuda, "_module", None)
+    monkeypatch.setattr(infonce_cuda, "_failed", None)
+    monkeypatch.setattr(infonce_cuda, "_build", failing_build)
+    with pytest.raises(OSError, match="nvcc"):
+        infonce_cuda.load_extension()
+    with pytest.raises(RuntimeError, match="failed to build earlier in this process: nvcc: exit status 1"):
+        infonce_cuda.load_extension()
+    assert len(calls) == 1
