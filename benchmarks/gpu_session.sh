@@ -32,13 +32,14 @@
 #                          not in the default list (the second call above)
 #
 # PHASES="env correctness ..." picks phases; OUT defaults to benchmarks/results/gpu_session, WORK
-# (logs and result files) to $TMPDIR/coma-gpu-session.  On a CPU-only machine the script runs as
-# a dry run: env and the phase bookkeeping run, the GPU phases record "skipped"
+# (logs and result files) to a new $TMPDIR/coma-gpu-session-<time>-<pid> per run.  On a CPU-only
+# machine the script runs as a dry run: env and the phase bookkeeping run, the GPU phases record "skipped"
 # (tests/test_gpu_session.py does exactly this).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_session}
-WORK=${WORK:-${TMPDIR:-/tmp}/coma-gpu-session}
+# a folder per run: a result file left by an earlier run must never be read as this run's
+WORK=${WORK:-${TMPDIR:-/tmp}/coma-gpu-session-$(date +%Y%m%d-%H%M%S)-$$}
 PHASES=${PHASES:-"env correctness breakdown variants wheels loss compression"}
 mkdir -p "$OUT" "$WORK"
 OUT=$(cd "$OUT" && pwd) WORK=$(cd "$WORK" && pwd)
