@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -46,16 +47,20 @@ DEVICE = {"python": "3.12", "python_full": "3.12.3", "torch": "2.11.0", "triton"
           "has": {"huggingface-hub": "1.33.0", "tokenizers": "0.23.2", "accelerate": "1.15.0",
                   "safetensors": "0.8.0", "numpy": "2.5.2", "transformers": "5.17.0", "sentencepiece": "0.2.2"}}
 TORCH_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*|sympy|mpmath|networkx|setuptools)$")
-# pip matches a manylinux tag exactly: every glibc the image's (2.39, Ubuntu 24.04) can run
-PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(39, 4, -1)] + ["manylinux2014_x86_64", "manylinux2010_x86_64",
+# pip matches a manylinux tag exactly, so every one the image surely runs is named: its torch 2.11
+# wheel is manylinux_2_28, so its glibc is at least 2.28 (a newer tag could be refused there,
+# and pip then installs none of the batch)
+PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(28, 4, -1)] + ["manylinux2014_x86_64", "manylinux2010_x86_64",
                                                                     "manylinux1_x86_64"]
 LIMIT_MIB = 48  # of the device tool's 64 MiB per call, the rest for the working tree
 
 
 def target_flags() -> list[str]:
+    """pip's flags for wheels of the device's interpreter (``DEVICE["python"]``)."""
     plat = [x for p in PLATFORMS for x in ("--platform", p)]
-    return ["--python-version", DEVICE["python"], "--implementation", "cp", "--abi", "cp" + DEVICE["python"].replace(".", ""),
-            "--abi", "abi3", "--abi", "none", *plat, "--only-binary=:all:"]
+    return ["--python-version", DEVICE["python"], "--implementation", "cp",
+            "--abi", "cp" + DEVICE["python"].replace(".", ""), "--abi", "abi3", "--abi", "none", *plat,
+            "--only-binary=:all:"]
 
 
 def pip(*args: str) -> subprocess.CompletedProcess:
@@ -137,7 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--python-version", default=DEVICE["python"],
                     help="the interpreter the wheels are for (another one: to rehearse the install elsewhere)")
     args = ap.parse_args(argv)
-    DEVICE["python"] = args.python_version
+    if args.python_version != DEVICE["python"]:  # what target_flags() and marker_env() describe
+        DEVICE["python"], DEVICE["python_full"] = args.python_version, args.python_version + ".0"
     tmp_dest = args.dest.with_name(args.dest.name + ".tmp")
     shutil.rmtree(tmp_dest, ignore_errors=True)
     tmp_dest.mkdir(parents=True)
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
         ds_version = local_version("deepspeed")
         r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                             str(ds_dir), f"deepspeed=={ds_version}"], capture_output=True, text=True,
-                           env={**__import__("os").environ, "DS_BUILD_OPS": "0"})
+                           env={**os.environ, "DS_BUILD_OPS": "0"})
         if r.returncode != 0:
             sys.exit(f"wheelhouse: building the deepspeed wheel failed:\n{r.stderr[-3000:]}")
         carry, skipped = choose(resolve(work, ds_dir))
