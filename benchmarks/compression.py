@@ -43,6 +43,8 @@ if find_spec("pipeline") is None:  # imported as an installed package, never by 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pipeline.tiny_model import SHAPES  # noqa: E402  (constants: no torch, no transformers)
+
 PATHS = ("causal", "efficient", "reference")
 QA = [("What digit is shown in the image?", "The image shows a handwritten digit three."),
       ("Is the digit even or odd?", "It is odd."),
@@ -137,9 +139,9 @@ def cpu_peak(args, tokens: int, path: str) -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF VLM dir (default: a tiny Qwen2-VL built on the fly)")
-    ap.add_argument("--random-init", default=None, metavar="SHAPE",
-                    help="instead of --model: a random-init Qwen2.5-VL of this shape (pipeline/tiny_model.py SHAPES, "
-                         "e.g. qwen2_5_vl_3b_4layers: the 3B's attention shape; the tiny model's timings on a GPU "
+    ap.add_argument("--random-init", default=None, choices=sorted(SHAPES),
+                    help="instead of --model: a random-init Qwen2.5-VL of this shape (pipeline/tiny_model.py SHAPES; "
+                         "qwen2_5_vl_3b_4layers: the 3B's attention shape; the tiny model's timings on a GPU "
                          "are kernel-launch overhead)")
     ap.add_argument("--random-init-dir", default=None, help="where --random-init writes it (reused when there)")
     ap.add_argument("--tokens", default="64,256,576,1024", help="visual tokens per image")
@@ -163,12 +165,9 @@ def main(argv=None) -> None:
         return memory_child(args)
     tmp = None
     if args.random_init:
-        from pipeline.tiny_model import SHAPES, random_init_model
+        from pipeline.tiny_model import random_init_model
 
-        if args.random_init not in SHAPES:
-            sys.exit(f"--random-init must be one of {sorted(SHAPES)}")
-        where = Path(args.random_init_dir or Path(tempfile.gettempdir()) / f"coma-{args.random_init}")
-        args.model = str(random_init_model(args.random_init, where))
+        args.model = str(random_init_model(args.random_init, args.random_init_dir))
     elif args.model is None:
         from pipeline.tiny_model import make_tiny_model
 

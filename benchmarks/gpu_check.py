@@ -186,31 +186,33 @@ def main():
     print(json.dumps(env), flush=True)
 
     results, failed = [], 0
-    for backend in ("triton", "cuda"):
-        if backend == "cuda":  # after the Triton cases: gpu_session.sh builds the extension meanwhile
-            try:
-                ok, msg = check_cuda_epilogues(torch)
-            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
-                ok, msg = False, f"{type(exc).__name__}: {exc}"
-            failed += not ok
-            results.append(f"{'PASS' if ok else 'FAIL'} cuda epilogues vs their torch contracts: {msg}")
-            print(results[-1], flush=True)
+
+    def report(ok: bool, line: str) -> None:
+        nonlocal failed
+        failed += not ok
+        results.append(f"{'PASS' if ok else 'FAIL'} {line}")
+        print(results[-1], flush=True)
+
+    def attempt(check, *args):
+        try:
+            return check(*args)
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            traceback.print_exc(limit=3)
+            return False, f"{type(exc).__name__}: {exc}"
+
+    def backend_cases(backend: str) -> None:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for case in CASES:
                 t = time.time()
-                try:
-                    ok, msg = check_backend(backend, dtype, case, torch, coma_kernels)
-                except Exception as exc:  # noqa: BLE001 - reported, the run goes on
-                    ok, msg = False, f"{type(exc).__name__}: {exc}"
-                    traceback.print_exc(limit=3)
-                failed += not ok
-                line = f"{'PASS' if ok else 'FAIL'} {backend:6} {str(dtype):15} {case} {time.time() - t:6.2f}s  {msg}"
-                print(line, flush=True)
-                results.append(line)
+                ok, msg = attempt(check_backend, backend, dtype, case, torch, coma_kernels)
+                report(ok, f"{backend:6} {str(dtype):15} {case} {time.time() - t:6.2f}s  {msg}")
+
+    backend_cases("triton")  # first: gpu_session.sh builds the CUDA extension meanwhile
+    ok, msg = attempt(check_cuda_epilogues, torch)
+    report(ok, f"cuda epilogues vs their torch contracts: {msg}")
+    backend_cases("cuda")
     ok, msg = check_gathered_nccl(torch, coma_kernels)
-    failed += not ok
-    results.append(f"{'PASS' if ok else 'FAIL'} gathered_infonce over NCCL (1 rank): {msg}")
-    print(results[-1], flush=True)
+    report(ok, f"gathered_infonce over NCCL (1 rank): {msg}")
     print(f"correctness: {len(results) - failed}/{len(results)} passed ({time.time() - t0:.0f}s)", flush=True)
 
     outputs = []

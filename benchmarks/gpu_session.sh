@@ -87,9 +87,9 @@ if name == "correctness":
 status = {0: "ok", 124: "timeout", 137: "timeout", skipped: "skipped"}.get(rc, "fail")
 line = {"phase": name, "status": status, "rc": rc, "seconds": round(secs, 1), "result": result,
         "tail": lines[-15:]}
-with open(out / "phases.jsonl", "a") as f:
-    f.write(json.dumps(line) + "\n")
 text = json.dumps(line)
+with open(out / "phases.jsonl", "a") as f:
+    f.write(text + "\n")
 print(f"[gpu_session] {name}: {status} (rc {rc}, {secs:.0f} s) {text[:3000]}", flush=True)
 PY
   tar -czf "$OUT/.session.tar.gz.tmp" -C "$WORK" . 2>/dev/null && mv -f "$OUT/.session.tar.gz.tmp" "$OUT/session.tar.gz"

@@ -77,7 +77,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from pipeline.data import BatchSource  # noqa: E402
-from pipeline.tiny_model import SHAPES, random_init_model  # noqa: E402
+from pipeline.tiny_model import SHAPES, random_init_model, random_init_path  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ synthetic data
@@ -235,11 +235,10 @@ def main(argv: list) -> int:
     setup_logging(None, env.rank)
     set_cpu_threads(cfg, env)  # as train() does: all three loops run with these threads
     if shape is not None:
-        where = Path(shape_dir or Path(tempfile.gettempdir()) / f"coma-{shape}")
         if env.rank == 0:
-            random_init_model(shape, where)
+            random_init_model(shape, shape_dir)
         dist.barrier()
-        cfg.model.init = str(where)
+        cfg.model.init = str(random_init_path(shape, shape_dir))
     seed_all(cfg.train.seed)
     plan = plan_batches(cfg, env.world_size)
     built = build(cfg, env.world_size, total)

@@ -60,11 +60,16 @@ def load_extension():
 
 
 def _build():
+    """The AOT build (setup.py with COMA_BUILD_CUDA=1) when installed, else the JIT build."""
     try:
-        from . import _infonce_cuda as mod  # built by setup.py with COMA_BUILD_CUDA=1
-        return mod
+        from . import _infonce_cuda as mod
     except ImportError:
-        pass
+        return _jit_build()
+    return mod
+
+
+def _jit_build():
+    """``torch.utils.cpp_extension.load`` (ninja; cached under TORCH_EXTENSIONS_DIR)."""
     from torch.utils import cpp_extension
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("backend='cuda': no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH) "

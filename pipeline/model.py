@@ -211,6 +211,9 @@ class CoMaModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- loading
+FLASH_DTYPES = ("bfloat16", "float16")  # flash-attention's kernels: no fp32
+
+
 def choose_attn(requested: str, mask_impl: str, dtype: str) -> str:
     """``auto`` → flash_attention_2 when importable and ``dtype`` (``model.dtype``) is bf16/fp16,
     else sdpa: flash-attention has no fp32 kernels, and transformers only warns at load time, so
@@ -220,9 +223,8 @@ def choose_attn(requested: str, mask_impl: str, dtype: str) -> str:
     from transformers.utils import is_flash_attn_2_available
 
     if requested == "auto":
-        requested = ("flash_attention_2" if is_flash_attn_2_available() and dtype in ("bfloat16", "float16")
-                     else "sdpa")
-    elif requested == "flash_attention_2" and dtype not in ("bfloat16", "float16"):
+        requested = "flash_attention_2" if is_flash_attn_2_available() and dtype in FLASH_DTYPES else "sdpa"
+    elif requested == "flash_attention_2" and dtype not in FLASH_DTYPES:
         raise ValueError(f"model.attn_implementation=flash_attention_2 needs model.dtype bfloat16 or float16, "
                          f"not {dtype}: flash-attention has no fp32 kernels (set model.attn_implementation=sdpa "
                          "or auto)")

@@ -186,46 +186,55 @@ SHAPES["qwen2_5_vl_3b_4layers"] = dict(SHAPES["qwen2_5_vl_3b"],
                                        vision=dict(_VISION_25, depth=4, fullatt_block_indexes=[3], out_hidden_size=2048))
 
 
-def random_init_model(shape: str, out_dir: Path) -> Path:
-    """A Hugging Face directory with a ``shape``-sized Qwen2.5-VL of random bf16 weights, the
-    tiny model's tokenizer and PIL image processor (token ids stay below the vocabulary).
-    Reused when it exists."""
+def random_init_path(shape: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`random_init_model` keeps ``shape``: ``out_dir``, or ``$TMPDIR/coma-SHAPE``."""
+    import tempfile
+
+    return Path(out_dir) if out_dir else Path(tempfile.gettempdir()) / f"coma-{shape}"
+
+
+def random_init_model(shape: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """A Hugging Face directory (:func:`random_init_path`) with a ``shape``-sized Qwen2.5-VL of
+    random bf16 weights, the tiny model's tokenizer and PIL image processor (token ids stay
+    below the vocabulary).  Reused when it exists; written whole or not at all."""
     import shutil
+    import tempfile
 
     import torch
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-    if (out_dir / "config.json").exists():
-        return out_dir
+    out = random_init_path(shape, out_dir)
+    if (out / "config.json").exists():
+        return out
+    if shape not in SHAPES:
+        raise ValueError(f"random-init shape {shape!r} is not one of {sorted(SHAPES)}")
     spec = SHAPES[shape]
-    base = make_tiny_model(out_dir.parent / f".{out_dir.name}-base", family="qwen2_5_vl")
-    cfg = AutoConfig.from_pretrained(base)
-    t, v = cfg.text_config, cfg.vision_config
-    for k, val in spec["text"].items():
-        setattr(t, k, val)
-    t.layer_types = ["full_attention"] * t.num_hidden_layers
-    t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": spec["mrope"]}
-    for k, val in spec["vision"].items():
-        setattr(v, k, val)
-    cfg.tie_word_embeddings = t.tie_word_embeddings = spec["tie"]
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 7B fp32 copy would need 30 GB of RAM
-    # Initialised on the GPU when there is one: drawing 3-7 B random numbers on the CPU takes a
-    # good part of the GPU session's train-phase budget, on the GPU a second.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        with device:
-            model = Qwen2_5_VLForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    tmp = out_dir.parent / f".{out_dir.name}-tmp"
-    model.save_pretrained(tmp)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the engine loads its own partitioned copy next
-    for f in base.iterdir():
-        if f.name not in ("config.json", "model.safetensors", "generation_config.json") and f.is_file():
-            shutil.copy(f, tmp / f.name)
-    tmp.rename(out_dir)
-    shutil.rmtree(base, ignore_errors=True)
-    return out_dir
+    with tempfile.TemporaryDirectory(prefix="coma-random-init-") as scratch, atomic_directory(out) as tmp:
+        base = make_tiny_model(Path(scratch) / "base", family="qwen2_5_vl")  # tokenizer, processor, config
+        cfg = AutoConfig.from_pretrained(base)
+        t, v = cfg.text_config, cfg.vision_config
+        for k, val in spec["text"].items():
+            setattr(t, k, val)
+        t.layer_types = ["full_attention"] * t.num_hidden_layers
+        t.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": spec["mrope"]}
+        for k, val in spec["vision"].items():
+            setattr(v, k, val)
+        cfg.tie_word_embeddings = t.tie_word_embeddings = spec["tie"]
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # build in bf16: a 7B fp32 copy would need 30 GB of RAM
+        # Initialised on the GPU when there is one: drawing 3-7 B random numbers on the CPU takes a
+        # good part of the GPU session's train-phase budget, on the GPU a second.
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        try:
+            with device:
+                model = Qwen2_5_VLForConditionalGeneration(cfg)
+        finally:
+            torch.set_default_dtype(old)
+        model.save_pretrained(tmp)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the engine loads its own partitioned copy next
+        for f in base.iterdir():
+            if f.name not in ("config.json", "model.safetensors", "generation_config.json") and f.is_file():
+                shutil.copy(f, tmp / f.name)
+    return out
